@@ -1,0 +1,3 @@
+from calciscope.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""Slides, tissue, tiling, annotations, datasets and the phantom generator."""

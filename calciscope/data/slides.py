@@ -1,0 +1,370 @@
+"""Open any slide format behind one interface with explicit units.
+
+Backends, tried in this order:
+  * OpenSlide (``openslide-python`` + the ``openslide-bin`` wheel) for .svs .tif .tiff .ndpi .mrxs .scn .bif .vms ...
+  * ``tiffslide`` for TIFFs OpenSlide rejects,
+  * Pillow for plain images (.png .jpg .jpeg .bmp, flat .tif) as a single level.
+
+Units: ``level0_xy`` is always (x, y) in level-0 pixels; ``size_px`` is always (w, h) in pixels *of the level
+read*; ``mpp`` is micrometres per pixel at level 0. The label and macro images are never exposed: they carry
+patient identifiers. A ``Slide`` pickles by path, so every DataLoader worker opens its own handle.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import warnings
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from calciscope.errors import SlideError
+
+OPENSLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".svslide"}
+PLAIN_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
+TIFF_SUFFIXES = {".tif", ".tiff"}
+SLIDE_SUFFIXES = OPENSLIDE_SUFFIXES | PLAIN_SUFFIXES
+
+# Pillow's decompression-bomb guard stays on; a plain image above this is refused with advice.
+MAX_PLAIN_PIXELS = 30_000 * 30_000
+# An mpp outside this range is a metadata error, not a microscope.
+_MPP_RANGE = (0.05, 100.0)
+
+
+@dataclass(frozen=True)
+class SlideInfo:
+    """What later stages record about a slide (nothing here can identify a patient)."""
+
+    slide_id: str
+    backend: str
+    vendor: str | None
+    mpp: float
+    mpp_source: str  # "metadata" or "override"
+    objective_power: float | None
+    level_dimensions: tuple[tuple[int, int], ...]
+    level_downsamples: tuple[float, ...]
+
+
+def slide_id_from_path(path: str | Path) -> str:
+    """A filesystem-safe id from a file name: letters, digits, '.', '_' and '-' only, never empty or dotted."""
+    stem = Path(path).name
+    for suffix in sorted(SLIDE_SUFFIXES, key=len, reverse=True):
+        if stem.lower().endswith(suffix):
+            stem = stem[: -len(suffix)]
+            break
+    return safe_id(stem)
+
+
+def safe_id(text: str, max_len: int = 120) -> str:
+    """Sanitize a user-supplied id so it can only ever name one directory inside the output folder."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("._")
+    return cleaned[:max_len] or "slide"
+
+
+class Slide:
+    """A read-only whole-slide image. Use :func:`open_slide` to make one."""
+
+    def __init__(self, path: str | Path, mpp: float | None = None):
+        self.path = Path(path)
+        self._mpp_override = mpp
+        self._open()
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+    def _open(self) -> None:
+        path = self.path
+        if not path.exists():
+            raise SlideError(path, "no such file")
+        if path.is_dir():
+            raise SlideError(path, "is a directory, not a slide file")
+        try:
+            size = path.stat().st_size
+        except OSError as exc:
+            raise SlideError(path, f"cannot be read ({exc.strerror})") from exc
+        if size == 0:
+            raise SlideError(path, "is empty (0 bytes)")
+        if not os.access(path, os.R_OK):
+            raise SlideError(path, "cannot be read (permission denied)")
+
+        suffix = path.suffix.lower()
+        errors: list[str] = []
+        self._handle = None
+        if suffix not in PLAIN_SUFFIXES:
+            for opener in (_open_openslide, _open_tiffslide):
+                if opener is _open_tiffslide and suffix not in TIFF_SUFFIXES:
+                    continue
+                try:
+                    self._handle, self.backend = opener(path)
+                    break
+                except SlideError:
+                    raise
+                except Exception as exc:  # backends raise their own types; collect them for one message
+                    errors.append(f"{opener.__name__[6:]}: {_first_line(exc)}")
+        if self._handle is None and (suffix in PLAIN_SUFFIXES or suffix in TIFF_SUFFIXES):
+            try:
+                self._handle, self.backend = _open_pillow(path)
+            except SlideError:
+                raise
+            except Exception as exc:
+                errors.append(f"pillow: {_first_line(exc)}")
+        if self._handle is None:
+            if suffix not in SLIDE_SUFFIXES and not errors:
+                raise SlideError(path, f"unsupported file type '{suffix or '(none)'}'")
+            raise SlideError(path, "not a readable slide or image (" + "; ".join(errors) + ")")
+
+        self.level_dimensions: tuple[tuple[int, int], ...] = tuple(
+            (int(w), int(h)) for w, h in self._handle.level_dimensions
+        )
+        self.level_downsamples: tuple[float, ...] = tuple(float(d) for d in self._handle.level_downsamples)
+        props = self._handle.properties
+        self.vendor = props.get("openslide.vendor") or props.get("tiffslide.vendor")
+        power = props.get("openslide.objective-power") or props.get("tiffslide.objective-power")
+        self.objective_power = _to_float(power)
+        self._metadata_mpp = _metadata_mpp(props)
+        self._check_readable()
+
+    def _check_readable(self) -> None:
+        """Decode a few pixels of the smallest level: catches truncated files at open, not mid-batch."""
+        level = self.level_count - 1
+        w, h = self.level_dimensions[level]
+        if w <= 0 or h <= 0:
+            raise SlideError(self.path, "has an empty image (0 pixels)")
+        ds = self.level_downsamples[level]
+        for fx, fy in ((0.5, 0.5), (0.999, 0.999)):  # centre and last tile: truncation cuts the end of the file
+            x, y = int(w * fx), int(h * fy)
+            self.read_region((int(x * ds), int(y * ds)), level, (1, 1))
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path, "mpp": self._mpp_override}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["path"], state["mpp"])
+
+    def __repr__(self) -> str:
+        return f"Slide({str(self.path)!r}, backend={self.backend!r}, levels={self.level_count}, mpp={self.mpp_or_none})"
+
+    # -- geometry --------------------------------------------------------------------------------------------
+    @property
+    def level_count(self) -> int:
+        return len(self.level_dimensions)
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        """Level-0 (width, height) in pixels."""
+        return self.level_dimensions[0]
+
+    @property
+    def slide_id(self) -> str:
+        return slide_id_from_path(self.path)
+
+    @property
+    def mpp_or_none(self) -> float | None:
+        return self._mpp_override if self._mpp_override is not None else self._metadata_mpp
+
+    @property
+    def mpp(self) -> float:
+        """Micrometres per level-0 pixel; a slide without it (and no override) is an error, never a guess."""
+        mpp = self.mpp_or_none
+        if mpp is None:
+            raise SlideError(self.path, "has no resolution (mpp) in its metadata; pass the slide's µm/px with --slide-mpp")
+        return mpp
+
+    def info(self) -> SlideInfo:
+        return SlideInfo(
+            slide_id=self.slide_id,
+            backend=self.backend,
+            vendor=self.vendor,
+            mpp=self.mpp,
+            mpp_source="override" if self._mpp_override is not None else "metadata",
+            objective_power=self.objective_power,
+            level_dimensions=self.level_dimensions,
+            level_downsamples=self.level_downsamples,
+        )
+
+    def best_level_for_downsample(self, downsample: float) -> int:
+        """The highest-resolution level we can read *down* from: its downsample ≤ the one asked for (1% slack)."""
+        best = 0
+        for level, ds in enumerate(self.level_downsamples):
+            if ds <= downsample * 1.01:
+                best = level
+        return best
+
+    # -- pixels ----------------------------------------------------------------------------------------------
+    def read_region(self, level0_xy: tuple[int, int], level: int, size_px: tuple[int, int]) -> np.ndarray:
+        """RGB uint8 array (h, w, 3) of ``size_px`` = (w, h) pixels at ``level``, top-left at level-0 ``level0_xy``.
+
+        Pixels outside the slide or transparent in the file come back white (the colour of glass).
+        """
+        if self._handle is None:
+            raise SlideError(self.path, "slide is closed")
+        x, y = (int(v) for v in level0_xy)
+        w, h = (int(v) for v in size_px)
+        try:
+            region = self._handle.read_region((x, y), int(level), (w, h))
+        except Exception as exc:
+            raise SlideError(self.path, f"cannot decode pixels at level {level} ({x}, {y}): {_first_line(exc)}") from exc
+        return _to_rgb(region)
+
+    def read_downsampled(self, downsample: float, *, strip_px: int = 2048) -> np.ndarray:
+        """The whole slide shrunk by ``downsample`` (relative to level 0), read in strips from the best level.
+
+        Memory stays bounded by the output plus one strip, whatever the slide's size.
+        """
+        downsample = max(1.0, float(downsample))
+        level = self.best_level_for_downsample(downsample)
+        lw, lh = self.level_dimensions[level]
+        level_ds = self.level_downsamples[level]
+        scale = level_ds / downsample  # level px -> output px (≤ 1)
+        out_w = max(1, int(round(self.dimensions[0] / downsample)))
+        out_h = max(1, int(round(self.dimensions[1] / downsample)))
+        out = np.empty((out_h, out_w, 3), np.uint8)
+        rows_per_strip = max(1, int(strip_px * scale))  # output rows per strip
+        for oy in range(0, out_h, rows_per_strip):
+            oh = min(rows_per_strip, out_h - oy)
+            ly0 = int(math.floor(oy / scale))
+            ly1 = min(lh, max(ly0 + 1, int(math.ceil((oy + oh) / scale))))
+            strip = self.read_region((0, int(round(ly0 * level_ds))), level, (lw, ly1 - ly0))
+            out[oy : oy + oh] = _resize(strip, (out_w, oh))
+        return out
+
+    def thumbnail(self, max_px: int = 1024) -> np.ndarray:
+        """RGB thumbnail whose longer side is at most ``max_px`` (drawn from the pyramid, never the vendor's
+        stored thumbnail, label or macro image)."""
+        return self.read_downsampled(max(self.dimensions) / max_px)
+
+
+def open_slide(path: str | Path, mpp: float | None = None) -> Slide:
+    """Open a slide of any supported format; ``mpp`` (µm/px at level 0) overrides the file's metadata."""
+    if mpp is not None and not (_MPP_RANGE[0] <= mpp <= _MPP_RANGE[1]):
+        raise SlideError(path, f"mpp override {mpp} µm/px is outside the plausible range {_MPP_RANGE}")
+    return Slide(path, mpp=mpp)
+
+
+@lru_cache(maxsize=16)
+def _cached_slide(path: str, mpp: float | None, pid: int) -> Slide:
+    return Slide(path, mpp=mpp)
+
+
+def cached_slide(path: str | Path, mpp: float | None = None) -> Slide:
+    """A per-process handle cache for datasets: each DataLoader worker (process) gets its own handles."""
+    return _cached_slide(str(path), mpp, os.getpid())
+
+
+# -- backends ------------------------------------------------------------------------------------------------
+def _open_openslide(path: Path):
+    import openslide
+
+    return openslide.OpenSlide(str(path)), "openslide"
+
+
+def _open_tiffslide(path: Path):
+    import tiffslide
+
+    return tiffslide.TiffSlide(str(path)), "tiffslide"
+
+
+def _open_pillow(path: Path):
+    return _PillowHandle(path), "pillow"
+
+
+class _PillowHandle:
+    """A plain image seen as a one-level slide; mpp only from TIFF resolution tags in cm or inch."""
+
+    def __init__(self, path: Path):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            try:
+                img = Image.open(path)
+                w, h = img.size
+            except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+                raise SlideError(path, f"image too large for a plain-image reader ({exc}); convert it to a pyramidal TIFF") from exc
+        if w * h > MAX_PLAIN_PIXELS:
+            raise SlideError(path, f"image too large for a plain-image reader ({w}×{h} px); convert it to a pyramidal TIFF")
+        self.properties: dict[str, str] = {}
+        if img.format == "TIFF":
+            mpp = _tiff_tag_mpp(img)
+            if mpp is not None:
+                self.properties["openslide.mpp-x"] = self.properties["openslide.mpp-y"] = str(mpp)
+        img.load()
+        self._img = img.convert("RGB")
+        img.close()
+        self.level_dimensions = ((w, h),)
+        self.level_downsamples = (1.0,)
+
+    def read_region(self, xy, level, size):
+        x, y = xy
+        w, h = size
+        return self._img.crop((x, y, x + w, y + h))  # out-of-bounds areas come back black; _to_rgb can't tell
+
+    def close(self):
+        self._img = None
+
+
+def _tiff_tag_mpp(img: Image.Image) -> float | None:
+    tags = getattr(img, "tag_v2", {})
+    unit = tags.get(296, 2)  # ResolutionUnit: 1 none, 2 inch, 3 cm
+    res = tags.get(282)
+    if not res or unit == 1:
+        return None
+    per_um = float(res) / (25_400.0 if unit == 2 else 10_000.0)
+    return 1.0 / per_um if per_um > 0 else None
+
+
+# -- helpers -------------------------------------------------------------------------------------------------
+def _metadata_mpp(props) -> float | None:
+    for key in ("openslide.mpp-x", "tiffslide.mpp-x"):
+        mpp = _to_float(props.get(key))
+        if mpp is not None and _MPP_RANGE[0] <= mpp <= _MPP_RANGE[1]:
+            return mpp
+    return None
+
+
+def _to_float(value) -> float | None:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return out if math.isfinite(out) and out > 0 else None
+
+
+def _to_rgb(region) -> np.ndarray:
+    arr = np.asarray(region)
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=2)
+    if arr.shape[2] == 4:
+        alpha = arr[..., 3]
+        rgb = arr[..., :3]
+        if alpha.min() < 255:  # OpenSlide pads out-of-slide areas with transparent black: show them as glass
+            rgb = rgb.copy()
+            rgb[alpha == 0] = 255
+        return np.ascontiguousarray(rgb)
+    return np.ascontiguousarray(arr[..., :3])
+
+
+def _resize(arr: np.ndarray, size_wh: tuple[int, int]) -> np.ndarray:
+    import cv2
+
+    if (arr.shape[1], arr.shape[0]) == tuple(size_wh):
+        return arr
+    shrink = size_wh[0] < arr.shape[1]
+    return cv2.resize(arr, size_wh, interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

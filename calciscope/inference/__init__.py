@@ -1,0 +1,1 @@
+"""Slide scoring, saliency, reports and batch running."""

@@ -1,0 +1,1 @@
+"""Training loop, splits, metrics and calibration."""

@@ -1,0 +1,89 @@
+"""Shared fixtures: the real scanner file, small phantoms (made once per session) and bad inputs."""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from calciscope.data.slides import open_slide
+
+FIXTURES = Path(__file__).parent / "fixtures"
+ALL_FINDINGS = {"medial_calcification": 1, "small_vessel_calcification": 1, "thrombosis": 1, "vasculitis": 1}
+NO_FINDINGS = {name: 0 for name in ALL_FINDINGS}
+
+
+@pytest.fixture(scope="session")
+def cmu_svs() -> Path:
+    """Aperio CMU-1-Small-Region.svs (CC0, OpenSlide test data): 2220 × 2967 px, 0.499 µm/px, one level."""
+    return FIXTURES / "CMU-1-Small-Region.svs"
+
+
+@pytest.fixture(scope="session")
+def phantom_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("phantoms")
+
+
+@pytest.fixture(scope="session")
+def phantom(phantom_dir):
+    """A 2048² phantom (1 × 1 mm at 0.5 µm/px) with every finding drawn and artifacts on."""
+    from calciscope.data.synthetic import generate_slide
+
+    return generate_slide(phantom_dir, "pos", ALL_FINDINGS, size_px=2048, seed=11, artifacts=True)
+
+
+@pytest.fixture(scope="session")
+def clean_phantom(phantom_dir):
+    """A 2048² phantom with no findings and no artifacts."""
+    from calciscope.data.synthetic import generate_slide
+
+    return generate_slide(phantom_dir, "neg", NO_FINDINGS, size_px=2048, seed=12, artifacts=False)
+
+
+def true_tissue(phantom) -> np.ndarray:
+    """The phantom's ground-truth tissue mask (bool, downsample 16 of level 0)."""
+    return np.asarray(Image.open(phantom.tissue_mask_path)) > 0
+
+
+@pytest.fixture(scope="session")
+def bad_inputs(tmp_path_factory, phantom) -> dict[str, Path]:
+    """One file (or folder) per kind of bad input the foundation must refuse with one clear line."""
+    root = tmp_path_factory.mktemp("bad")
+    files = {}
+    files["missing"] = root / "missing.svs"
+    files["empty"] = root / "empty.svs"
+    files["empty"].write_bytes(b"")
+    files["text_named_svs"] = root / "notes.svs"
+    files["text_named_svs"].write_text("this is not a slide\n")
+    files["directory"] = root / "folder.svs"
+    files["directory"].mkdir()
+    data = phantom.path.read_bytes()
+    files["truncated_tiff"] = root / "truncated.tiff"
+    files["truncated_tiff"].write_bytes(data[: len(data) // 3])
+    blank = np.full((512, 512, 3), 243, np.uint8)
+    files["no_tissue"] = root / "blank.png"
+    Image.fromarray(blank).save(files["no_tissue"])
+    files["no_mpp"] = root / "no_mpp.png"
+    with open_slide(phantom.path) as slide:
+        Image.fromarray(slide.thumbnail(512)).save(files["no_mpp"])
+    files["huge"] = root / "huge.png"
+    files["huge"].write_bytes(_png_claiming_size(60_000, 60_000))
+    return files
+
+
+def _png_claiming_size(width: int, height: int) -> bytes:
+    """A tiny valid PNG whose header claims ``width`` × ``height`` (a decompression-bomb shaped file)."""
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(buf, format="PNG")
+    png = bytearray(buf.getvalue())
+    ihdr = 8 + 8  # signature, then length + type of the IHDR chunk
+    png[ihdr : ihdr + 4] = width.to_bytes(4, "big")
+    png[ihdr + 4 : ihdr + 8] = height.to_bytes(4, "big")
+    crc = zlib.crc32(bytes(png[12 : ihdr + 13])) & 0xFFFFFFFF
+    png[ihdr + 13 : ihdr + 17] = crc.to_bytes(4, "big")
+    return bytes(png)

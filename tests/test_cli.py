@@ -1,0 +1,117 @@
+"""The calciscope command: thin over the library, one clear line per error, no partial outputs."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from calciscope.cli import main
+
+
+def run_cli(capsys, *args):
+    """Run the console entry point in-process; return (exit code, stdout, stderr)."""
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_tile_writes_table_qc_thumbnail_and_tiles(capsys, tmp_path, cmu_svs):
+    code, stdout, _ = run_cli(capsys, "tile", cmu_svs, "--out", tmp_path, "--save-tiles", "--workers", "0")
+    assert code == 0
+    out = tmp_path / "CMU-1-Small-Region"
+    assert "CMU-1-Small-Region" in stdout and str(out) in stdout
+    rows = list(csv.DictReader(open(out / "tiles.csv")))
+    qc = json.loads((out / "qc.json").read_text())
+    assert qc["tiles"]["n_tiles"] == len(rows) > 20
+    assert qc["slide"]["mpp"] == pytest.approx(0.499) and qc["slide"]["backend"] == "openslide"
+    assert set(qc["qc"]) >= {"tissue_area_mm2", "pen_fraction", "dark_fraction", "blurry_tile_fraction", "flags"}
+    saved = sorted(p.name for p in (out / "tiles").iterdir())
+    assert saved == sorted(f"x{r['x']}_y{r['y']}.png" for r in rows)
+    assert Image.open(out / "tiles" / saved[0]).size == (224, 224)
+    assert Image.open(out / "thumbnail.png").size == (766, 1024)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["CMU-1-Small-Region"]  # nothing else, no temp dirs
+    assert sorted(p.name for p in out.iterdir()) == ["qc.json", "thumbnail.png", "tiles", "tiles.csv"]
+
+
+def test_tile_with_annotations_adds_label_columns(capsys, tmp_path, phantom):
+    code, _, _ = run_cli(capsys, "tile", phantom.path, "--out", tmp_path, "--annotations", phantom.lesions_path,
+                         "--workers", "2")
+    assert code == 0
+    rows = list(csv.DictReader(open(tmp_path / phantom.slide_id / "tiles.csv")))
+    for finding in phantom.labels:
+        assert any(r[finding] == "1" for r in rows), finding
+    assert all(r["thrombosis"] in ("0", "1") for r in rows)
+
+
+def test_tile_resolution_and_size_follow_the_options(capsys, tmp_path, phantom):
+    code, _, _ = run_cli(capsys, "tile", phantom.path, "--out", tmp_path, "--mpp", "1.0", "--tile-px", "128",
+                         "--save-tiles", "--workers", "0")
+    assert code == 0
+    rows = list(csv.DictReader(open(tmp_path / phantom.slide_id / "tiles.csv")))
+    assert {r["w"] for r in rows} == {"256"}  # 128 px at 1 µm/px = 256 level-0 px at 0.5 µm/px
+    first = next((tmp_path / phantom.slide_id / "tiles").iterdir())
+    assert Image.open(first).size == (128, 128)
+
+
+@pytest.mark.parametrize(
+    "kind, extra, reason",
+    [
+        ("missing", [], "no such file"),
+        ("empty", [], "is empty (0 bytes)"),
+        ("text_named_svs", [], "not a readable slide"),
+        ("directory", [], "is a directory"),
+        ("truncated_tiff", [], "cannot decode"),
+        ("no_tissue", ["--slide-mpp", "0.5"], "no tissue found"),
+        ("no_mpp", [], "has no resolution (mpp)"),
+        ("huge", [], "too large"),
+    ],
+)
+def test_bad_input_gives_one_line_naming_the_file_and_no_output(capsys, tmp_path, bad_inputs, kind, extra, reason):
+    path = bad_inputs[kind]
+    out = tmp_path / "out"
+    code, stdout, stderr = run_cli(capsys, "tile", path, "--out", out, "--workers", "0", *extra)
+    assert code == 1
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("calciscope: error:") and str(path) in lines[0] and reason in lines[0]
+    assert "Traceback" not in stderr
+    assert not out.exists() or list(out.iterdir()) == []
+
+
+def test_a_bad_slide_in_a_list_does_not_stop_the_others(capsys, tmp_path, bad_inputs, cmu_svs):
+    code, stdout, stderr = run_cli(capsys, "tile", bad_inputs["empty"], cmu_svs, "--out", tmp_path, "--workers", "0")
+    assert code == 1
+    assert "empty.svs" in stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["CMU-1-Small-Region"]
+
+
+def test_synth_writes_a_manifest_of_openable_slides(capsys, tmp_path):
+    code, stdout, _ = run_cli(capsys, "synth", "--out", tmp_path, "--n-slides", "2", "--size", "1024", "--seed", "3",
+                              "--prevalence", "thrombosis=1.0")
+    assert code == 0
+    manifest = tmp_path / "manifest.csv"
+    assert str(manifest) in stdout
+    rows = list(csv.DictReader(open(manifest)))
+    assert len(rows) == 2 and all(r["thrombosis"] == "1" for r in rows)
+    assert all((tmp_path / r["path"]).is_file() for r in rows)
+
+
+def test_synth_rejects_a_malformed_prevalence(capsys, tmp_path):
+    code, _, stderr = run_cli(capsys, "synth", "--out", tmp_path, "--prevalence", "thrombosis")
+    assert code == 1 and "--prevalence" in stderr
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "calciscope", "--debug", "tile", str(tmp_path / "nope.svs"), "--out", str(tmp_path)],
+        capture_output=True, text=True,
+    )
+    assert result.returncode != 0
+    assert "Traceback" in result.stderr and "SlideError" in result.stderr and "nope.svs" in result.stderr
