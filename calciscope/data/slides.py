@@ -343,16 +343,17 @@ def _to_float(value) -> float | None:
 
 
 def _to_rgb(region) -> np.ndarray:
+    import cv2
+
     arr = np.asarray(region)
     if arr.ndim == 2:
-        arr = np.repeat(arr[..., None], 3, axis=2)
+        return cv2.cvtColor(arr, cv2.COLOR_GRAY2RGB)
     if arr.shape[2] == 4:
-        alpha = arr[..., 3]
-        rgb = arr[..., :3]
-        if alpha.min() < 255:  # OpenSlide pads out-of-slide areas with transparent black: show them as glass
-            rgb = rgb.copy()
+        alpha = cv2.extractChannel(arr, 3)
+        rgb = cv2.cvtColor(arr, cv2.COLOR_RGBA2RGB)
+        if cv2.minMaxLoc(alpha)[0] < 255:  # OpenSlide pads out-of-slide areas with transparent black: show glass
             rgb[alpha == 0] = 255
-        return np.ascontiguousarray(rgb)
+        return rgb
     return np.ascontiguousarray(arr[..., :3])
 
 

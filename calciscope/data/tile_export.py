@@ -104,7 +104,7 @@ def tile_slide(
             slide_quality = slide_qc(mask, qc, blurry_tile_fraction=blurry)
             _write_tiles_csv(tmp / "tiles.csv", grid, qc_rows, labels, labeling.labels)
             write_json(tmp / "qc.json", _qc_document(slide, grid, mask, slide_quality, tiling, tissue, qc))
-            cv2.imwrite(str(tmp / "thumbnail.png"), overview(slide, mask, grid)[..., ::-1])
+            cv2.imwrite(str(tmp / "thumbnail.png"), overview(slide, mask, grid)[..., ::-1], [cv2.IMWRITE_PNG_COMPRESSION, 1])
     return TileJobResult(slide.slide_id, final, len(grid), slide_quality.flags)
 
 

@@ -33,7 +33,7 @@ class TissueConfig:
 class QCConfig:
     """Thresholds behind the QC flags. Fractions are of tissue area unless named otherwise."""
 
-    blur_laplacian_var: float = 40.0  # a tile whose grey-level Laplacian variance is below this is blurry
+    blur_laplacian_var: float = 100.0  # a tile whose Laplacian variance (grey, tile at 2× reduced) is below this is blurry
     blur_tile_fraction: float = 0.10  # slide flag 'blur' when more than this fraction of tissue tiles is blurry
     pen_fraction: float = 0.005  # slide flag 'pen_marks' when ink covers more than this of tissue + ink
     dark_fraction: float = 0.02  # slide flag 'folds_or_dark' above this
@@ -172,17 +172,20 @@ def slide_qc(mask: TissueMask, qc: QCConfig = QCConfig(), blurry_tile_fraction: 
 
 
 def tile_qc(tile_rgb: np.ndarray) -> dict[str, float]:
-    """Per-tile QC on the tile's own pixels: blur (variance of Laplacian), background, ink and dark fractions."""
-    grey = cv2.cvtColor(tile_rgb, cv2.COLOR_RGB2GRAY)
-    hsv = cv2.cvtColor(tile_rgb, cv2.COLOR_RGB2HSV)
-    n = float(grey.size)
+    """Per-tile QC on a 2× reduced copy (a quarter of the cost; focus loss of a few pixels still shows):
+    blur (variance of the Laplacian of grey), background, ink and dark fractions."""
+    h, w = tile_rgb.shape[:2]
+    small = cv2.resize(tile_rgb, (max(1, w // 2), max(1, h // 2)), interpolation=cv2.INTER_AREA)
+    grey = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)
     _, std = cv2.meanStdDev(cv2.Laplacian(grey, cv2.CV_16S))
+    hsv = cv2.cvtColor(small, cv2.COLOR_RGB2HSV)
+    n = float(grey.size)
     ink = cv2.bitwise_or(cv2.inRange(hsv, *_GREEN_INK), cv2.inRange(hsv, *_BLUE_INK))
     return {
         "blur_var": float(std[0, 0]) ** 2,
         "background_fraction": cv2.countNonZero(cv2.inRange(hsv, (0, 0, 201), (179, 19, 255))) / n,
         "pen_fraction": cv2.countNonZero(ink) / n,
-        "dark_fraction": cv2.countNonZero(cv2.inRange(grey, 0, 59)) / n,
+        "dark_fraction": cv2.countNonZero(cv2.inRange(hsv, (0, 0, 0), (179, 255, 59))) / n,
     }
 
 
