@@ -165,6 +165,59 @@ def demo(
 
 
 @app.command()
+def train(
+    config: Optional[Path] = typer.Option(None, "--config", help="Training config (YAML); see configs/demo.yaml."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the stopped run in this directory."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Run directory (overrides the config's 'out')."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a config value, e.g. --set optim.epochs=3."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
+):
+    """Train a tile or MIL model; writes checkpoints, metrics, plots and a model card to the run directory."""
+    import yaml
+
+    from calciscope.training.config import load_config
+    from calciscope.training.train import fit
+
+    if (config is None) == (resume is None):
+        raise CalciscopeError("give exactly one of --config (a new run) or --resume RUN_DIR (continue a run)")
+    cfg = None
+    if config is not None:
+        values = {}
+        for item in overrides:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise CalciscopeError(f"--set expects key=value, got {item!r}")
+            values[key.strip()] = yaml.safe_load(value)
+        if out_dir is not None:
+            values["out"] = str(out_dir)
+        cfg = load_config(config, values)
+    run_dir = fit(cfg, resume=resume, show_progress=not quiet)
+    out.print(f"model: {run_dir / 'model'}", highlight=False)
+    out.print(f"metrics: {run_dir / 'metrics.json'}", highlight=False)
+
+
+@app.command()
+def evaluate(
+    model: Path = typer.Option(..., "--model", help="A calciscope checkpoint directory."),
+    data: Path = typer.Option(..., "--data", help="Slide manifest CSV (with annotations) or a tile folder/CSV."),
+    out_dir: Path = typer.Option(..., "--out", help="Where metrics.json, roc.png and reliability.png go."),
+    workers: int = typer.Option(min(4, os.cpu_count() or 1), "--workers", help="Data loading processes."),
+):
+    """Compute the training metrics (per finding, per slide, CUA pattern) of a model on labelled data."""
+    from calciscope.training.train import evaluate_model
+
+    report = evaluate_model(model, data, out_dir, workers=workers)
+    table = Table(title=f"{model} on {data.name}")
+    for column in ("finding", "AUROC", "AUPRC", "sens@90%spec", "ECE"):
+        table.add_column(column, justify="right" if column != "finding" else "left")
+    level = report.get("slides", report["examples"])
+    for label, m in level["per_label"].items():
+        table.add_row(label, *(f"{m[k]:.3f}" for k in ("auroc", "auprc", "sens_at_spec", "ece")))
+    out.print(table)
+    out.print(str(out_dir / "metrics.json"), highlight=False)
+
+
+@app.command()
 def version():
     """Print the calciscope version."""
     out.print(__version__)

@@ -132,7 +132,12 @@ class MILSlideModel(nn.Module):
         return self.mil(embeddings, mask)
 
     def forward(self, tiles: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """A bag of tiles (N, 3, H, W) or bags (B, N, 3, H, W) -> (slide logits, attention)."""
+        """A bag of tiles (N, 3, H, W) or bags (B, N, 3, H, W) -> (slide logits, attention).
+
+        Embeddings already computed ((N, D) or (B, N, D), e.g. from the embedding cache) go straight to the head.
+        """
+        if tiles.dim() <= 3:
+            return self.aggregate(tiles, mask)
         if tiles.dim() == 5:
             b, n = tiles.shape[:2]
             emb = self.embed(tiles.flatten(0, 1)).unflatten(0, (b, n))

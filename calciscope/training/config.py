@@ -1,0 +1,234 @@
+"""Training configuration: one dataclass per stage, loaded from YAML with every key checked.
+
+A run directory gets the resolved configuration as ``config.yaml`` so the run can be read and repeated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from calciscope.errors import CalciscopeError
+
+DEFAULT_LABELS = ["medial_calcification", "small_vessel_calcification", "thrombosis", "vasculitis"]
+SOURCES = ("slides", "slide_labels", "tiles")
+
+
+@dataclass
+class DataConfig:
+    """Where examples come from.
+
+    source "slides": ``manifest`` CSV (slide_id, patient_id, path, annotations) + QuPath GeoJSON lesions → tile labels.
+    source "slide_labels": ``manifest`` CSV with one 0/1 column per label → attention-MIL on cached tile embeddings.
+    source "tiles": ``tiles`` is an ImageFolder tree (one folder per class) or a CSV (path, patient_id?, labels...).
+    """
+
+    source: str = "slides"
+    manifest: str | None = None
+    tiles: str | None = None
+    labels: list[str] = field(default_factory=lambda: list(DEFAULT_LABELS))
+    aliases: dict[str, str] = field(default_factory=dict)
+    mpp: float = 0.5  # µm/px of the tiles the model sees
+    tile_px: int = 224
+    min_tissue: float = 0.5
+    min_lesion_fraction: float = 0.05  # a tile is positive when the lesion covers this fraction of it ...
+    min_lesion_um2: float = 150.0  # ... or this area
+    negatives_per_slide: int | None = None  # keep at most this many all-negative tiles per slide (None: all)
+    encoder: str | None = None  # MIL: checkpoint dir (or backbone name) whose embeddings the head learns from
+    cache_dir: str | None = None  # MIL: embedding cache (default <out>/embeddings)
+    stain_normalize: bool = False  # Macenko-normalise tiles (the same at inference: stored in the card)
+
+
+@dataclass
+class SplitConfig:
+    """Patient-level splits: no patient is ever in two of train / validation / test."""
+
+    val_fraction: float = 0.2
+    test_fraction: float = 0.0  # a frozen test split, held out of every fold
+    folds: int = 1  # > 1: k-fold cross-validation (StratifiedGroupKFold), metrics as mean ± sd
+
+
+@dataclass
+class ModelConfig:
+    name: str = "calciscope-model"
+    version: str = "0.1.0"
+    backbone: str = "resnet18"
+    weights: str | None = None  # local ImageNet weights file, "imagenet" (torch hub cache) or None
+    head: str = "tile"  # "tile" (multi-label tile CNN) or "mil" (attention over tile embeddings)
+    dropout: float = 0.0
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0  # linear warm-up, then cosine decay to zero
+    accumulate: int = 1  # gradient accumulation steps
+    amp: str = "auto"  # auto (bf16 on CPUs that have it, fp16 on CUDA) | bf16 | fp16 | off
+    channels_last: bool = True
+    class_balance: str = "pos_weight"  # pos_weight | sampler | none
+    patience: int = 5  # early stopping on validation macro AUROC; 0 disables
+    workers: int = 2
+    max_steps_per_epoch: int | None = None  # cap for quick runs
+
+
+@dataclass
+class AugmentConfig:
+    """albumentations at train time only; 0 turns a step off."""
+
+    flips: bool = True
+    rot90: bool = True
+    hed_jitter: float = 0.05  # H&E stain augmentation: per-channel scale/shift in HED space
+    brightness_contrast: float = 0.1
+    blur_prob: float = 0.1
+    jpeg_prob: float = 0.1
+
+
+@dataclass
+class CalibrationConfig:
+    temperature: bool = True  # temperature scaling fit on validation
+    threshold: str = "youden"  # youden | sensitivity
+    target_sensitivity: float = 0.9
+
+
+@dataclass
+class AggregationConfig:
+    """Tile probabilities → slide probability (tile models)."""
+
+    method: str = "topk"  # topk (mean of the k highest) | max | quantile
+    k: int = 3
+    quantile: float = 0.98
+
+
+@dataclass
+class TrainConfig:
+    out: str = "runs/calciscope"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    cua_rule: dict[str, Any] = field(default_factory=dict)
+    synthetic_demo: bool = False
+    description: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def validate(self, source: str | Path = "config") -> TrainConfig:
+        checks = [
+            (self.data.source in SOURCES, f"data.source must be one of {SOURCES}, got {self.data.source!r}"),
+            (bool(self.data.labels), "data.labels is empty"),
+            (len(set(self.data.labels)) == len(self.data.labels), f"data.labels has duplicates: {self.data.labels}"),
+            (self.data.source == "tiles" or self.data.manifest, f"data.manifest is required for source {self.data.source!r}"),
+            (self.data.source != "tiles" or self.data.tiles, "data.tiles is required for source 'tiles'"),
+            (self.model.head in ("tile", "mil"), f"model.head must be 'tile' or 'mil', got {self.model.head!r}"),
+            (self.optim.amp in ("auto", "bf16", "fp16", "off"), f"optim.amp must be auto|bf16|fp16|off, got {self.optim.amp!r}"),
+            (self.optim.class_balance in ("pos_weight", "sampler", "none"), f"optim.class_balance invalid: {self.optim.class_balance!r}"),
+            (self.optim.epochs >= 1 and self.optim.batch_size >= 1 and self.optim.accumulate >= 1, "optim.epochs, batch_size and accumulate must be ≥ 1"),
+            (0 < self.split.val_fraction < 1, f"split.val_fraction must be in (0, 1), got {self.split.val_fraction}"),
+            (0 <= self.split.test_fraction < 1, f"split.test_fraction must be in [0, 1), got {self.split.test_fraction}"),
+            (self.split.folds >= 1, f"split.folds must be ≥ 1, got {self.split.folds}"),
+            (self.calibration.threshold in ("youden", "sensitivity"), f"calibration.threshold invalid: {self.calibration.threshold!r}"),
+            (self.aggregation.method in ("topk", "max", "quantile"), f"aggregation.method invalid: {self.aggregation.method!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise CalciscopeError(f"{source}: {message}")
+        return self
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Read a YAML (or JSON) training config; unknown keys and wrong types are errors naming the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise CalciscopeError(f"{path}: no such config file")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise CalciscopeError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
+    if not isinstance(raw, dict):
+        raise CalciscopeError(f"{path}: expected a mapping at the top level")
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    config = from_dict(TrainConfig, raw, str(path))
+    _resolve_paths(config, path.parent)
+    return config.validate(path)
+
+
+def from_dict(cls, data: dict, where: str):
+    """Build dataclass ``cls`` from ``data``, recursing into nested dataclasses; unknown keys are refused."""
+    if not isinstance(data, dict):
+        raise CalciscopeError(f"{where}: expected a mapping for {cls.__name__}, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise CalciscopeError(f"{where}: unknown key(s) {unknown} in {cls.__name__}; valid: {sorted(known)}")
+    kwargs = {}
+    for key, value in data.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = from_dict(hint, value or {}, f"{where}:{key}")
+        else:
+            kwargs[key] = _check_type(value, hint, f"{where}: {cls.__name__.removesuffix('Config').lower()}.{key}")
+    return cls(**kwargs)
+
+
+def _check_type(value, hint, where: str):
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_type(value, arg, where)
+            except CalciscopeError:
+                continue
+        raise CalciscopeError(f"{where}: {value!r} is not a {hint}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise CalciscopeError(f"{where}: expected a list, got {value!r}")
+        return [_check_type(v, args[0], where) for v in value] if args else list(value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise CalciscopeError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if hint is Any:
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
+        raise CalciscopeError(f"{where}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def _resolve_paths(config: TrainConfig, base: Path) -> None:
+    """Relative data paths in a config file are relative to that file; the output folder to the working dir."""
+    for attr in ("manifest", "tiles", "cache_dir"):
+        value = getattr(config.data, attr)
+        if value and not Path(value).is_absolute():
+            setattr(config.data, attr, str((base / value).resolve()))
+
+
+def save_config(config: TrainConfig, path: str | Path) -> Path:
+    path = Path(path)
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
+    return path

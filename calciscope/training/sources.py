@@ -1,0 +1,187 @@
+"""Training examples from a slide manifest: slides + GeoJSON lesions → labelled tissue tiles.
+
+The manifest is a CSV with ``path`` (relative to the CSV's folder or absolute) and optionally ``slide_id``,
+``patient_id``, ``annotations`` (QuPath GeoJSON), ``split`` (train/val/test) and one 0/1 column per label
+(slide-level labels, used for stratified splits and slide-level metrics).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from calciscope.data.annotations import LabelingConfig, read_geojson, tile_labels
+from calciscope.data.datasets import to_chw_uint8
+from calciscope.data.slides import cached_slide, open_slide, slide_id_from_path
+from calciscope.data.tiling import TileGrid, TilingConfig, make_grid
+from calciscope.data.tissue import detect_tissue
+from calciscope.errors import CalciscopeError
+from calciscope.training.config import TrainConfig
+
+
+@dataclass
+class SlideRecord:
+    slide_id: str
+    patient_id: str
+    path: Path
+    annotations: Path | None
+    labels: np.ndarray | None  # (L,) slide-level 0/1, when the manifest has the label columns
+    split: str | None
+
+
+def read_manifest(path: str | Path, labels: Sequence[str], *, need_annotations: bool = False,
+                  need_labels: bool = False) -> list[SlideRecord]:
+    """Read and check a slide manifest; every problem names the manifest, the row and the value."""
+    path = Path(path)
+    if not path.is_file():
+        raise CalciscopeError(f"{path}: no such manifest")
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        columns = reader.fieldnames or []
+        rows = list(reader)
+    if "path" not in columns:
+        raise CalciscopeError(f"{path}: the manifest needs a 'path' column (has: {', '.join(columns)})")
+    if not rows:
+        raise CalciscopeError(f"{path}: the manifest lists no slides")
+    has_labels = all(label in columns for label in labels)
+    if (need_labels or any(label in columns for label in labels)) and not has_labels:
+        missing = [label for label in labels if label not in columns]
+        raise CalciscopeError(f"{path}: unknown label(s) {missing}: not columns of the manifest (columns: {', '.join(columns)})")
+    records, seen = [], set()
+    for row_number, row in enumerate(rows, start=2):
+        where = f"{path} row {row_number}"
+        slide_path = _resolve(path.parent, row["path"])
+        if not slide_path.is_file():
+            raise CalciscopeError(f"{where}: slide file {slide_path} does not exist")
+        annotations = _resolve(path.parent, row["annotations"]) if row.get("annotations") else None
+        if need_annotations and annotations is None:
+            raise CalciscopeError(f"{where}: no annotations file given for {slide_path.name}")
+        if annotations is not None and not annotations.is_file():
+            raise CalciscopeError(f"{where}: annotation file {annotations} does not exist")
+        slide_id = row.get("slide_id") or slide_id_from_path(slide_path)
+        if slide_id in seen:
+            raise CalciscopeError(f"{where}: slide id {slide_id!r} appears twice")
+        seen.add(slide_id)
+        values = None
+        if has_labels:
+            try:
+                values = np.array([int(row[label]) for label in labels], np.float32)
+            except ValueError:
+                raise CalciscopeError(f"{where}: label values must be 0 or 1") from None
+            if not np.isin(values, (0, 1)).all():
+                raise CalciscopeError(f"{where}: label values must be 0 or 1")
+        split = (row.get("split") or "").strip() or None
+        records.append(SlideRecord(slide_id, row.get("patient_id") or slide_id, slide_path, annotations, values, split))
+    return records
+
+
+def _resolve(base: Path, value: str) -> Path:
+    p = Path(value)
+    return p if p.is_absolute() else (base / p)
+
+
+@dataclass
+class TileExamples:
+    """Every labelled tile of every slide, flattened: tile m is tile ``tile_index[m]`` of slide ``slide_index[m]``."""
+
+    slides: list[SlideRecord]
+    grids: list[TileGrid]
+    slide_index: np.ndarray
+    tile_index: np.ndarray
+    labels: np.ndarray  # (M, L) float32
+
+    def tiles_of(self, slide_ids: Sequence[int]) -> np.ndarray:
+        return np.flatnonzero(np.isin(self.slide_index, np.asarray(slide_ids)))
+
+    def slide_labels(self) -> np.ndarray:
+        """(S, L) slide-level labels: the manifest's, else 'any tile positive'."""
+        out = np.zeros((len(self.slides), self.labels.shape[1]), np.float32)
+        for s, record in enumerate(self.slides):
+            if record.labels is not None:
+                out[s] = record.labels
+            else:
+                mask = self.slide_index == s
+                out[s] = self.labels[mask].max(axis=0) if mask.any() else 0
+        return out
+
+
+def tiling_config(config: TrainConfig) -> TilingConfig:
+    return TilingConfig(mpp=config.data.mpp, tile_px=config.data.tile_px, min_tissue=config.data.min_tissue)
+
+
+def labeling_config(config: TrainConfig) -> LabelingConfig:
+    from calciscope.data.annotations import DEFAULT_ALIASES
+
+    return LabelingConfig(labels=tuple(config.data.labels), aliases={**DEFAULT_ALIASES, **config.data.aliases},
+                          min_fraction=config.data.min_lesion_fraction, min_area_um2=config.data.min_lesion_um2)
+
+
+def build_tile_examples(records: list[SlideRecord], config: TrainConfig,
+                        progress: Callable[[int, int], None] | None = None) -> TileExamples:
+    """Tissue mask, grid and lesion labels for each slide; optionally keep only some all-negative tiles."""
+    tiling, labeling = tiling_config(config), labeling_config(config)
+    grids, slide_index, tile_index, labels = [], [], [], []
+    for s, record in enumerate(records):
+        with open_slide(record.path) as slide:
+            grid = make_grid(slide, detect_tissue(slide), tiling)
+            y = (tile_labels(read_geojson(record.annotations, labeling), grid, slide.dimensions, labeling)
+                 if record.annotations is not None else np.zeros((len(grid), len(labeling.labels)), np.uint8))
+        keep = np.arange(len(grid))
+        cap = config.data.negatives_per_slide
+        if cap is not None:
+            negatives = np.flatnonzero(y.sum(axis=1) == 0)
+            if len(negatives) > cap:
+                rng = np.random.default_rng([config.seed, s])
+                dropped = np.setdiff1d(negatives, rng.choice(negatives, cap, replace=False))
+                keep = np.setdiff1d(keep, dropped)
+        grids.append(grid)
+        slide_index.append(np.full(len(keep), s))
+        tile_index.append(keep)
+        labels.append(y[keep].astype(np.float32))
+        if progress is not None:
+            progress(s + 1, len(records))
+    if not grids or sum(len(t) for t in tile_index) == 0:
+        raise CalciscopeError("no tissue tiles in any slide of the manifest")
+    return TileExamples(records, grids, np.concatenate(slide_index), np.concatenate(tile_index),
+                        np.concatenate(labels))
+
+
+def example_seed(seed: int, epoch: int, index: int) -> int:
+    """A per-example augmentation seed that depends only on (run seed, epoch, example), never on the process."""
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little")
+
+
+class TileTrainingDataset(Dataset):
+    """Tiles read from slides on the fly, augmented with a seed fixed by (seed, epoch, tile).
+
+    Items: (uint8 CHW image, float labels (L,), position in ``indices``).
+    """
+
+    def __init__(self, examples: TileExamples, indices: np.ndarray, *, transform=None, seed: int = 0):
+        self.examples = examples
+        self.indices = np.asarray(indices)
+        self.transform = transform
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, j: int):
+        m = int(self.indices[j])
+        s = int(self.examples.slide_index[m])
+        record = self.examples.slides[s]
+        rgb = self.examples.grids[s].read(cached_slide(record.path), int(self.examples.tile_index[m]))
+        if self.transform is not None:
+            rgb = self.transform(rgb, seed=example_seed(self.seed, self.epoch, m))
+        return to_chw_uint8(rgb), self.examples.labels[m], j

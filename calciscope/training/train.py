@@ -1,0 +1,449 @@
+"""The training recipe, top to bottom: config → data → splits → (per fold) model, optimiser, schedule, resume,
+epochs with checkpoints and early stopping → calibration and thresholds → metrics, plots, model card.
+
+    fit(load_config("run.yaml"))            # or: calciscope train --config run.yaml
+    fit(None, resume="runs/demo")           # continue a stopped run; it ends where an uninterrupted one would
+
+Run directory: config.yaml, splits.json, metrics.csv (one row per epoch), metrics.json, roc.png, reliability.png,
+model/ (model.safetensors + model.json, the deliverable), best/ and last/ (per fold with k-fold: fold<k>/...).
+Multi-GPU / multi-process: ``torchrun --nproc-per-node N -m calciscope train --config run.yaml`` (DDP; gloo on CPU).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, RandomSampler, WeightedRandomSampler
+from torch.utils.data.distributed import DistributedSampler
+
+from calciscope import __version__
+from calciscope.errors import CalciscopeError
+from calciscope.inference.aggregate import aggregate
+from calciscope.inference.cua import CUARule, cua_score
+from calciscope.io import write_json
+from calciscope.model import IMAGENET_MEAN, IMAGENET_STD, ModelCard, create_model, load_checkpoint, save_checkpoint
+from calciscope.training import calibration, metrics
+from calciscope.training.config import TrainConfig, load_config, save_config
+from calciscope.training.data import DataBundle, load_data
+from calciscope.training.engine import (
+    Precision, choose_precision, load_state, predict_logits, save_state, train_one_epoch, warmup_cosine,
+)
+from calciscope.training.splits import Fold, describe_splits, make_splits
+
+
+@dataclass
+class FoldResult:
+    fold: int
+    directory: Path
+    best_score: float
+    metrics: dict
+
+
+# -- the recipe ------------------------------------------------------------------------------------------------
+def fit(config: TrainConfig | None, *, resume: str | Path | None = None, show_progress: bool = True) -> Path:
+    """Train as ``config`` says (or continue the run in ``resume``); returns the run directory."""
+    rank, world = setup_distributed()
+    if resume is not None:
+        run_dir = Path(resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise CalciscopeError(f"{run_dir}: not a calciscope run directory (no config.yaml) to resume")
+        config = load_config(run_dir / "config.yaml")
+    else:
+        run_dir = Path(config.out)
+        if (run_dir / "config.yaml").exists():
+            raise CalciscopeError(f"{run_dir}: already holds a run; continue it with --resume {run_dir} or choose another out")
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / "config.yaml")
+
+    data = load_data(config, progress=_printer("preparing data", show_progress and rank == 0))
+    test_units, folds = make_splits(data.groups, data.unit_labels, config.split, config.seed, data.fixed_split,
+                                    labels=data.labels)
+    if rank == 0:
+        write_json(run_dir / "splits.json", {
+            "data": data.describe,
+            "summary": describe_splits(data.groups, data.unit_labels, data.labels, test_units, folds),
+            "test": [data.unit_ids[i] for i in test_units],
+            "folds": [{"train": [data.unit_ids[i] for i in f.train], "val": [data.unit_ids[i] for i in f.val]} for f in folds],
+        })
+
+    precision = choose_precision(config.optim.amp, config.optim.channels_last)
+    results = []
+    for fold in folds:
+        fold_dir = run_dir if len(folds) == 1 else run_dir / f"fold{fold.index}"
+        results.append(train_fold(config, data, fold, fold_dir, precision, rank, world, show_progress))
+
+    if rank == 0:
+        best = max(results, key=lambda r: r.best_score)
+        final = run_dir / "model"
+        if best.directory / "model" != final:
+            shutil.copytree(best.directory / "model", final, dirs_exist_ok=True)
+        summary = {"folds": [r.metrics for r in results]}
+        if len(results) > 1:
+            summary["cross_validation"] = metrics.summarize_folds([r.metrics["val"] for r in results])
+            summary["model_from_fold"] = best.fold
+        if len(test_units):
+            summary["test"] = evaluate_units(final, data, test_units, config, precision, run_dir / "test")
+            _update_card_metrics(final, {"test": summary["test"]})
+        write_json(run_dir / "metrics.json", summary)
+    if world > 1:
+        dist.barrier()
+    return run_dir
+
+
+def train_fold(config: TrainConfig, data: DataBundle, fold: Fold, fold_dir: Path, precision: Precision,
+               rank: int, world: int, show_progress: bool) -> FoldResult:
+    """Model → optimiser → schedule → (resume) → epochs → calibration → card, for one fold."""
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    train_set = data.make_dataset(fold.train, True)
+    val_set = data.make_dataset(fold.val, False)
+    optim = config.optim
+
+    torch.manual_seed(config.seed)
+    model = build_model(config, data).to(precision.device)
+    if precision.channels_last and config.model.head == "tile":
+        model = model.to(memory_format=torch.channels_last)
+    mean, std = _norm_tensors(config)
+
+    train_labels = data.unit_labels[fold.train] if config.data.source != "slides" else _dataset_labels(train_set)
+    pos_weight = _pos_weight(train_labels) if optim.class_balance == "pos_weight" else None
+    criterion = nn.BCEWithLogitsLoss(pos_weight=pos_weight.to(precision.device) if pos_weight is not None else None)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
+    steps_per_epoch = _steps_per_epoch(len(train_set), optim, world)
+    total_steps = steps_per_epoch * optim.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(total_steps, int(round(optim.warmup_epochs * steps_per_epoch))))
+    scaler = torch.amp.GradScaler("cuda") if precision.dtype == torch.float16 else None
+
+    state = {"epoch": -1, "best": -np.inf, "bad_epochs": 0, "history": []}
+    last = fold_dir / "last" / "state.pt"
+    if last.is_file():  # resume: the last completed epoch's weights, optimiser, schedule and counters
+        saved = load_state(last)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        if scaler is not None and saved.get("scaler"):
+            scaler.load_state_dict(saved["scaler"])
+        state = {k: saved[k] for k in state}
+
+    trained = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    for epoch in range(state["epoch"] + 1, optim.epochs):
+        if state["bad_epochs"] >= optim.patience > 0:
+            break
+        torch.manual_seed(config.seed * 100_003 + epoch)  # dropout etc.: a function of the epoch, so resume is exact
+        train_set.set_epoch(epoch)
+        loader = _train_loader(train_set, train_labels, config, epoch, rank, world, data.collate)
+        bar = _epoch_bar(f"epoch {epoch + 1}/{optim.epochs}", len(train_set) // world, show_progress and rank == 0)
+        stats = train_one_epoch(trained, loader, criterion, optimizer, scheduler, precision, mean, std,
+                                accumulate=optim.accumulate, scaler=scaler,
+                                max_steps=optim.max_steps_per_epoch, progress=bar.update)
+        bar.close()
+        if rank == 0:
+            logits, y, _ = predict_logits(model, _eval_loader(val_set, config, data.collate), precision, mean, std)
+            probs = 1 / (1 + np.exp(-logits))
+            val = metrics.multilabel_metrics(y, probs, data.labels)
+            val_loss = float(criterion(torch.from_numpy(logits).to(precision.device), torch.from_numpy(y).to(precision.device)))
+            score = val["macro"]["auroc"]
+            score = -val_loss if not np.isfinite(score) else score
+            improved = score > state["best"]
+            state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
+            state["best"] = max(state["best"], score)
+            state["history"].append({
+                "epoch": epoch + 1, "train_loss": round(stats.loss, 5), "val_loss": round(val_loss, 5),
+                "val_auroc_macro": round(val["macro"]["auroc"], 5), "lr": optimizer.param_groups[0]["lr"],
+                "samples_per_s": round(stats.samples_per_s * world, 1), "seconds": round(stats.seconds, 1),
+                **{f"val_auroc_{k}": round(v["auroc"], 5) for k, v in val["per_label"].items()},
+            })
+            if improved:
+                save_checkpoint(fold_dir / "best", model, make_card(config, data, model, {}))
+            state["epoch"] = epoch
+            (fold_dir / "last").mkdir(exist_ok=True)
+            save_state(last, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                       scheduler=scheduler.state_dict(), scaler=scaler.state_dict() if scaler else {}, **state)
+            _write_history(fold_dir / "metrics.csv", state["history"])
+            _print(show_progress, f"epoch {epoch + 1}: train loss {stats.loss:.4f}, val loss {val_loss:.4f}, "
+                                  f"val AUROC {val['macro']['auroc']:.3f}, {stats.samples_per_s * world:.0f} samples/s")
+        if world > 1:
+            _broadcast_state(state)
+
+    result = None
+    if rank == 0:
+        result = finalize_fold(config, data, fold, fold_dir, val_set, precision, state)
+    if world > 1:
+        dist.barrier()
+    return result or FoldResult(fold.index, fold_dir, state["best"], {})
+
+
+def finalize_fold(config, data, fold, fold_dir, val_set, precision, state) -> FoldResult:
+    """Best weights → temperature and thresholds on validation → calibrated metrics, plots and the model card."""
+    model, _ = load_checkpoint(fold_dir / "best")
+    mean, std = _norm_tensors(config)
+    logits, y, positions = predict_logits(model.to(precision.device), _eval_loader(val_set, config, data.collate),
+                                          precision, mean, std)
+    temperature = calibration.fit_temperature(logits, y) if config.calibration.temperature else np.ones(len(data.labels))
+    probs = calibration.apply_temperature(logits, temperature)
+    report = {"val": _metric_report(y, probs, data, val_set, positions, config)}
+    thresholds = _thresholds(report["val"], y, probs, config, data.labels)
+    report["val"] = _metric_report(y, probs, data, val_set, positions, config, thresholds)
+    metrics.plot_roc(y, probs, data.labels, fold_dir / "roc.png", title=f"ROC, validation tiles (fold {fold.index})")
+    metrics.plot_reliability(y, probs, data.labels, fold_dir / "reliability.png")
+    card = make_card(config, data, model, report,
+                     thresholds=thresholds, temperature=calibration.temperatures_by_label(data.labels, temperature))
+    save_checkpoint(fold_dir / "model", model, card)
+    write_json(fold_dir / "fold_metrics.json", report)
+    return FoldResult(fold.index, fold_dir, float(state["best"]), report)
+
+
+# -- evaluation ------------------------------------------------------------------------------------------------
+def evaluate_units(model_dir: Path, data: DataBundle, units: np.ndarray, config: TrainConfig, precision: Precision,
+                   out_dir: Path) -> dict:
+    """Metrics of a finished model on some units (the frozen test split, or any labelled data)."""
+    model, card = load_checkpoint(model_dir)
+    dataset = data.make_dataset(units, False)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (card.mean, card.std))
+    logits, y, positions = predict_logits(model.to(precision.device), _eval_loader(dataset, config, data.collate),
+                                          precision, mean, std)
+    temperature = [card.temperature.get(label, 1.0) for label in data.labels]
+    probs = calibration.apply_temperature(logits, temperature)
+    thresholds = {label: card.threshold(label) for label in data.labels}
+    report = _metric_report(y, probs, data, dataset, positions, config, thresholds)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics.plot_roc(y, probs, data.labels, out_dir / "roc.png")
+    metrics.plot_reliability(y, probs, data.labels, out_dir / "reliability.png")
+    write_json(out_dir / "metrics.json", report)
+    return report
+
+
+def evaluate_model(model_dir: str | Path, data_path: str | Path, out_dir: str | Path, *, workers: int = 0) -> dict:
+    """``calciscope evaluate``: the model card fixes labels, tile size and mpp; ``data_path`` is a slide manifest
+    (CSV with an ``annotations`` column) or tiles (a folder, or a CSV of tile paths)."""
+    from calciscope.model import load_card
+    from calciscope.training.config import AggregationConfig, DataConfig, OptimConfig
+
+    card = load_card(model_dir)
+    data_path = Path(data_path)
+    if not data_path.exists():
+        raise CalciscopeError(f"{data_path}: no such data file or folder")
+    is_manifest = data_path.is_file() and "annotations" in data_path.open(encoding="utf-8").readline()
+    aggregation = card.extra.get("aggregation", {})
+    config = TrainConfig(
+        out=str(out_dir),
+        data=DataConfig(source="slides" if is_manifest else "tiles", labels=list(card.labels),
+                        manifest=str(data_path) if is_manifest else None, tiles=None if is_manifest else str(data_path),
+                        mpp=card.mpp, tile_px=card.tile_px, stain_normalize=bool(card.extra.get("stain_normalize"))),
+        optim=OptimConfig(workers=workers, batch_size=64),
+        aggregation=AggregationConfig(**aggregation) if aggregation else AggregationConfig(),
+        cua_rule=card.cua_rule,
+    )
+    data = load_data(config)
+    precision = choose_precision("auto", channels_last=True)
+    return evaluate_units(Path(model_dir), data, np.arange(len(data.groups)), config, precision, Path(out_dir))
+
+
+def _metric_report(y, probs, data: DataBundle, dataset, positions, config: TrainConfig, thresholds=None) -> dict:
+    """Per-finding metrics on examples (tiles or bags) and, for slide sources, on slides with the CUA score."""
+    report = {"examples": metrics.multilabel_metrics(y, probs, data.labels, thresholds=thresholds or 0.5)}
+    if data.slide_of is not None:
+        slides = data.slide_of(dataset, positions)
+        order = np.unique(slides)
+        slide_probs = np.stack([aggregate(probs[slides == s], config.aggregation.method, k=config.aggregation.k,
+                                          quantile=config.aggregation.quantile) for s in order])
+        slide_y = data.unit_labels[order]
+        report["slides"] = metrics.multilabel_metrics(slide_y, slide_probs, data.labels, thresholds=thresholds or 0.5)
+        report["slides"]["n_slides"] = int(len(order))
+        rule = CUARule.from_dict(config.cua_rule)
+        if set(rule.labels) <= set(data.labels):
+            score = cua_score(slide_probs, rule, labels=data.labels)
+            truth = cua_score(slide_y, rule, labels=data.labels)
+            report["slides"]["cua_pattern"] = metrics.binary_metrics((truth > 0.5).astype(int), score)
+    return report
+
+
+def _thresholds(report: dict, y, probs, config: TrainConfig, labels) -> dict[str, float]:
+    """Per-finding decision thresholds, chosen on validation examples (fallback 0.5 where one class is missing)."""
+    out = {}
+    for j, label in enumerate(labels):
+        try:
+            out[label] = float(metrics.choose_threshold(y[:, j], probs[:, j], config.calibration.threshold,
+                                                        config.calibration.target_sensitivity))
+        except CalciscopeError:
+            out[label] = 0.5
+    return out
+
+
+# -- building blocks -------------------------------------------------------------------------------------------
+def build_model(config: TrainConfig, data: DataBundle) -> nn.Module:
+    if config.data.source == "slide_labels":
+        from calciscope.training.mil import mil_head_for
+
+        return mil_head_for(config, data)
+    return create_model(config.model.backbone, data.labels, weights=config.model.weights, head=config.model.head,
+                        dropout=config.model.dropout)
+
+
+def make_card(config: TrainConfig, data: DataBundle, model: nn.Module, report: dict, *, thresholds=None,
+              temperature=None) -> ModelCard:
+    return ModelCard(
+        name=config.model.name,
+        version=config.model.version,
+        labels=list(data.labels),
+        backbone=getattr(model, "backbone_name", config.model.backbone),
+        head=getattr(model, "head_kind", config.model.head),
+        tile_px=config.data.tile_px,
+        mpp=config.data.mpp,
+        mean=list(IMAGENET_MEAN),
+        std=list(IMAGENET_STD),
+        thresholds=thresholds or {},
+        temperature=temperature or {},
+        cua_rule=CUARule.from_dict(config.cua_rule).to_dict(),
+        training={"description": config.description, "data": data.describe, "config": config.to_dict(),
+                  "seed": config.seed, "data_hashes": _data_hashes(config)},
+        metrics=report,
+        synthetic_demo=config.synthetic_demo,
+        extra={"aggregation": config.to_dict()["aggregation"], "stain_normalize": config.data.stain_normalize,
+               "calciscope_version_trained": __version__},
+    )
+
+
+def _data_hashes(config: TrainConfig) -> dict:
+    from calciscope.model.checkpoint import sha256_file
+
+    out = {}
+    for key in ("manifest", "tiles"):
+        value = getattr(config.data, key)
+        if value and Path(value).is_file():
+            out[key] = sha256_file(value)
+    return out
+
+
+def _update_card_metrics(model_dir: Path, extra_metrics: dict) -> None:
+    model, card = load_checkpoint(model_dir)
+    card.metrics = {**card.metrics, **extra_metrics}
+    save_checkpoint(model_dir, model, card)
+
+
+def _norm_tensors(config: TrainConfig):
+    return torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+
+
+def _dataset_labels(dataset) -> np.ndarray:
+    return dataset.examples.labels[dataset.indices]
+
+
+def _pos_weight(labels: np.ndarray) -> torch.Tensor:
+    """neg/pos per label, clipped to [1, 100]: rare findings weigh as much as common ones in the loss."""
+    pos = labels.sum(axis=0)
+    neg = len(labels) - pos
+    return torch.tensor(np.clip(neg / np.maximum(pos, 1), 1.0, 100.0), dtype=torch.float32)
+
+
+def _steps_per_epoch(n: int, optim, world: int) -> int:
+    batches = -(-n // (optim.batch_size * world))
+    if optim.max_steps_per_epoch is not None:
+        batches = min(batches, optim.max_steps_per_epoch * optim.accumulate)
+    return max(1, -(-batches // optim.accumulate))
+
+
+def _train_loader(dataset, labels, config: TrainConfig, epoch: int, rank: int, world: int, collate) -> DataLoader:
+    """Shuffled (or class-balanced) order fixed by (seed, epoch): a resumed run sees the same batches."""
+    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
+    if world > 1:
+        if config.optim.class_balance == "sampler":
+            raise CalciscopeError("optim.class_balance 'sampler' is not supported with DDP; use 'pos_weight'")
+        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=config.seed)
+        sampler.set_epoch(epoch)
+    elif config.optim.class_balance == "sampler":
+        rarity = 1.0 / np.maximum(labels.mean(axis=0), 1e-3)
+        weights = np.where(labels.sum(axis=1) > 0, (labels * rarity).max(axis=1), 1.0)
+        sampler = WeightedRandomSampler(weights.tolist(), len(weights), replacement=True, generator=generator)
+    else:
+        sampler = RandomSampler(dataset, generator=generator)
+    workers = config.optim.workers
+    return DataLoader(dataset, batch_size=config.optim.batch_size, sampler=sampler, num_workers=workers,
+                      collate_fn=collate, drop_last=False, persistent_workers=False,
+                      prefetch_factor=4 if workers > 0 else None)
+
+
+def _eval_loader(dataset, config: TrainConfig, collate) -> DataLoader:
+    workers = config.optim.workers
+    return DataLoader(dataset, batch_size=config.optim.batch_size, shuffle=False, num_workers=workers,
+                      collate_fn=collate, prefetch_factor=4 if workers > 0 else None)
+
+
+def setup_distributed() -> tuple[int, int]:
+    """(rank, world size) from torchrun's environment; a single process is rank 0 of 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return (dist.get_rank() if world > 1 else 0), world
+
+
+def _broadcast_state(state: dict) -> None:
+    """Rank 0 decides early stopping; the others follow."""
+    payload = [state["bad_epochs"], state["best"]]
+    dist.broadcast_object_list(payload, src=0)
+    state["bad_epochs"], state["best"] = payload
+
+
+def _write_history(path: Path, history: list[dict]) -> None:
+    keys = list(dict.fromkeys(k for row in history for k in row))
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(history)
+    tmp.replace(path)
+
+
+class _NullBar:
+    def update(self, *args) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class _TqdmBar:
+    def __init__(self, desc: str, total: int):
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=total, desc=desc, unit="tile", leave=False, dynamic_ncols=True)
+
+    def update(self, samples: int, loss: float, rate: float) -> None:
+        self._bar.n = samples
+        self._bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{rate:.0f}", refresh=True)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def _epoch_bar(desc: str, total: int, show: bool):
+    return _TqdmBar(desc, total) if show else _NullBar()
+
+
+def _printer(desc: str, show: bool):
+    if not show:
+        return None
+
+    def progress(done: int, total: int) -> None:
+        if done == total or done % max(1, total // 10) == 0:
+            print(f"{desc}: {done}/{total}", flush=True)
+
+    return progress
+
+
+def _print(show: bool, message: str) -> None:
+    if show:
+        print(message, flush=True)

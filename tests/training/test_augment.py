@@ -1,0 +1,135 @@
+"""Tile transforms: a pure function of (tile, seed) in any process, each step switchable, HED jitter in range."""
+
+import pickle
+from dataclasses import replace
+
+import numpy as np
+import openslide
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from calciscope.data.stain import MacenkoNormalizer, rgb_to_hed
+from calciscope.errors import CalciscopeError
+from calciscope.training.augment import build_eval_transform, build_train_transform
+from calciscope.training.config import AugmentConfig
+
+ALL_OFF = AugmentConfig(flips=False, rot90=False, hed_jitter=0.0, brightness_contrast=0.0, blur_prob=0.0, jpeg_prob=0.0)
+
+
+@pytest.fixture(scope="module")
+def tiles(cmu_svs) -> list[np.ndarray]:
+    """Sixteen 224² tiles of the real scan (tissue and background)."""
+    slide = openslide.OpenSlide(str(cmu_svs))
+    try:
+        region = np.asarray(slide.read_region((0, 0), 0, (896, 896)).convert("RGB"))
+    finally:
+        slide.close()
+    return [np.ascontiguousarray(region[y:y + 224, x:x + 224]) for y in range(0, 896, 224) for x in range(0, 896, 224)]
+
+
+@pytest.fixture(scope="module")
+def tissue(cmu_svs) -> np.ndarray:
+    slide = openslide.OpenSlide(str(cmu_svs))
+    try:
+        return np.asarray(slide.read_region((1000, 1000), 0, (224, 224)).convert("RGB"))
+    finally:
+        slide.close()
+
+
+def test_same_seed_gives_the_same_tile_whatever_ran_before_or_which_copy_runs_it(tissue, tiles):
+    transform = build_train_transform(AugmentConfig(blur_prob=0.5, jpeg_prob=0.5))
+    first = [transform(tissue, seed) for seed in range(20)]
+    for tile in tiles:  # other calls in between must not move any random state
+        transform(tile, 12345)
+    copy = pickle.loads(pickle.dumps(transform))  # as a DataLoader worker gets it
+    fresh = build_train_transform(AugmentConfig(blur_prob=0.5, jpeg_prob=0.5))
+    for seed in reversed(range(20)):
+        assert np.array_equal(copy(tissue, seed), first[seed]) and np.array_equal(fresh(tissue, seed), first[seed])
+
+
+class SeededTiles(Dataset):
+    def __init__(self, tile, transform):
+        self.tile, self.transform = tile, transform
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        return torch.from_numpy(self.transform(self.tile, seed=1000 + i))
+
+
+def test_dataloader_workers_produce_the_same_tiles_as_the_main_process(tissue):
+    transform = build_train_transform(AugmentConfig())
+    expected = torch.stack([torch.from_numpy(transform(tissue, seed=1000 + i)) for i in range(8)])
+    loader = DataLoader(SeededTiles(tissue, transform), batch_size=4, num_workers=2)
+    assert torch.equal(torch.cat(list(loader)), expected)
+
+
+def test_different_seeds_give_different_tiles(tissue):
+    transform = build_train_transform(AugmentConfig())
+    outputs = [transform(tissue, seed).tobytes() for seed in range(30)]
+    assert len(set(outputs)) == 30
+
+
+def test_output_keeps_dtype_and_shape(tissue):
+    out = build_train_transform(AugmentConfig(blur_prob=1.0, jpeg_prob=1.0))(tissue, 3)
+    assert out.dtype == np.uint8 and out.shape == (224, 224, 3) and out.flags["C_CONTIGUOUS"]
+
+
+@pytest.mark.parametrize("setting, value, step", [
+    ("flips", False, "HorizontalFlip"), ("rot90", False, "RandomRotate90"), ("hed_jitter", 0.0, "HEDJitter"),
+    ("brightness_contrast", 0.0, "RandomBrightnessContrast"), ("blur_prob", 0.0, "GaussianBlur"),
+    ("jpeg_prob", 0.0, "ImageCompression"),
+])
+def test_each_step_is_switched_off_by_its_setting(setting, value, step):
+    on = build_train_transform(AugmentConfig(blur_prob=0.5, jpeg_prob=0.5))
+    off = build_train_transform(replace(AugmentConfig(blur_prob=0.5, jpeg_prob=0.5), **{setting: value}))
+    assert step in on.steps and step not in off.steps
+    assert len(off.steps) == len(on.steps) - (2 if setting == "flips" else 1)
+
+
+def test_everything_off_is_the_identity(tissue):
+    transform = build_train_transform(ALL_OFF)
+    assert transform.steps == [] and all(np.array_equal(transform(tissue, s), tissue) for s in range(5))
+
+
+def test_geometry_only_gives_one_of_the_eight_dihedral_images(tissue):
+    transform = build_train_transform(replace(ALL_OFF, flips=True, rot90=True))
+    dihedral = {np.rot90(t, k).tobytes() for t in (tissue, tissue[:, ::-1]) for k in range(4)}
+    seen = {transform(tissue, s).tobytes() for s in range(64)}
+    assert seen <= dihedral and len(seen) == 8
+
+
+def test_hed_jitter_scales_and_shifts_h_and_e_within_the_configured_range(tissue):
+    sigma = 0.1
+    transform = build_train_transform(replace(ALL_OFF, hed_jitter=sigma))
+    before = rgb_to_hed(tissue)
+    slopes, intercepts = [], []
+    for seed in range(20):
+        out = transform(tissue, seed)
+        ok = np.all((tissue > 20) & (tissue < 235) & (out > 20) & (out < 235), axis=2)
+        fits = [np.polyfit(before[ok][:, c], rgb_to_hed(out)[ok][:, c], 1) for c in (0, 1)]  # H, E
+        slopes += [f[0] for f in fits]
+        intercepts += [f[1] for f in fits]
+    slopes, intercepts = np.array(slopes), np.array(intercepts)
+    assert np.all(np.abs(slopes - 1) <= sigma + 0.02) and np.all(np.abs(intercepts) <= sigma + 0.01)
+    assert np.ptp(slopes) > sigma and np.ptp(intercepts) > sigma  # and they do spread over the range
+
+
+def test_stain_normalisation_runs_first_in_train_and_eval_alike(tissue):
+    normalized = MacenkoNormalizer().transform(tissue)
+    assert not np.array_equal(normalized, tissue)
+    assert np.array_equal(build_eval_transform(stain_normalize=True)(tissue, 0), normalized)
+    assert np.array_equal(build_train_transform(ALL_OFF, stain_normalize=True)(tissue, 7), normalized)
+    assert np.array_equal(build_eval_transform()(tissue, 0), tissue)
+    target = MacenkoNormalizer.from_dict(MacenkoNormalizer().to_dict()).to_dict()
+    assert build_eval_transform(stain_normalize=target).normalizer.to_dict() == target
+
+
+def test_invalid_settings_are_refused():
+    with pytest.raises(CalciscopeError, match="augment.blur_prob must be in \\[0, 1\\], got 1.5"):
+        build_train_transform(AugmentConfig(blur_prob=1.5))
+    with pytest.raises(CalciscopeError, match="augment.hed_jitter"):
+        build_train_transform(AugmentConfig(hed_jitter=-0.1))
+

@@ -1,0 +1,178 @@
+"""calciscope.training.train: the recipe runs, learns, writes its files, resumes exactly, refuses bad input."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from calciscope.cli import main
+from calciscope.data.synthetic import generate_dataset
+from calciscope.errors import CalciscopeError
+from calciscope.training.config import load_config
+from calciscope.training.train import fit
+
+
+@pytest.fixture(scope="module")
+def small_manifest(tmp_path_factory) -> Path:
+    """12 phantoms of 1024² (0.5 × 0.5 mm), 2 per patient, every finding present in some slides."""
+    out = tmp_path_factory.mktemp("train_phantoms")
+    return generate_dataset(out, 12, size_px=1024, seed=5, artifacts=False,
+                            prevalence={"medial_calcification": 0.5, "small_vessel_calcification": 0.5,
+                                        "thrombosis": 0.5, "vasculitis": 0.5})
+
+
+def write_config(tmp_path: Path, manifest: Path, **overrides) -> Path:
+    config = {
+        "out": str(tmp_path / "run"),
+        "seed": 3,
+        "data": {"source": "slides", "manifest": str(manifest), "mpp": 1.0, "tile_px": 64, "min_tissue": 0.3},
+        "split": {"val_fraction": 0.34},
+        "model": {"backbone": "tiny"},
+        "optim": {"epochs": 3, "batch_size": 32, "lr": 0.003, "workers": 0, "patience": 0},
+        "augment": {"hed_jitter": 0.03, "blur_prob": 0.0, "jpeg_prob": 0.0},
+    }
+    for dotted, value in overrides.items():
+        node = config
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_short_run_learns_and_writes_its_files(tmp_path, small_manifest):
+    run = fit(load_config(write_config(tmp_path, small_manifest, **{"optim.epochs": 4})), show_progress=False)
+    history = list(csv.DictReader(open(run / "metrics.csv")))
+    losses = [float(row["train_loss"]) for row in history]
+    assert len(history) == 4 and losses[-1] < losses[0]
+    for name in ("config.yaml", "splits.json", "metrics.json", "roc.png", "reliability.png",
+                 "model/model.safetensors", "model/model.json", "last/state.pt"):
+        assert (run / name).is_file(), name
+    card = json.loads((run / "model" / "model.json").read_text())
+    assert card["labels"] == ["medial_calcification", "small_vessel_calcification", "thrombosis", "vasculitis"]
+    assert set(card["thresholds"]) == set(card["labels"]) and set(card["temperature"]) == set(card["labels"])
+    assert card["tile_px"] == 64 and card["mpp"] == 1.0 and card["backbone"] == "tiny"
+    assert card["training"]["data_hashes"]["manifest"]
+    report = json.loads((run / "metrics.json").read_text())["folds"][0]["val"]
+    assert {"examples", "slides"} <= set(report)
+    assert "cua_pattern" in report["slides"]
+    splits = json.loads((run / "splits.json").read_text())
+    patients = {row["slide_id"]: row["patient_id"] for row in csv.DictReader(open(small_manifest))}
+    train_p = {patients[s] for s in splits["folds"][0]["train"]}
+    val_p = {patients[s] for s in splits["folds"][0]["val"]}
+    assert train_p and val_p and not train_p & val_p
+
+
+def test_resume_after_a_killed_run_ends_with_the_same_weights(tmp_path, small_manifest):
+    config = {"optim.epochs": 3, "optim.batch_size": 8}
+    straight = fit(load_config(write_config(tmp_path / "a", small_manifest, **config)), show_progress=False)
+
+    cfg = write_config(tmp_path / "b", small_manifest, **config)
+    proc = subprocess.Popen([sys.executable, "-m", "calciscope", "train", "--config", str(cfg)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:  # kill it as soon as the first epoch is saved: it dies inside epoch 2
+        if line.startswith("epoch 1:"):
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait()
+    run = tmp_path / "b" / "run"
+    assert proc.returncode == -signal.SIGKILL
+    assert not (run / "model").exists()
+    fit(None, resume=run, show_progress=False)
+
+    for name in ("last", "model"):
+        if name == "last":
+            import torch
+
+            a = torch.load(straight / "last" / "state.pt", weights_only=True)["model"]
+            b = torch.load(run / "last" / "state.pt", weights_only=True)["model"]
+        else:
+            a, b = load_file(straight / "model" / "model.safetensors"), load_file(run / "model" / "model.safetensors")
+        assert a.keys() == b.keys()
+        assert all(np.array_equal(a[k].float().numpy(), b[k].float().numpy()) for k in a), name
+
+
+def test_evaluate_writes_the_same_metric_files(tmp_path, small_manifest, capsys):
+    run = fit(load_config(write_config(tmp_path, small_manifest, **{"optim.epochs": 1})), show_progress=False)
+    try:
+        main(["evaluate", "--model", str(run / "model"), "--data", str(small_manifest), "--out", str(tmp_path / "ev"),
+              "--workers", "0"])
+    except SystemExit as exc:
+        assert exc.code == 0
+    report = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert report["slides"]["n_slides"] == 12
+    assert (tmp_path / "ev" / "roc.png").is_file() and (tmp_path / "ev" / "reliability.png").is_file()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"model.backbone": "resnet9000"}, "unknown backbone 'resnet9000'"),
+        ({"data.labels": ["thrombosis", "calcinosis_cutis"]}, "unknown label"),
+        ({"optim.amp": "fp8"}, "optim.amp"),
+        ({"optim.epochs": 0}, "epochs"),
+        ({"optim.lr": "fast"}, "optim.lr"),
+        ({"optim.learning_rate": 0.1}, "unknown key"),
+    ],
+)
+def test_bad_configs_give_one_clear_message(tmp_path, small_manifest, overrides, message):
+    with pytest.raises(CalciscopeError, match=message):
+        fit(load_config(write_config(tmp_path, small_manifest, **overrides)), show_progress=False)
+
+
+def test_a_manifest_naming_a_missing_slide_is_refused(tmp_path, small_manifest):
+    rows = list(csv.DictReader(open(small_manifest)))
+    rows[3]["path"] = "gone.tiff"
+    bad = small_manifest.parent / "bad_manifest.csv"
+    with open(bad, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=rows[0].keys())
+        writer.writeheader()
+        writer.writerows(rows)
+    with pytest.raises(CalciscopeError, match=r"bad_manifest.csv row 5: slide file .*gone.tiff does not exist"):
+        fit(load_config(write_config(tmp_path, bad)), show_progress=False)
+
+
+def test_fixed_splits_that_share_a_patient_are_refused(tmp_path, small_manifest):
+    rows = list(csv.DictReader(open(small_manifest)))
+    for i, row in enumerate(rows):
+        row["split"] = "train" if i % 2 == 0 else "val"  # each patient's 2 slides land in train and val
+    bad = small_manifest.parent / "overlap_manifest.csv"
+    with open(bad, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=rows[0].keys())
+        writer.writeheader()
+        writer.writerows(rows)
+    with pytest.raises(CalciscopeError, match="P0001"):
+        fit(load_config(write_config(tmp_path, bad)), show_progress=False)
+
+
+def test_a_new_run_never_overwrites_an_old_one(tmp_path, small_manifest):
+    config = write_config(tmp_path, small_manifest, **{"optim.epochs": 1})
+    fit(load_config(config), show_progress=False)
+    with pytest.raises(CalciscopeError, match="already holds a run"):
+        fit(load_config(config), show_progress=False)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="torchrun needs a POSIX system")
+def test_ddp_with_two_gloo_processes(tmp_path, small_manifest):
+    cfg = write_config(tmp_path, small_manifest, **{"optim.epochs": 2})
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+         "-m", "calciscope", "train", "--config", str(cfg), "--quiet"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    run = tmp_path / "run"
+    history = list(csv.DictReader(open(run / "metrics.csv")))
+    assert len(history) == 2
+    assert (run / "model" / "model.safetensors").is_file()
