@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -40,21 +41,22 @@ class BackboneSpec:
     classifier_prefixes: tuple[str, ...] = field(default_factory=tuple)
 
 
-class TinyCNN(nn.Module):
-    """Four conv blocks (~48k parameters): a fast backbone for tests and the synthetic demo."""
+def _conv_bn_relu(in_ch: int, out_ch: int) -> list[nn.Module]:
+    return [nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False), nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True)]
 
-    def __init__(self, widths: tuple[int, ...] = (16, 32, 48, 64)):
+
+class TinyCNN(nn.Module):
+    """Plain conv blocks, each halving the resolution: ``tiny`` (~48k parameters) for fast tests, ``small``
+    (two convs per block, ~1M parameters, ~4 MB) for the synthetic demo model."""
+
+    def __init__(self, widths: tuple[int, ...] = (16, 32, 48, 64), convs_per_block: int = 1):
         super().__init__()
         blocks, in_ch = [], 3
         for out_ch in widths:
-            blocks.append(
-                nn.Sequential(
-                    nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False),
-                    nn.BatchNorm2d(out_ch),
-                    nn.ReLU(inplace=True),
-                    nn.MaxPool2d(2),
-                )
-            )
+            layers = _conv_bn_relu(in_ch, out_ch)
+            for _ in range(convs_per_block - 1):
+                layers += _conv_bn_relu(out_ch, out_ch)
+            blocks.append(nn.Sequential(*layers, nn.MaxPool2d(2)))
             in_ch = out_ch
         self.features = nn.Sequential(*blocks)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
@@ -94,6 +96,7 @@ BACKBONES: dict[str, BackboneSpec] = {
     spec.name: spec
     for spec in (
         BackboneSpec("tiny", TinyCNN, 64, "features.3"),
+        BackboneSpec("small", partial(TinyCNN, (32, 64, 128, 192), convs_per_block=2), 192, "features.3"),
         BackboneSpec("resnet18", _resnet(models.resnet18), 512, "layer4", models.ResNet18_Weights, ("fc.",)),
         BackboneSpec("resnet34", _resnet(models.resnet34), 512, "layer4", models.ResNet34_Weights, ("fc.",)),
         BackboneSpec("resnet50", _resnet(models.resnet50), 2048, "layer4", models.ResNet50_Weights, ("fc.",)),

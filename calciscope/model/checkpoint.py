@@ -11,35 +11,18 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from calciscope.errors import CalciscopeError, CheckpointError
+from calciscope.io import sha256_file, write_bytes_atomic
 from calciscope.model.card import ModelCard
 from calciscope.model.heads import create_model
 
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "model.json"
-
-
-def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _weights_metadata(labels: list[str], backbone: str, head: str) -> dict[str, str]:
@@ -66,7 +49,7 @@ def save_checkpoint(directory: str | Path, model: nn.Module, card: ModelCard) ->
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     blob = save(tensors, metadata=_weights_metadata(card.labels, card.backbone, card.head))
-    _atomic_write_bytes(directory / WEIGHTS_FILE, blob)
+    write_bytes_atomic(directory / WEIGHTS_FILE, blob)
     final = dataclasses.replace(
         card,
         weights_sha256=hashlib.sha256(blob).hexdigest(),
@@ -74,7 +57,7 @@ def save_checkpoint(directory: str | Path, model: nn.Module, card: ModelCard) ->
         head_config=dict(model.head_config),
         labels=list(card.labels),
     )
-    _atomic_write_bytes(directory / CARD_FILE, final.to_json().encode("utf-8"))
+    write_bytes_atomic(directory / CARD_FILE, final.to_json().encode("utf-8"))
     return directory
 
 

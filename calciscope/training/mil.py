@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -28,6 +27,7 @@ from calciscope.data.slides import open_slide
 from calciscope.data.tiling import TilingConfig, make_grid
 from calciscope.data.tissue import TissueConfig, detect_tissue
 from calciscope.errors import CalciscopeError
+from calciscope.io import sha256_file, write_bytes_atomic
 from calciscope.model import IMAGENET_MEAN, IMAGENET_STD, MILSlideModel, create_model, load_checkpoint
 
 CACHE_FORMAT = 1  # bump when what a cache file holds, or how it is computed, changes
@@ -84,15 +84,11 @@ def _state_sha256(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _file_sha256(path: Path, chunk_bytes: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
+def _file_sha256(path: Path) -> str:
     try:
-        with open(path, "rb") as f:
-            while chunk := f.read(chunk_bytes):
-                digest.update(chunk)
+        return sha256_file(path)
     except OSError as exc:
         raise CalciscopeError(f"{path}: cannot read slide ({exc.strerror or exc})") from None
-    return digest.hexdigest()
 
 
 class EmbeddingCache:
@@ -151,14 +147,7 @@ class EmbeddingCache:
         self.root.mkdir(parents=True, exist_ok=True)
         blob = save({"embeddings": embeddings, "level0_xy": xy_t},
                     metadata={"calciscope_cache_format": str(CACHE_FORMAT), **(metadata or {})})
-        path = self.path(key)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            tmp.write_bytes(blob)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return path
+        return write_bytes_atomic(self.path(key), blob)
 
 
 def read_bag(path: str | Path) -> tuple[torch.Tensor, np.ndarray, dict[str, str]]:

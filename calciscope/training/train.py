@@ -12,7 +12,6 @@ Multi-GPU / multi-process: ``torchrun --nproc-per-node N -m calciscope train --c
 from __future__ import annotations
 
 import csv
-import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -136,6 +135,7 @@ def train_fold(config: TrainConfig, data: DataBundle, fold: Fold, fold_dir: Path
         state = {k: saved[k] for k in state}
 
     trained = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    board = _tensorboard(fold_dir) if rank == 0 else None
     for epoch in range(state["epoch"] + 1, optim.epochs):
         if state["bad_epochs"] >= optim.patience > 0:
             break
@@ -170,6 +170,10 @@ def train_fold(config: TrainConfig, data: DataBundle, fold: Fold, fold_dir: Path
             save_state(last, model=model.state_dict(), optimizer=optimizer.state_dict(),
                        scheduler=scheduler.state_dict(), scaler=scaler.state_dict() if scaler else {}, **state)
             _write_history(fold_dir / "metrics.csv", state["history"])
+            if board is not None:
+                for key, value in state["history"][-1].items():
+                    board.add_scalar(key, value, epoch + 1)
+                board.flush()
             _print(show_progress, f"epoch {epoch + 1}: train loss {stats.loss:.4f}, val loss {val_loss:.4f}, "
                                   f"val AUROC {val['macro']['auroc']:.3f}, {stats.samples_per_s * world:.0f} samples/s")
         if world > 1:
@@ -177,15 +181,17 @@ def train_fold(config: TrainConfig, data: DataBundle, fold: Fold, fold_dir: Path
 
     result = None
     if rank == 0:
-        result = finalize_fold(config, data, fold, fold_dir, val_set, precision, state)
+        result = finalize_fold(config, data, fold, fold_dir, val_set, precision, state, pos_weight)
     if world > 1:
         dist.barrier()
     return result or FoldResult(fold.index, fold_dir, state["best"], {})
 
 
-def finalize_fold(config, data, fold, fold_dir, val_set, precision, state) -> FoldResult:
-    """Best weights → temperature and thresholds on validation → calibrated metrics, plots and the model card."""
+def finalize_fold(config, data, fold, fold_dir, val_set, precision, state, pos_weight=None) -> FoldResult:
+    """Best weights → prior correction, temperature and thresholds on validation → calibrated metrics, plots, card."""
     model, _ = load_checkpoint(fold_dir / "best")
+    if pos_weight is not None:
+        undo_pos_weight(model, pos_weight)
     mean, std = _norm_tensors(config)
     logits, y, positions = predict_logits(model.to(precision.device), _eval_loader(val_set, config, data.collate),
                                           precision, mean, std)
@@ -201,6 +207,14 @@ def finalize_fold(config, data, fold, fold_dir, val_set, precision, state) -> Fo
     save_checkpoint(fold_dir / "model", model, card)
     write_json(fold_dir / "fold_metrics.json", report)
     return FoldResult(fold.index, fold_dir, float(state["best"]), report)
+
+
+def undo_pos_weight(model: nn.Module, pos_weight: torch.Tensor) -> None:
+    """Training with ``pos_weight`` w multiplies the model's positive odds by w; subtracting log w from the output
+    bias undoes that prior shift (King & Zeng 2001), which temperature scaling alone cannot."""
+    layer = model.mil.classifier if hasattr(model, "mil") else model.head
+    with torch.no_grad():
+        layer.bias -= torch.log(pos_weight.to(layer.bias))
 
 
 # -- evaluation ------------------------------------------------------------------------------------------------
@@ -233,12 +247,16 @@ def evaluate_model(model_dir: str | Path, data_path: str | Path, out_dir: str | 
     data_path = Path(data_path)
     if not data_path.exists():
         raise CalciscopeError(f"{data_path}: no such data file or folder")
-    is_manifest = data_path.is_file() and "annotations" in data_path.open(encoding="utf-8").readline()
+    header = data_path.read_text(encoding="utf-8", errors="replace").split("\n", 1)[0] if data_path.is_file() else ""
+    is_manifest = "annotations" in header.split(",")
+    source = "slide_labels" if card.head == "mil" else ("slides" if is_manifest else "tiles")
     aggregation = card.extra.get("aggregation", {})
     config = TrainConfig(
         out=str(out_dir),
-        data=DataConfig(source="slides" if is_manifest else "tiles", labels=list(card.labels),
-                        manifest=str(data_path) if is_manifest else None, tiles=None if is_manifest else str(data_path),
+        data=DataConfig(source=source, labels=list(card.labels), encoder=str(model_dir),
+                        cache_dir=str(Path(out_dir) / "embeddings"),
+                        manifest=str(data_path) if source != "tiles" else None,
+                        tiles=str(data_path) if source == "tiles" else None,
                         mpp=card.mpp, tile_px=card.tile_px, stain_normalize=bool(card.extra.get("stain_normalize"))),
         optim=OptimConfig(workers=workers, batch_size=64),
         aggregation=AggregationConfig(**aggregation) if aggregation else AggregationConfig(),
@@ -315,7 +333,7 @@ def make_card(config: TrainConfig, data: DataBundle, model: nn.Module, report: d
 
 
 def _data_hashes(config: TrainConfig) -> dict:
-    from calciscope.model.checkpoint import sha256_file
+    from calciscope.io import sha256_file
 
     out = {}
     for key in ("manifest", "tiles"):
@@ -405,6 +423,15 @@ def _write_history(path: Path, history: list[dict]) -> None:
         writer.writeheader()
         writer.writerows(history)
     tmp.replace(path)
+
+
+def _tensorboard(fold_dir: Path):
+    """A TensorBoard writer when the ``tensorboard`` package is installed (optional), else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(fold_dir / "tensorboard"))
 
 
 class _NullBar:

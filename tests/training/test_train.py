@@ -176,3 +176,49 @@ def test_ddp_with_two_gloo_processes(tmp_path, small_manifest):
     history = list(csv.DictReader(open(run / "metrics.csv")))
     assert len(history) == 2
     assert (run / "model" / "model.safetensors").is_file()
+
+
+def test_k_fold_cross_validation_reports_mean_and_sd(tmp_path, small_manifest):
+    run = fit(load_config(write_config(tmp_path, small_manifest, **{"optim.epochs": 1, "split.folds": 2})),
+              show_progress=False)
+    summary = json.loads((run / "metrics.json").read_text())
+    assert len(summary["folds"]) == 2 and summary["model_from_fold"] in (0, 1)
+    auroc = summary["cross_validation"]["examples"]["macro"]["auroc"]
+    assert set(auroc) == {"mean", "sd", "n"} and auroc["n"] == 2
+    assert (run / "fold0" / "model" / "model.json").is_file() and (run / "model" / "model.json").is_file()
+
+
+def test_slide_labels_train_an_attention_mil_model(tmp_path, small_manifest):
+    run = fit(load_config(write_config(tmp_path, small_manifest, **{
+        "data.source": "slide_labels", "data.encoder": "tiny", "optim.epochs": 2, "optim.batch_size": 4})),
+        show_progress=False)
+    from calciscope.model import load_checkpoint
+
+    model, card = load_checkpoint(run / "model")
+    assert card.head == "mil" and card.backbone == "tiny"
+    assert len(list((run / "embeddings").glob("*.safetensors"))) == 12  # one cached bag per slide
+    report = json.loads((run / "metrics.json").read_text())["folds"][0]["val"]
+    assert report["examples"]["per_label"]["thrombosis"]["n"] == len(json.loads((run / "splits.json").read_text())["folds"][0]["val"])
+
+
+def test_tiles_already_cut_train_a_multiclass_model(tmp_path, small_manifest):
+    import cv2
+
+    from calciscope.data.slides import open_slide
+    from calciscope.data.tiling import TilingConfig, make_grid
+
+    root = tmp_path / "tiles"
+    rows = list(csv.DictReader(open(small_manifest)))
+    for row in rows:  # a public-dataset-like ImageFolder: tiles of thrombosis-positive vs negative slides
+        cls = "thrombus_slide" if row["thrombosis"] == "1" else "other_slide"
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        with open_slide(small_manifest.parent / row["path"]) as slide:
+            grid = make_grid(slide, None, TilingConfig(mpp=1.0, tile_px=64))
+            for i in range(0, len(grid), 3):
+                cv2.imwrite(str(root / cls / f"{row['slide_id']}_{i}.png"), grid.read(slide, i)[..., ::-1])
+    run = fit(load_config(write_config(tmp_path, small_manifest, **{
+        "data.source": "tiles", "data.tiles": str(root), "data.labels": ["other_slide", "thrombus_slide"],
+        "optim.epochs": 1})), show_progress=False)
+    card = json.loads((run / "model" / "model.json").read_text())
+    assert card["labels"] == ["other_slide", "thrombus_slide"]
+    assert json.loads((run / "splits.json").read_text())["data"]["multiclass"] is True
