@@ -22,6 +22,17 @@ def cmu_svs() -> Path:
     return FIXTURES / "CMU-1-Small-Region.svs"
 
 
+def read_rgb(path: Path, level0_xy: tuple[int, int], size_px: tuple[int, int]) -> np.ndarray:
+    """An RGB region read with OpenSlide directly (independent of calciscope's reader)."""
+    import openslide
+
+    slide = openslide.OpenSlide(str(path))
+    try:
+        return np.asarray(slide.read_region(level0_xy, 0, size_px).convert("RGB"))
+    finally:
+        slide.close()
+
+
 @pytest.fixture(scope="session")
 def phantom_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("phantoms")

@@ -111,7 +111,7 @@ def train_fold(config: TrainConfig, data: DataBundle, fold: Fold, fold_dir: Path
     model = build_model(config, data).to(precision.device)
     if precision.channels_last and config.model.head == "tile":
         model = model.to(memory_format=torch.channels_last)
-    mean, std = _norm_tensors(config)
+    mean, std = _imagenet_norm()
 
     train_labels = data.unit_labels[fold.train] if config.data.source != "slides" else _dataset_labels(train_set)
     pos_weight = _pos_weight(train_labels) if optim.class_balance == "pos_weight" else None
@@ -192,7 +192,7 @@ def finalize_fold(config, data, fold, fold_dir, val_set, precision, state, pos_w
     model, _ = load_checkpoint(fold_dir / "best")
     if pos_weight is not None:
         undo_pos_weight(model, pos_weight)
-    mean, std = _norm_tensors(config)
+    mean, std = _imagenet_norm()
     logits, y, positions = predict_logits(model.to(precision.device), _eval_loader(val_set, config, data.collate),
                                           precision, mean, std)
     temperature = calibration.fit_temperature(logits, y) if config.calibration.temperature else np.ones(len(data.labels))
@@ -349,7 +349,7 @@ def _update_card_metrics(model_dir: Path, extra_metrics: dict) -> None:
     save_checkpoint(model_dir, model, card)
 
 
-def _norm_tensors(config: TrainConfig):
+def _imagenet_norm():
     return torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 
 

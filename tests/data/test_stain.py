@@ -3,8 +3,8 @@
 import json
 
 import numpy as np
-import openslide
 import pytest
+from conftest import read_rgb
 
 from calciscope.data.stain import (
     REFERENCE_MAX_CONCENTRATIONS, REFERENCE_STAIN, MacenkoNormalizer, hed_jitter, hed_scale_shift, macenko_stains,
@@ -16,11 +16,7 @@ from calciscope.errors import CalciscopeError
 @pytest.fixture(scope="module")
 def region(cmu_svs) -> np.ndarray:
     """A 2048² region at level 0 of the real scan (skin, H&E, some green ink)."""
-    slide = openslide.OpenSlide(str(cmu_svs))
-    try:
-        return np.asarray(slide.read_region((0, 0), 0, (2048, 2048)).convert("RGB"))
-    finally:
-        slide.close()
+    return read_rgb(cmu_svs, (0, 0), (2048, 2048))
 
 
 @pytest.fixture(scope="module")

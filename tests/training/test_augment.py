@@ -4,9 +4,9 @@ import pickle
 from dataclasses import replace
 
 import numpy as np
-import openslide
 import pytest
 import torch
+from conftest import read_rgb
 from torch.utils.data import DataLoader, Dataset
 
 from calciscope.data.stain import MacenkoNormalizer, rgb_to_hed
@@ -20,21 +20,13 @@ ALL_OFF = AugmentConfig(flips=False, rot90=False, hed_jitter=0.0, brightness_con
 @pytest.fixture(scope="module")
 def tiles(cmu_svs) -> list[np.ndarray]:
     """Sixteen 224² tiles of the real scan (tissue and background)."""
-    slide = openslide.OpenSlide(str(cmu_svs))
-    try:
-        region = np.asarray(slide.read_region((0, 0), 0, (896, 896)).convert("RGB"))
-    finally:
-        slide.close()
+    region = read_rgb(cmu_svs, (0, 0), (896, 896))
     return [np.ascontiguousarray(region[y:y + 224, x:x + 224]) for y in range(0, 896, 224) for x in range(0, 896, 224)]
 
 
 @pytest.fixture(scope="module")
 def tissue(cmu_svs) -> np.ndarray:
-    slide = openslide.OpenSlide(str(cmu_svs))
-    try:
-        return np.asarray(slide.read_region((1000, 1000), 0, (224, 224)).convert("RGB"))
-    finally:
-        slide.close()
+    return read_rgb(cmu_svs, (1000, 1000), (224, 224))
 
 
 def test_same_seed_gives_the_same_tile_whatever_ran_before_or_which_copy_runs_it(tissue, tiles):
