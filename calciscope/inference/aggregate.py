@@ -28,3 +28,23 @@ def aggregate(tile_probs: np.ndarray, method: str = "topk", *, k: int = 3, quant
     if method == "quantile":
         return np.quantile(probs, quantile, axis=0)
     raise CalciscopeError(f"unknown aggregation {method!r}; choose one of: {', '.join(METHODS)}")
+
+
+def aggregation_settings(card) -> dict:
+    """The card's slide aggregation (``method``, ``k``, ``quantile``) as trained; defaults when it has none."""
+    settings = dict(card.training.get("config", {}).get("aggregation") or {})
+    return {"method": settings.get("method", "topk"), "k": int(settings.get("k", 3)),
+            "quantile": float(settings.get("quantile", 0.98))}
+
+
+def slide_probabilities(tile_probs: np.ndarray, card, *, method: str | None = None, k: int | None = None,
+                        quantile: float | None = None) -> np.ndarray:
+    """(N, L) calibrated tile probabilities of a tile model → (L,) slide probabilities, as the card prescribes.
+
+    Arguments left as None take the card's trained aggregation (see ``aggregation_settings``).
+    """
+    settings = aggregation_settings(card)
+    method = method or settings["method"]
+    k = settings["k"] if k is None else k
+    quantile = settings["quantile"] if quantile is None else quantile
+    return aggregate(tile_probs, method, k=k, quantile=quantile)
