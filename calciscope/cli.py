@@ -24,7 +24,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console(stderr=True)
-out = Console()
+out = Console(width=None if sys.stdout.isatty() else 120)  # tables stay whole in logs and pipes
 
 
 @contextmanager
@@ -139,29 +139,109 @@ def tile(
         raise typer.Exit(1)
 
 
+def _findings_table(result, title: str, truth: Optional[dict[str, int]] = None) -> Table:
+    table = Table(title=title)
+    table.add_column("finding")
+    table.add_column("probability", justify="right")
+    table.add_column("threshold", justify="right")
+    table.add_column("call", justify="left")
+    if truth is not None:
+        table.add_column("drawn in phantom", justify="left")
+    for label in result.labels:
+        p, t = result.probabilities[label], result.thresholds[label]
+        row = [label, f"{p:.3f}", f"{t:.3f}", "above" if p >= t else "below"]
+        if truth is not None:
+            row.append("yes" if truth.get(label) else "no")
+        table.add_row(*row)
+    cua = result.cua
+    if cua.get("score") is not None:
+        table.add_row("CUA-pattern score", f"{cua['score']:.3f}", "", f"limited by {cua['limiting_term']}",
+                      *([""] if truth is not None else []), style="bold")
+    return table
+
+
+def _summary_table(results) -> Table:
+    labels = results[0].labels
+    table = Table(title="calciscope predict (decision support, not a diagnosis)")
+    table.add_column("slide")
+    table.add_column("tiles", justify="right")
+    for label in labels:
+        table.add_column(label.replace("_", " "), justify="right")
+    table.add_column("CUA pattern", justify="right")
+    table.add_column("QC flags")
+    for r in results:
+        cua = r.cua.get("score")
+        table.add_row(r.slide_id, str(r.n_tiles), *(f"{r.probabilities[label]:.3f}" for label in labels),
+                      "n/a" if cua is None else f"{cua:.3f}", ", ".join(r.qc.get("flags", [])) or "-")
+    return table
+
+
+@app.command()
+def predict(
+    slides: list[Path] = typer.Argument(..., help="Slide files (.svs .tif .ndpi .mrxs .png .jpg ...)."),
+    model: str = typer.Option("demo", "--model", help="A checkpoint directory, or 'demo' for the shipped demo model."),
+    out_dir: Path = typer.Option(Path("calciscope-results"), "--out", help="Output folder; one OUT/<slide_id>/ per slide."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Tiles per forward pass."),
+    workers: int = typer.Option(min(2, os.cpu_count() or 1), "--workers", help="Tile decoding processes (0: none)."),
+    saliency: str = typer.Option("gradcam", "--saliency", help="gradcam, ig (integrated gradients) or none."),
+    top_k: int = typer.Option(4, "--top-k", help="Top tiles per finding, each with a saliency map."),
+    aggregation: Optional[str] = typer.Option(None, "--aggregate", help="topk, max or quantile (default: the model's)."),
+    k: Optional[int] = typer.Option(None, "--k", help="Tiles averaged by --aggregate topk (default: the model's)."),
+    min_tissue: float = typer.Option(0.5, "--min-tissue", help="Score tiles with at least this tissue fraction."),
+    slide_mpp: Optional[float] = typer.Option(None, "--slide-mpp", help="Override the slide's level-0 µm/px."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+):
+    """Score slides: per-finding probabilities, CUA-pattern score, heatmaps, saliency, QuPath GeoJSON, HTML report."""
+    from calciscope.inference.predict import PredictConfig, Predictor, check_writable
+
+    config = PredictConfig(batch_size=batch_size, workers=workers, saliency=saliency, top_k=top_k,
+                           aggregation=aggregation, k=k, min_tissue=min_tissue, slide_mpp=slide_mpp, device=device)
+    check_writable(out_dir)
+    predictor = Predictor(model, config)
+    results, failures = [], 0
+    for path in slides:
+        try:
+            with progress_bar(path.name) as update:
+                result = predictor.predict_and_write(path, out_dir, progress=update)
+        except CalciscopeError as exc:
+            if len(slides) == 1:
+                raise
+            failures += 1
+            console.print(f"[red]calciscope: error:[/red] {exc}", highlight=False, soft_wrap=True)
+            continue
+        results.append(result)
+        out.print(f"{result.slide_id}: {result.n_tiles} tiles in {result.seconds:.1f} s -> "
+                  f"{result.out_dir / 'report.html'}", highlight=False, soft_wrap=True)
+    if results:
+        out.print(_summary_table(results))
+    if failures:
+        console.print(f"{failures} of {len(slides)} slides failed", highlight=False)
+        raise typer.Exit(1)
+
+
 @app.command()
 def demo(
     out_dir: Path = typer.Option(Path("calciscope-demo"), "--out", help="Output folder."),
     size: int = typer.Option(3072, "--size", help="Phantom side in pixels (0.5 µm/px)."),
     seed: int = typer.Option(7, "--seed", help="Phantom seed."),
+    workers: int = typer.Option(min(2, os.cpu_count() or 1), "--workers", help="Tile decoding processes (0: none)."),
 ):
-    """Make a phantom slide with lesions and run the pipeline on it, offline."""
+    """Draw a phantom slide with lesions and score it with the shipped demo model, offline; prints the report path."""
     from calciscope.data.synthetic import generate_slide
-    from calciscope.data.tile_export import tile_slide
+    from calciscope.inference.predict import PredictConfig, Predictor, check_writable
 
+    check_writable(out_dir)
     findings = {"medial_calcification": 1, "small_vessel_calcification": 0, "thrombosis": 1, "vasculitis": 0}
     phantom = generate_slide(out_dir / "slides", "demo_slide", findings, size_px=size, seed=seed)
-    with progress_bar("tiling") as update:
-        result = tile_slide(phantom.path, out_dir, annotations=phantom.lesions_path, workers=0, progress=update)
-    table = Table(title=f"demo phantom {phantom.slide_id} (synthetic, not for clinical use)")
-    table.add_column("finding drawn")
-    table.add_column("present", justify="right")
-    for name, value in phantom.labels.items():
-        table.add_row(name, "yes" if value else "no")
-    out.print(table)
-    out.print(f"{result.n_tiles} tissue tiles at 0.5 µm/px; QC flags: {', '.join(result.qc_flags) or 'none'}")
-    out.print("Scoring with the demo model arrives with the inference stage; tiling output:")
-    out.print(str(result.out_dir / "thumbnail.png"), highlight=False)
+    predictor = Predictor("demo", PredictConfig(workers=workers))
+    with progress_bar("scoring") as update:
+        result = predictor.predict_and_write(phantom.path, out_dir, progress=update)
+    title = f"{result.slide_id}: {result.card.name} (synthetic demo, not for clinical use)"
+    out.print(_findings_table(result, title, truth=phantom.labels))
+    flags = ", ".join(result.qc.get("flags", [])) or "none"
+    out.print(f"{result.n_tiles} tiles in {result.seconds:.1f} s; QC flags: {flags}", highlight=False)
+    out.print("Decision support, not a diagnosis. Report:")
+    out.print(str(result.out_dir / "report.html"), highlight=False, soft_wrap=True)
 
 
 @app.command()

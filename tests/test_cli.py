@@ -73,10 +73,12 @@ def test_tile_resolution_and_size_follow_the_options(capsys, tmp_path, phantom):
         ("huge", [], "too large"),
     ],
 )
-def test_bad_input_gives_one_line_naming_the_file_and_no_output(capsys, tmp_path, bad_inputs, kind, extra, reason):
+@pytest.mark.parametrize("command", ["tile", "predict"])
+def test_bad_input_gives_one_line_naming_the_file_and_no_output(capsys, tmp_path, bad_inputs, kind, extra, reason,
+                                                                  command):
     path = bad_inputs[kind]
     out = tmp_path / "out"
-    code, stdout, stderr = run_cli(capsys, "tile", path, "--out", out, "--workers", "0", *extra)
+    code, stdout, stderr = run_cli(capsys, command, path, "--out", out, "--workers", "0", *extra)
     assert code == 1
     lines = stderr.strip().splitlines()
     assert len(lines) == 1, stderr
@@ -85,11 +87,43 @@ def test_bad_input_gives_one_line_naming_the_file_and_no_output(capsys, tmp_path
     assert not out.exists() or list(out.iterdir()) == []
 
 
-def test_a_bad_slide_in_a_list_does_not_stop_the_others(capsys, tmp_path, bad_inputs, cmu_svs):
-    code, stdout, stderr = run_cli(capsys, "tile", bad_inputs["empty"], cmu_svs, "--out", tmp_path, "--workers", "0")
+@pytest.mark.parametrize("command", ["tile", "predict"])
+def test_a_bad_slide_in_a_list_does_not_stop_the_others(capsys, tmp_path, bad_inputs, cmu_svs, command):
+    code, stdout, stderr = run_cli(capsys, command, bad_inputs["empty"], cmu_svs, "--out", tmp_path, "--workers", "0")
     assert code == 1
     assert "empty.svs" in stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["CMU-1-Small-Region"]
+    if command == "predict":  # the summary table lists the slide that was scored, the report path is printed
+        assert "CMU-1-Small-Region" in stdout and "CUA pattern" in stdout and "1 of 2 slides failed" in stderr
+        assert str(tmp_path / "CMU-1-Small-Region" / "report.html") in stdout
+
+
+def test_predict_refuses_a_model_that_is_not_a_checkpoint(capsys, tmp_path, cmu_svs):
+    not_a_model = tmp_path / "weights"
+    not_a_model.mkdir()
+    code, _, stderr = run_cli(capsys, "predict", cmu_svs, "--model", not_a_model, "--out", tmp_path / "out")
+    assert code == 1 and len(stderr.strip().splitlines()) == 1
+    assert str(not_a_model) in stderr and "not a calciscope checkpoint" in stderr
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+
+
+def test_predict_refuses_an_output_folder_it_cannot_write(capsys, tmp_path, cmu_svs):
+    blocker = tmp_path / "results.txt"
+    blocker.write_text("a file, not a folder")
+    code, _, stderr = run_cli(capsys, "predict", cmu_svs, "--out", blocker / "out")
+    assert code == 1 and len(stderr.strip().splitlines()) == 1 and "output directory is not writable" in stderr
+
+
+def test_demo_scores_a_phantom_with_the_shipped_model(capsys, tmp_path):
+    code, stdout, _ = run_cli(capsys, "demo", "--out", tmp_path, "--size", "2048", "--workers", "0")
+    assert code == 0
+    report = tmp_path / "demo_slide" / "report.html"
+    assert stdout.strip().splitlines()[-1] == str(report) and report.is_file()
+    assert "synthetic demo, not for clinical use" in stdout and "CUA-pattern score" in stdout
+    for finding in ("medial_calcification", "small_vessel_calcification", "thrombosis", "vasculitis"):
+        assert finding in stdout
+    result = json.loads((tmp_path / "demo_slide" / "result.json").read_text())
+    assert f"{result['cua_pattern']['score']:.3f}" in stdout
 
 
 def test_synth_writes_a_manifest_of_openable_slides(capsys, tmp_path):

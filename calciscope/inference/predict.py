@@ -1,0 +1,415 @@
+"""Score one slide: tissue → tiles at the model's mpp → calibrated tile probabilities → slide probabilities,
+CUA-pattern score, top tiles with saliency. ``predict_slide`` is the Python API; ``Predictor`` keeps a loaded model
+for many slides (``calciscope predict``, ``calciscope score``).
+
+    result = calciscope.predict_slide("biopsy.svs", model="demo", out="results/")
+    result.probabilities["thrombosis"], result.cua["score"], result.out_dir / "report.html"
+
+Tiles stream from DataLoader workers in batches (no slide is ever held in memory); each tile's probability is
+``sigmoid(logit / temperature)`` with the card's per-finding temperature. A tile model's slide probability
+aggregates its tiles as the card prescribes (``inference.aggregate.slide_probabilities``); an attention-MIL model
+pools tile embeddings with its attention head, and its attention weights take the place of tile probabilities in
+heatmaps and top tiles.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from calciscope import __version__
+from calciscope.data.datasets import to_chw_uint8
+from calciscope.data.slides import SlideInfo, cached_slide, open_slide, safe_id
+from calciscope.data.tiling import TileGrid, TilingConfig, make_grid
+from calciscope.data.tissue import QCConfig, TissueConfig, detect_tissue, slide_qc, tile_qc
+from calciscope.errors import CalciscopeError, SlideError
+from calciscope.inference import saliency as sal
+from calciscope.inference.aggregate import METHODS as AGGREGATIONS
+from calciscope.inference.aggregate import aggregation_settings, slide_probabilities
+from calciscope.inference.cua import CUARule, explain
+from calciscope.io import sha256_file
+from calciscope.model.card import ModelCard
+from calciscope.model.checkpoint import WEIGHTS_FILE, load_checkpoint
+from calciscope.model.demo import resolve_model
+from calciscope.training.engine import choose_precision, prepare_inputs
+
+RESULT_SCHEMA_VERSION = 1
+QC_COLUMNS = ("blur_var", "background_fraction", "pen_fraction", "dark_fraction")
+NOTICE = ("Decision support, not a diagnosis: these scores show where a model trained on labelled slides sees the "
+          "calciphylaxis pattern. The diagnosis rests with the pathologist and the clinical picture.")
+Progress = Callable[[int, int], None]
+
+
+def default_workers() -> int:
+    return min(2, os.cpu_count() or 1)
+
+
+@dataclass
+class PredictConfig:
+    """How to score: batching, decoding workers, aggregation (None = the card's), saliency and QC settings."""
+
+    batch_size: int = 64
+    workers: int = field(default_factory=default_workers)
+    aggregation: str | None = None  # topk | max | quantile; None = as the model was validated
+    k: int | None = None
+    quantile: float | None = None
+    top_k: int = 4  # top tiles per finding, each with a saliency map
+    saliency: str = "gradcam"  # gradcam | ig | none
+    ig_steps: int = 32
+    min_tissue: float = 0.5
+    slide_mpp: float | None = None  # override the slide's own µm/px
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: str = "auto"  # auto | bf16 | fp16 | off
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise CalciscopeError(f"batch size must be at least 1, got {self.batch_size}")
+        if self.workers < 0:
+            raise CalciscopeError(f"workers must be 0 or more, got {self.workers}")
+        if self.top_k < 0:
+            raise CalciscopeError(f"top-k must be 0 or more, got {self.top_k}")
+        if self.aggregation is not None and self.aggregation not in AGGREGATIONS:
+            raise CalciscopeError(f"unknown aggregation {self.aggregation!r}; choose one of: {', '.join(AGGREGATIONS)}")
+        if self.saliency not in sal.METHODS:
+            raise CalciscopeError(f"unknown saliency {self.saliency!r}; choose one of: {', '.join(sal.METHODS)}")
+        if not 0 <= self.min_tissue <= 1:
+            raise CalciscopeError(f"min tissue must be within [0, 1], got {self.min_tissue}")
+
+
+@dataclass
+class TopTile:
+    """One of the most suspicious tiles for a finding: level-0 square, its score, where the saliency peaks."""
+
+    finding: str
+    rank: int
+    index: int  # row in tiles.csv
+    x: int
+    y: int
+    size: int  # level-0 side in pixels
+    score: float  # tile probability (tile models) or attention weight (MIL)
+    probability: float | None
+    saliency_peak: tuple[float, float] | None = None  # level-0 (x, y)
+    saliency_file: str | None = None  # relative to the slide's output folder
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rank": self.rank, "tile_index": self.index, "x": self.x, "y": self.y, "w": self.size, "h": self.size,
+                "score": round(self.score, 6),
+                "probability": None if self.probability is None else round(self.probability, 6),
+                "saliency_peak": None if self.saliency_peak is None else [round(v, 1) for v in self.saliency_peak],
+                "saliency": self.saliency_file}
+
+
+@dataclass
+class SlideResult:
+    """Everything ``predict`` found on one slide; ``to_dict()`` is result.json."""
+
+    slide_id: str
+    path: Path
+    sha256: str
+    slide: SlideInfo
+    card: ModelCard
+    model_sha256: str
+    labels: list[str]
+    probabilities: dict[str, float]
+    thresholds: dict[str, float]
+    cua: dict[str, Any]
+    qc: dict[str, Any]
+    grid: TileGrid
+    tile_probs: np.ndarray  # (N, L) calibrated; NaN for MIL models (no tile-level output)
+    tile_scores: np.ndarray  # (N, L) what heatmaps show: tile probabilities, or MIL attention scaled to max 1
+    tile_qc: np.ndarray  # (N, 4) QC_COLUMNS
+    top_tiles: dict[str, list[TopTile]]
+    saliency_maps: dict[tuple[str, int], np.ndarray]  # (finding, rank) → (H, W) in [0, 1]
+    top_tile_images: dict[tuple[str, int], np.ndarray]  # (finding, rank) → RGB tile
+    thumbnail: np.ndarray  # RGB
+    aggregation: dict[str, Any]
+    saliency_method: str
+    seconds: float
+    created: str = ""
+    out_dir: Path | None = None
+
+    @property
+    def decisions(self) -> dict[str, bool]:
+        return {label: self.probabilities[label] >= self.thresholds[label] for label in self.labels}
+
+    @property
+    def n_tiles(self) -> int:
+        return len(self.grid)
+
+    @property
+    def score_kind(self) -> str:
+        return "attention" if self.card.head == "mil" else "probability"
+
+    def to_dict(self) -> dict[str, Any]:
+        card = self.card
+        return {
+            "schema_version": RESULT_SCHEMA_VERSION,
+            "calciscope_version": __version__,
+            "created": self.created,
+            "notice": NOTICE,
+            "slide": {
+                "id": self.slide_id,
+                "file": self.path.name,
+                "sha256": self.sha256,
+                "backend": self.slide.backend,
+                "vendor": self.slide.vendor,
+                "dimensions": list(self.slide.level_dimensions[0]),
+                "mpp": self.slide.mpp,
+                "mpp_source": self.slide.mpp_source,
+                "objective_power": self.slide.objective_power,
+            },
+            "model": {
+                "name": card.name,
+                "version": card.version,
+                "sha256": self.model_sha256,
+                "backbone": card.backbone,
+                "head": card.head,
+                "synthetic_demo": card.synthetic_demo,
+                "intended_use": card.intended_use,
+            },
+            "tiling": {
+                "mpp": card.mpp,
+                "tile_px": card.tile_px,
+                "tile_size_level0": self.grid.size0_px,
+                "level": self.grid.level,
+                "min_tissue": self.grid.config.min_tissue,
+                "n_tiles": self.n_tiles,
+            },
+            "qc": self.qc,
+            "aggregation": self.aggregation,
+            "findings": {
+                label: {"probability": round(self.probabilities[label], 6),
+                        "threshold": round(self.thresholds[label], 6),
+                        "decision": "positive" if self.decisions[label] else "negative"}
+                for label in self.labels
+            },
+            "cua_pattern": self.cua,
+            "top_tiles": {
+                "score": self.score_kind,
+                "saliency_method": self.saliency_method,
+                "by_finding": {f: [t.to_dict() for t in tiles] for f, tiles in self.top_tiles.items()},
+            },
+            "seconds": round(self.seconds, 3),
+            "tiles_per_second": round(self.n_tiles / self.seconds, 1) if self.seconds > 0 else None,
+        }
+
+
+class _PredictTiles(Dataset):
+    """(uint8 CHW tile, QC values, index) per tile; decoded in DataLoader workers with their own slide handle."""
+
+    def __init__(self, path: Path, mpp: float | None, grid: TileGrid):
+        self.path, self.mpp, self.grid = path, mpp, grid
+
+    def __len__(self) -> int:
+        return len(self.grid)
+
+    def __getitem__(self, i: int):
+        tile = self.grid.read(cached_slide(self.path, self.mpp), i)
+        qc = tile_qc(tile)
+        return to_chw_uint8(tile), torch.tensor([qc[c] for c in QC_COLUMNS], dtype=torch.float32), i
+
+
+class Predictor:
+    """A loaded model plus scoring settings; ``predict(slide)`` scores one slide, ``write`` its outputs."""
+
+    def __init__(self, model: str | Path = "demo", config: PredictConfig | None = None):
+        self.config = config or PredictConfig()
+        self.model_dir = resolve_model(model)
+        device = None if self.config.device == "auto" else torch.device(self.config.device)
+        self.precision = choose_precision(self.config.amp, channels_last=True, device=device)
+        self.model, self.card = load_checkpoint(self.model_dir, map_location=self.precision.device)
+        self.model = self.model.to(memory_format=torch.channels_last)
+        self.model_sha256 = self.card.weights_sha256 or sha256_file(self.model_dir / WEIGHTS_FILE)
+        self.labels = list(self.card.labels)
+        self.rule = CUARule.from_dict(self.card.cua_rule)
+        missing = [label for label in self.rule.labels if label not in self.labels]
+        self.rule_applies = not missing
+        self.temperature = torch.tensor([self.card.temperature[label] for label in self.labels], dtype=torch.float32)
+        self.mean = torch.tensor(self.card.mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(self.card.std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.tiling = TilingConfig(mpp=self.card.mpp, tile_px=self.card.tile_px, min_tissue=self.config.min_tissue)
+        agg = aggregation_settings(self.card)
+        self.aggregation = {
+            "method": self.config.aggregation or agg["method"],
+            "k": agg["k"] if self.config.k is None else int(self.config.k),
+            "quantile": agg["quantile"] if self.config.quantile is None else float(self.config.quantile),
+        }
+        if self.card.head == "mil":
+            self.aggregation = {"method": "attention"}
+
+    # -- scoring ------------------------------------------------------------------------------------------------
+
+    def predict(self, slide_path: str | Path, *, progress: Progress | None = None) -> SlideResult:
+        """Score one slide (no files written); a slide that cannot be scored raises ``SlideError``."""
+        start = time.perf_counter()
+        slide_path = Path(slide_path)
+        cfg = self.config
+        with open_slide(slide_path, mpp=cfg.slide_mpp) as slide:
+            info = slide.info()
+            mask = detect_tissue(slide, TissueConfig())
+            grid = make_grid(slide, mask, self.tiling)
+            if len(grid) == 0:
+                raise SlideError(slide_path, f"no tile has at least {cfg.min_tissue:.0%} tissue at "
+                                             f"{self.card.mpp:g} µm/px ({self.card.tile_px} px tiles): nothing to score")
+            thumbnail = slide.thumbnail(1024)
+        sha = sha256_file(slide_path)
+        logits_or_emb, qc_values = self._stream(slide_path, grid, progress)
+        qc = slide_qc(mask, QCConfig(), blurry_tile_fraction=float((qc_values[:, 0] < QCConfig().blur_laplacian_var).mean()))
+
+        if self.card.head == "mil":
+            probs, scores = self._mil_outputs(logits_or_emb)
+            tile_probs = np.full((len(grid), len(self.labels)), np.nan, np.float32)
+        else:
+            tile_probs = logits_or_emb
+            scores = tile_probs
+            probs = slide_probabilities(tile_probs, self.card, method=self.aggregation["method"],
+                                        k=self.aggregation["k"], quantile=self.aggregation["quantile"])
+        probabilities = {label: float(p) for label, p in zip(self.labels, probs)}
+        thresholds = {label: self.card.threshold(label) for label in self.labels}
+        cua = self._cua(probabilities)
+
+        top = self._top_tiles(grid, scores, tile_probs)
+        maps, images = self._saliency(slide_path, grid, top)
+        return SlideResult(
+            slide_id=info.slide_id, path=slide_path, sha256=sha, slide=info, card=self.card,
+            model_sha256=self.model_sha256, labels=self.labels, probabilities=probabilities, thresholds=thresholds,
+            cua=cua, qc=qc.to_dict(), grid=grid, tile_probs=tile_probs, tile_scores=scores, tile_qc=qc_values,
+            top_tiles=top, saliency_maps=maps, top_tile_images=images, thumbnail=thumbnail,
+            aggregation=self.aggregation, saliency_method=cfg.saliency, seconds=time.perf_counter() - start,
+            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        )
+
+    def _stream(self, path: Path, grid: TileGrid, progress: Progress | None) -> tuple[np.ndarray, np.ndarray]:
+        """Tiles through the model in batches: (calibrated probabilities or MIL embeddings, tile QC)."""
+        cfg = self.config
+        loader = DataLoader(
+            _PredictTiles(path, cfg.slide_mpp, grid),
+            batch_size=cfg.batch_size,
+            num_workers=cfg.workers,
+            prefetch_factor=4 if cfg.workers else None,
+            persistent_workers=False,
+        )
+        out: np.ndarray | None = None
+        qc = np.zeros((len(grid), len(QC_COLUMNS)), np.float32)
+        mil = self.card.head == "mil"
+        done = 0
+        with torch.inference_mode():
+            for images, tile_qc_values, index in loader:
+                x = prepare_inputs(images, self.mean, self.std, self.precision)
+                with self.precision.autocast():
+                    y = self.model.embed(x) if mil else self.model(x)
+                y = y.float().cpu()
+                if not mil:
+                    y = torch.sigmoid(y / self.temperature)
+                if out is None:
+                    out = np.zeros((len(grid), y.shape[1]), np.float32)
+                idx = index.numpy()
+                out[idx] = y.numpy()
+                qc[idx] = tile_qc_values.numpy()
+                done += len(idx)
+                if progress is not None:
+                    progress(done, len(grid))
+        assert out is not None  # the grid is not empty
+        return out, qc
+
+    def _mil_outputs(self, embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        with torch.inference_mode():
+            logits, attention = self.model.aggregate(torch.from_numpy(embeddings).to(self.precision.device))
+        probs = torch.sigmoid(logits.float().cpu() / self.temperature).numpy()
+        attention = attention.float().cpu().numpy()
+        scores = attention / np.maximum(attention.max(axis=0, keepdims=True), 1e-12)
+        return probs, scores.astype(np.float32)
+
+    def _cua(self, probabilities: dict[str, float]) -> dict[str, Any]:
+        if not self.rule_applies:
+            return {"score": None, "status": "not_applicable",
+                    "reason": f"the model's labels {self.labels} do not include every finding the rule reads "
+                              f"({list(self.rule.labels)})"}
+        return {"status": "scored", **explain({label: probabilities[label] for label in self.rule.labels}, self.rule)}
+
+    def _top_tiles(self, grid: TileGrid, scores: np.ndarray, tile_probs: np.ndarray) -> dict[str, list[TopTile]]:
+        k = min(self.config.top_k, len(grid))
+        top: dict[str, list[TopTile]] = {}
+        for j, label in enumerate(self.labels):
+            order = np.argsort(-scores[:, j], kind="stable")[:k]
+            top[label] = [
+                TopTile(label, rank, int(i), int(grid.xy[i, 0]), int(grid.xy[i, 1]), grid.size0_px,
+                        float(scores[i, j]), None if np.isnan(tile_probs[i, j]) else float(tile_probs[i, j]))
+                for rank, i in enumerate(order, 1)
+            ]
+        return top
+
+    def _saliency(self, path: Path, grid: TileGrid, top: dict[str, list[TopTile]]):
+        """Saliency for every top tile (read again from the slide: a few tiles, not worth keeping the rest)."""
+        maps: dict[tuple[str, int], np.ndarray] = {}
+        images: dict[tuple[str, int], np.ndarray] = {}
+        entries = [t for tiles in top.values() for t in tiles]
+        if not entries:
+            return maps, images
+        slide = cached_slide(path, self.config.slide_mpp)
+        tiles = np.stack([grid.read(slide, t.index) for t in entries])
+        for t, tile in zip(entries, tiles):
+            images[(t.finding, t.rank)] = tile
+        if self.config.saliency == "none":
+            return maps, images
+        targets = np.array([self.labels.index(t.finding) for t in entries])
+        scale = grid.size0_px / self.card.tile_px
+        computed = sal.saliency_maps(self.model, tiles, targets, self.card.mean, self.card.std,
+                                     method=self.config.saliency, ig_steps=self.config.ig_steps,
+                                     device=self.precision.device)
+        for t, m in zip(entries, computed):
+            maps[(t.finding, t.rank)] = m
+            px, py = sal.peak(m)
+            t.saliency_peak = (t.x + px * scale, t.y + py * scale)
+            t.saliency_file = f"saliency/{safe_id(t.finding)}/tile_{t.x}_{t.y}.png"
+        return maps, images
+
+    # -- outputs ------------------------------------------------------------------------------------------------
+
+    def write(self, result: SlideResult, out_root: str | Path) -> Path:
+        """Write ``OUT/<slide_id>/`` atomically (see ``inference.export``); returns the folder."""
+        from calciscope.inference.export import write_outputs
+
+        result.out_dir = write_outputs(result, out_root)
+        return result.out_dir
+
+    def predict_and_write(self, slide_path: str | Path, out_root: str | Path, *,
+                          progress: Progress | None = None) -> SlideResult:
+        result = self.predict(slide_path, progress=progress)
+        self.write(result, out_root)
+        return result
+
+
+def predict_slide(path: str | Path, model: str | Path = "demo", out: str | Path | None = None, *,
+                  progress: Progress | None = None, **settings: Any) -> SlideResult:
+    """Score one slide with a checkpoint directory (or ``"demo"``); with ``out``, also write ``out/<slide_id>/``.
+
+    ``settings`` are ``PredictConfig`` fields, e.g. ``saliency="ig"``, ``workers=0``, ``slide_mpp=0.25``.
+    """
+    predictor = Predictor(model, PredictConfig(**settings))
+    if out is not None:
+        check_writable(out)
+        return predictor.predict_and_write(path, out, progress=progress)
+    return predictor.predict(path, progress=progress)
+
+
+def check_writable(out_root: str | Path) -> Path:
+    """Fail early, with one line, when ``out_root`` cannot hold results (before any slide is scored)."""
+    out_root = Path(out_root)
+    try:
+        out_root.mkdir(parents=True, exist_ok=True)
+        probe = out_root / f".calciscope-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise CalciscopeError(f"{out_root}: output directory is not writable ({reason})") from None
+    return out_root
