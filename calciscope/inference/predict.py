@@ -14,6 +14,7 @@ heatmaps and top tiles.
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import os
 import time
@@ -26,7 +27,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from calciscope import __version__
-from calciscope.data.datasets import to_chw_uint8
 from calciscope.data.slides import SlideInfo, cached_slide, open_slide, safe_id
 from calciscope.data.tiling import TileGrid, TilingConfig, make_grid
 from calciscope.data.tissue import QCConfig, TissueConfig, detect_tissue, slide_qc, tile_qc
@@ -214,7 +214,27 @@ class _PredictTiles(Dataset):
     def __getitem__(self, i: int):
         tile = self.grid.read(cached_slide(self.path, self.mpp), i)
         qc = tile_qc(tile)
-        return to_chw_uint8(tile), torch.tensor([qc[c] for c in QC_COLUMNS], dtype=torch.float32), i
+        return tile, np.array([qc[c] for c in QC_COLUMNS], np.float32), i
+
+
+def _collate(batch):
+    """uint8 (B, 3, H, W) tiles, (B, 4) QC, (B,) indices. numpy's stack: torch.stack of uint8 tiles with several
+    intra-op threads stalled for ~0.3 s per batch on a busy 2-core machine, numpy's takes ~1 ms."""
+    tiles = np.stack([item[0] for item in batch]).transpose(0, 3, 1, 2)
+    return (torch.from_numpy(np.ascontiguousarray(tiles)), torch.from_numpy(np.stack([item[1] for item in batch])),
+            torch.tensor([item[2] for item in batch]))
+
+
+def inference_backbone(model: torch.nn.Module) -> torch.nn.Module:
+    """The model's backbone with BatchNorm folded into the convolutions (torch.fx): same outputs, ~1.2-1.3× faster
+    on CPU. Saliency keeps the original model (its hooks need the original layers). Untraceable backbones stay as
+    they are."""
+    from torch.fx.experimental.optimization import fuse
+
+    try:
+        return fuse(copy.deepcopy(model.backbone).eval())
+    except Exception:  # noqa: BLE001 - any tracing failure just means no fusion
+        return model.backbone
 
 
 class Predictor:
@@ -227,6 +247,7 @@ class Predictor:
         self.precision = choose_precision(self.config.amp, channels_last=True, device=device)
         self.model, self.card = load_checkpoint(self.model_dir, map_location=self.precision.device)
         self.model = self.model.to(memory_format=torch.channels_last)
+        self.backbone = inference_backbone(self.model)
         self.model_sha256 = self.card.weights_sha256 or sha256_file(self.model_dir / WEIGHTS_FILE)
         self.labels = list(self.card.labels)
         self.rule = CUARule.from_dict(self.card.cua_rule)
@@ -272,7 +293,8 @@ class Predictor:
             scores = tile_probs
             probs = slide_probabilities(tile_probs, self.card, method=self.aggregation["method"],
                                         k=self.aggregation["k"], quantile=self.aggregation["quantile"])
-        probabilities = {label: float(p) for label, p in zip(self.labels, probs)}
+        # 6 decimals everywhere (result.json, report, terminal), so no two outputs disagree in a shown digit
+        probabilities = {label: round(float(p), 6) for label, p in zip(self.labels, probs)}
         thresholds = {label: self.card.threshold(label) for label in self.labels}
         cua = self._cua(probabilities)
 
@@ -294,6 +316,7 @@ class Predictor:
             _PredictTiles(path, cfg.slide_mpp, grid),
             batch_size=cfg.batch_size,
             num_workers=cfg.workers,
+            collate_fn=_collate,
             prefetch_factor=4 if cfg.workers else None,
             persistent_workers=False,
         )
@@ -305,7 +328,9 @@ class Predictor:
             for images, tile_qc_values, index in loader:
                 x = prepare_inputs(images, self.mean, self.std, self.precision)
                 with self.precision.autocast():
-                    y = self.model.embed(x) if mil else self.model(x)
+                    y = self.backbone(x)
+                    if not mil:
+                        y = self.model.head(y)  # tile model: head(dropout(embed)); dropout is off in eval
                 y = y.float().cpu()
                 if not mil:
                     y = torch.sigmoid(y / self.temperature)
@@ -333,7 +358,8 @@ class Predictor:
             return {"score": None, "status": "not_applicable",
                     "reason": f"the model's labels {self.labels} do not include every finding the rule reads "
                               f"({list(self.rule.labels)})"}
-        return {"status": "scored", **explain({label: probabilities[label] for label in self.rule.labels}, self.rule)}
+        return {"status": "scored",
+                **_rounded(explain({label: probabilities[label] for label in self.rule.labels}, self.rule))}
 
     def _top_tiles(self, grid: TileGrid, scores: np.ndarray, tile_probs: np.ndarray) -> dict[str, list[TopTile]]:
         k = min(self.config.top_k, len(grid))
@@ -386,6 +412,16 @@ class Predictor:
         result = self.predict(slide_path, progress=progress)
         self.write(result, out_root)
         return result
+
+
+def _rounded(obj: Any, places: int = 6) -> Any:
+    if isinstance(obj, float):
+        return round(obj, places)
+    if isinstance(obj, dict):
+        return {k: _rounded(v, places) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_rounded(v, places) for v in obj]
+    return obj
 
 
 def predict_slide(path: str | Path, model: str | Path = "demo", out: str | Path | None = None, *,

@@ -174,7 +174,8 @@ def test_mil_model_scores_with_its_attention_head(mil_checkpoint, phantom, tmp_p
     from calciscope.model import load_checkpoint
 
     model, card = load_checkpoint(mil_checkpoint)
-    tiles = torch.stack([_PredictTiles(phantom.path, None, result.grid)[i][0] for i in range(result.n_tiles)])
+    tiles = torch.from_numpy(np.stack([_PredictTiles(phantom.path, None, result.grid)[i][0]
+                                       for i in range(result.n_tiles)])).permute(0, 3, 1, 2)
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (card.mean, card.std))
     with torch.no_grad():
         logits, _ = model((tiles.float() / 255 - mean) / std)
