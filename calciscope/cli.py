@@ -28,8 +28,8 @@ out = Console(width=None if sys.stdout.isatty() else 120)  # tables stay whole i
 
 
 @contextmanager
-def progress_bar(description: str):
-    """A rich progress bar; yields ``update(done, total)``."""
+def progress_bar(description: str, per_minute: bool = False):
+    """A rich progress bar with rate and ETA; yields ``update(done, total)``."""
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -43,7 +43,10 @@ def progress_bar(description: str):
 
         def update(done: int, total: int) -> None:
             elapsed = bar.tasks[task].elapsed or 0.0
-            rate = f"{done / elapsed:.0f}/s" if elapsed > 0 else ""
+            if elapsed <= 0:
+                rate = ""
+            else:
+                rate = f"{60 * done / elapsed:.1f}/min" if per_minute else f"{done / elapsed:.0f}/s"
             bar.update(task, completed=done, total=total, rate=rate)
 
         yield update
@@ -216,6 +219,40 @@ def predict(
         out.print(_summary_table(results))
     if failures:
         console.print(f"{failures} of {len(slides)} slides failed", highlight=False)
+        raise typer.Exit(1)
+
+
+@app.command()
+def score(
+    source: str = typer.Argument(..., help="A manifest CSV (path[, slide_id, mpp, ...]), a folder of slides or a glob."),
+    model: str = typer.Option("demo", "--model", help="A checkpoint directory, or 'demo'."),
+    out_dir: Path = typer.Option(..., "--out", help="Output folder: OUT/<slide_id>/, summary.csv, run.json."),
+    workers: int = typer.Option(1, "--workers", help="Slides scored in parallel, each in its own process."),
+    backend: str = typer.Option("local", "--backend", help="local (worker processes) or ray (one task per slide)."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster address (default: start one)."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Tiles per forward pass."),
+    saliency: str = typer.Option("gradcam", "--saliency", help="gradcam, ig or none."),
+    top_k: int = typer.Option(4, "--top-k", help="Top tiles per finding, each with a saliency map."),
+    min_tissue: float = typer.Option(0.5, "--min-tissue", help="Score tiles with at least this tissue fraction."),
+    slide_mpp: Optional[float] = typer.Option(None, "--slide-mpp",
+                                              help="µm/px for slides whose file has none (a manifest 'mpp' wins)."),
+):
+    """Score many slides: resumable, a bad slide or a crashed worker never stops the batch."""
+    from calciscope.inference.batch import ScoreRun
+
+    settings = {"batch_size": batch_size, "saliency": saliency, "top_k": top_k, "min_tissue": min_tissue,
+                "slide_mpp": slide_mpp}
+    with progress_bar("slides", per_minute=True) as update:
+        outcomes = ScoreRun(source, model, out_dir, settings=settings, workers=workers, backend=backend,
+                            ray_address=ray_address, progress=update).run()
+    counts = {status: sum(o.status == status for o in outcomes) for status in ("scored", "resumed", "failed")}
+    for o in outcomes:
+        if o.status == "failed":
+            console.print(f"[red]failed:[/red] {o.error}", highlight=False, soft_wrap=True)
+    out.print(f"{len(outcomes)} slides: {counts['scored']} scored, {counts['resumed']} already done, "
+              f"{counts['failed']} failed", highlight=False)
+    out.print(str(Path(out_dir) / "summary.csv"), highlight=False, soft_wrap=True)
+    if counts["failed"]:
         raise typer.Exit(1)
 
 

@@ -268,8 +268,13 @@ class Predictor:
 
     # -- scoring ------------------------------------------------------------------------------------------------
 
-    def predict(self, slide_path: str | Path, *, progress: Progress | None = None) -> SlideResult:
-        """Score one slide (no files written); a slide that cannot be scored raises ``SlideError``."""
+    def predict(self, slide_path: str | Path, *, progress: Progress | None = None, slide_id: str | None = None,
+                sha256: str | None = None) -> SlideResult:
+        """Score one slide (no files written); a slide that cannot be scored raises ``SlideError``.
+
+        ``slide_id`` (already sanitised) replaces the id taken from the file name; ``sha256`` is the file's digest
+        when the caller has it already.
+        """
         start = time.perf_counter()
         slide_path = Path(slide_path)
         cfg = self.config
@@ -281,7 +286,7 @@ class Predictor:
                 raise SlideError(slide_path, f"no tile has at least {cfg.min_tissue:.0%} tissue at "
                                              f"{self.card.mpp:g} µm/px ({self.card.tile_px} px tiles): nothing to score")
             thumbnail = slide.thumbnail(1024)
-        sha = sha256_file(slide_path)
+        sha = sha256 or sha256_file(slide_path)
         logits_or_emb, qc_values = self._stream(slide_path, grid, progress)
         qc = slide_qc(mask, QCConfig(), blurry_tile_fraction=float((qc_values[:, 0] < QCConfig().blur_laplacian_var).mean()))
 
@@ -301,7 +306,7 @@ class Predictor:
         top = self._top_tiles(grid, scores, tile_probs)
         maps, images = self._saliency(slide_path, grid, top)
         return SlideResult(
-            slide_id=info.slide_id, path=slide_path, sha256=sha, slide=info, card=self.card,
+            slide_id=slide_id or info.slide_id, path=slide_path, sha256=sha, slide=info, card=self.card,
             model_sha256=self.model_sha256, labels=self.labels, probabilities=probabilities, thresholds=thresholds,
             cua=cua, qc=qc.to_dict(), grid=grid, tile_probs=tile_probs, tile_scores=scores, tile_qc=qc_values,
             top_tiles=top, saliency_maps=maps, top_tile_images=images, thumbnail=thumbnail,
@@ -407,9 +412,9 @@ class Predictor:
         result.out_dir = write_outputs(result, out_root)
         return result.out_dir
 
-    def predict_and_write(self, slide_path: str | Path, out_root: str | Path, *,
-                          progress: Progress | None = None) -> SlideResult:
-        result = self.predict(slide_path, progress=progress)
+    def predict_and_write(self, slide_path: str | Path, out_root: str | Path, *, progress: Progress | None = None,
+                          slide_id: str | None = None, sha256: str | None = None) -> SlideResult:
+        result = self.predict(slide_path, progress=progress, slide_id=slide_id, sha256=sha256)
         self.write(result, out_root)
         return result
 
