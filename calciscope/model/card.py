@@ -39,6 +39,9 @@ class ModelCard:
     ``labels`` fixes the order of the model's outputs. ``thresholds`` / ``temperature`` are keyed by label
     (temperature defaults to 1.0). ``cua_rule`` is ``CUARule.to_dict()`` (empty = the default rule).
     ``head_config`` holds the head's shape-defining settings so ``create_model`` can rebuild it.
+    ``slide_calibration`` is {label: {"a": slope > 0, "b": intercept}}: the logistic map from the aggregated tile
+    probabilities to a calibrated slide probability (``inference.aggregate.slide_probabilities``); empty (the
+    default, and every card written before it existed) means the aggregate is used as it is.
     Anything not covered by a field goes in ``extra``; other unknown keys are rejected on load.
     """
 
@@ -55,6 +58,7 @@ class ModelCard:
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
     thresholds: dict[str, float] = field(default_factory=dict)
     temperature: dict[str, float] = field(default_factory=dict)
+    slide_calibration: dict[str, dict[str, float]] = field(default_factory=dict)
     cua_rule: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -120,12 +124,17 @@ class ModelCard:
                 raise bad(f"field '{name}' has keys {stray} that are not in labels")
         if any(t <= 0 for t in data.get("temperature", {}).values()):
             raise bad("field 'temperature' values must be > 0")
+        stray = sorted(set(data.get("slide_calibration", {})) - set(labels))
+        if stray:
+            raise bad(f"field 'slide_calibration' has keys {stray} that are not in labels")
         stray = sorted(set(data.get("head_config", {})) - set(HEAD_CONFIG_KEYS))
         if stray:
             raise bad(f"field 'head_config' has unknown keys {stray}; allowed: {list(HEAD_CONFIG_KEYS)}")
         values = {k: (list(v) if isinstance(v, list) else dict(v) if isinstance(v, dict) else v)
                   for k, v in data.items()}
         values["mpp"] = float(values["mpp"])
+        values["slide_calibration"] = {label: {"a": float(v["a"]), "b": float(v["b"])}
+                                       for label, v in values.get("slide_calibration", {}).items()}
         for name in ("mean", "std"):
             if name in values:
                 values[name] = [float(v) for v in values[name]]
@@ -195,6 +204,11 @@ _FIELD_CHECKS = {
                          "an object of label -> number in [0, 1]"),
     "temperature": _check(lambda v: isinstance(v, dict) and all(_is_num(x) for x in v.values()),
                           "an object of label -> number"),
+    "slide_calibration": _check(
+        lambda v: isinstance(v, dict) and all(
+            isinstance(p, dict) and set(p) == {"a", "b"} and _is_num(p["a"]) and p["a"] > 0 and _is_num(p["b"])
+            for p in v.values()),
+        'an object of label -> {"a": number > 0, "b": number}'),
     "cua_rule": _check(lambda v: isinstance(v, dict), "an object"),
     "training": _check(lambda v: isinstance(v, dict), "an object"),
     "metrics": _check(lambda v: isinstance(v, dict), "an object"),

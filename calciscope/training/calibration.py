@@ -4,6 +4,9 @@ p = sigmoid(logit / T_l). Each T_l is fit on validation logits by minimising the
 (NLL) of label l alone. Written in beta = 1 / T the NLL is convex (a one-parameter logistic regression
 without intercept), hence unimodal in log T, so a bounded 1-D search on log T finds the optimum
 deterministically. Temperature scaling does not change the ranking: AUROC is untouched.
+
+Slide level: ``fit_platt`` fits the per-finding logistic map from aggregated tile probabilities to calibrated
+slide probabilities (stored in the card's ``slide_calibration``, applied by ``inference.aggregate``).
 """
 
 from __future__ import annotations
@@ -78,3 +81,34 @@ def apply_temperature(logits, temperature: float | Sequence[float] | np.ndarray 
     if np.any(t <= 0):
         raise CalciscopeError("temperatures must be > 0")
     return 0.5 * (1.0 + np.tanh(0.5 * z / t))  # = sigmoid, without overflow warnings
+
+
+def fit_platt(scores, y_true, *, prior_sd: float = 3.0) -> tuple[float, float]:
+    """Slope a > 0 and intercept b of p = sigmoid(a * logit(score) + b), fit by penalised maximum likelihood.
+
+    Platt scaling for few examples (e.g. validation slides): the negative log-likelihood plus a Gaussian prior
+    ((a - 1)² + b²) / (2 prior_sd²) centred on the identity map, so perfectly separated scores still give a finite,
+    deterministic fit. One class only: the identity (1, 0).
+    """
+    from scipy.optimize import minimize
+
+    from calciscope.inference.aggregate import logit
+
+    x, y = logit(_to_numpy(scores).ravel()), _to_numpy(y_true).ravel()
+    if x.shape != y.shape:
+        raise CalciscopeError(f"{x.size} scores but {y.size} labels")
+    if not 0 < y.sum() < len(y):
+        return 1.0, 0.0
+
+    def objective(theta):
+        a, b = theta
+        z = a * x + b
+        nll = np.sum(np.logaddexp(0.0, z) - y * z)
+        p = 0.5 * (1.0 + np.tanh(0.5 * z))
+        grad = np.array([np.sum((p - y) * x), np.sum(p - y)])
+        prior = ((a - 1.0) ** 2 + b**2) / (2 * prior_sd**2)
+        return nll + prior, grad + np.array([a - 1.0, b]) / prior_sd**2
+
+    result = minimize(objective, np.array([1.0, 0.0]), jac=True, method="L-BFGS-B",
+                      bounds=[(1e-3, 1e3), (None, None)], options={"ftol": 1e-12, "gtol": 1e-9})
+    return float(result.x[0]), float(result.x[1])

@@ -42,6 +42,7 @@ class DataConfig:
     encoder: str | None = None  # MIL: checkpoint dir (or backbone name) whose embeddings the head learns from
     cache_dir: str | None = None  # MIL: embedding cache (default <out>/embeddings)
     stain_normalize: bool = False  # Macenko-normalise tiles (the same at inference: stored in the card)
+    cache_tiles: bool = False  # source "slides": decode every tile once into memory (M × tile_px² × 3 bytes)
 
 
 @dataclass
@@ -96,6 +97,26 @@ class CalibrationConfig:
     temperature: bool = True  # temperature scaling fit on validation
     threshold: str = "youden"  # youden | sensitivity
     target_sensitivity: float = 0.9
+    # Slide level (tile models on slides): a per-finding logistic (Platt) map from the aggregated tile probabilities
+    # to a calibrated slide probability, fit on the validation slides; stored in the card's ``slide_calibration``
+    # and applied by ``inference.aggregate.slide_probabilities``. The card's thresholds are then slide thresholds.
+    slide: bool = False
+    slide_prior_sd: float = 3.0  # Gaussian prior on (slope - 1, intercept): keeps the fit finite on separable slides
+
+
+@dataclass
+class MiningConfig:
+    """Hard-negative mining (tile models on slides).
+
+    At the start of each epoch listed in ``epochs`` (1-based), the model scores every tile of the training slides
+    (negatives dropped by ``data.negatives_per_slide`` included); for each finding, the ``top_fraction`` of its
+    negative tiles with the highest scores are that finding's hard negatives. Their union joins the training pool
+    and is drawn ``weight`` times as often as before; the epoch length stays the same.
+    """
+
+    epochs: list[int] = field(default_factory=list)
+    top_fraction: float = 0.02
+    weight: float = 4.0
 
 
 @dataclass
@@ -117,6 +138,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    mining: MiningConfig = field(default_factory=MiningConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     cua_rule: dict[str, Any] = field(default_factory=dict)
     synthetic_demo: bool = False
@@ -141,6 +163,12 @@ class TrainConfig:
             (self.split.folds >= 1, f"split.folds must be ≥ 1, got {self.split.folds}"),
             (self.calibration.threshold in ("youden", "sensitivity"), f"calibration.threshold invalid: {self.calibration.threshold!r}"),
             (self.aggregation.method in ("topk", "max", "quantile"), f"aggregation.method invalid: {self.aggregation.method!r}"),
+            (self.calibration.slide_prior_sd > 0, f"calibration.slide_prior_sd must be > 0, got {self.calibration.slide_prior_sd}"),
+            (all(2 <= e <= self.optim.epochs for e in self.mining.epochs),
+             f"mining.epochs must lie in [2, optim.epochs = {self.optim.epochs}], got {self.mining.epochs}"),
+            (not self.mining.epochs or self.data.source == "slides", "mining needs data.source 'slides'"),
+            (0 < self.mining.top_fraction <= 1, f"mining.top_fraction must be in (0, 1], got {self.mining.top_fraction}"),
+            (self.mining.weight >= 1, f"mining.weight must be >= 1, got {self.mining.weight}"),
         ]
         for ok, message in checks:
             if not ok:

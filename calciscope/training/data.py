@@ -27,6 +27,7 @@ class DataBundle:
     collate: Callable | None = None
     describe: dict = field(default_factory=dict)
     unit_ids: list[str] = field(default_factory=list)
+    examples: object | None = None  # source "slides": the TileExamples behind the datasets (hard-negative mining)
 
 
 def load_data(config: TrainConfig, progress=None) -> DataBundle:
@@ -54,8 +55,9 @@ def _slides_bundle(config: TrainConfig, progress) -> DataBundle:
     eval_tf = build_eval_transform(stain_normalize=config.data.stain_normalize)
 
     def make(units: np.ndarray, train: bool) -> Dataset:
-        return TileTrainingDataset(examples, examples.tiles_of(units), transform=train_tf if train else eval_tf,
-                                   seed=config.seed)
+        """Training: the trainable tiles of ``units``; evaluation: every tissue tile of them."""
+        return TileTrainingDataset(examples, examples.tiles_of(units, trainable_only=train),
+                                   transform=train_tf if train else eval_tf, seed=config.seed)
 
     def slide_of(dataset: TileTrainingDataset, positions: np.ndarray) -> np.ndarray:
         return examples.slide_index[dataset.indices[positions]]
@@ -69,8 +71,10 @@ def _slides_bundle(config: TrainConfig, progress) -> DataBundle:
         make_dataset=make,
         slide_of=slide_of,
         describe={"source": "slides", "slides": len(records), "tiles": int(len(examples.labels)),
+                  "trainable_tiles": int(examples.trainable.sum()),
                   "positive_tiles": dict(zip(config.data.labels, positives))},
         unit_ids=[r.slide_id for r in records],
+        examples=examples,
     )
 
 

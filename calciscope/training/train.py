@@ -4,14 +4,20 @@ epochs with checkpoints and early stopping → calibration and thresholds → me
     fit(load_config("run.yaml"))            # or: calciscope train --config run.yaml
     fit(None, resume="runs/demo")           # continue a stopped run; it ends where an uninterrupted one would
 
-Run directory: config.yaml, splits.json, metrics.csv (one row per epoch), metrics.json, roc.png, reliability.png,
-model/ (model.safetensors + model.json, the deliverable), best/ and last/ (per fold with k-fold: fold<k>/...).
+Run directory: config.yaml, splits.json, metrics.csv (one row per epoch), metrics.json, roc.png, reliability.png
+(reliability_slides.png with slide calibration), model/ (model.safetensors + model.json, the deliverable), best/ and
+last/ (per fold with k-fold: fold<k>/...).
+
+Tile models on slides can add hard-negative mining (``mining``: the model's own top-scoring negatives of the training
+slides are drawn more often from the listed epochs on) and slide calibration (``calibration.slide``: a per-finding
+logistic map from aggregated tile probabilities to slide probabilities, fit on the validation slides).
 Multi-GPU / multi-process: ``torchrun --nproc-per-node N -m calciscope train --config run.yaml`` (DDP; gloo on CPU).
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
 import shutil
 from dataclasses import dataclass
@@ -26,7 +32,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from calciscope import __version__
 from calciscope.errors import CalciscopeError
-from calciscope.inference.aggregate import aggregate
+from calciscope.inference.aggregate import aggregate, apply_slide_calibration, slide_probabilities
 from calciscope.inference.cua import CUARule, cua_score
 from calciscope.io import write_json
 from calciscope.model import IMAGENET_MEAN, IMAGENET_STD, ModelCard, create_model, load_checkpoint, save_checkpoint
@@ -115,6 +121,11 @@ def train_fold(config: TrainConfig, data: DataBundle, fold: Fold, fold_dir: Path
 
     train_labels = data.unit_labels[fold.train] if config.data.source != "slides" else _dataset_labels(train_set)
     pos_weight = _pos_weight(train_labels) if optim.class_balance == "pos_weight" else None
+    mining = config.mining
+    if mining.epochs and world > 1:
+        raise CalciscopeError("hard-negative mining (mining.epochs) is not supported with DDP; run it on one process")
+    base_indices = np.asarray(train_set.indices) if mining.epochs else None
+    epoch_size = len(train_set)  # fixed, so the schedule holds when mining grows the pool
     criterion = nn.BCEWithLogitsLoss(pos_weight=pos_weight.to(precision.device) if pos_weight is not None else None)
     optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
     steps_per_epoch = _steps_per_epoch(len(train_set), optim, world)
@@ -123,7 +134,7 @@ def train_fold(config: TrainConfig, data: DataBundle, fold: Fold, fold_dir: Path
         optimizer, warmup_cosine(total_steps, int(round(optim.warmup_epochs * steps_per_epoch))))
     scaler = torch.amp.GradScaler("cuda") if precision.dtype == torch.float16 else None
 
-    state = {"epoch": -1, "best": -np.inf, "bad_epochs": 0, "history": []}
+    state = {"epoch": -1, "best": -np.inf, "bad_epochs": 0, "history": [], "mined": []}
     last = fold_dir / "last" / "state.pt"
     if last.is_file():  # resume: the last completed epoch's weights, optimiser, schedule and counters
         saved = load_state(last)
@@ -132,25 +143,33 @@ def train_fold(config: TrainConfig, data: DataBundle, fold: Fold, fold_dir: Path
         scheduler.load_state_dict(saved["scheduler"])
         if scaler is not None and saved.get("scaler"):
             scaler.load_state_dict(saved["scaler"])
-        state = {k: saved[k] for k in state}
+        state = {k: saved.get(k, state[k]) for k in state}
 
     trained = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     board = _tensorboard(fold_dir) if rank == 0 else None
+    weights = _use_mined(train_set, base_indices, state["mined"], config, train_labels)
     for epoch in range(state["epoch"] + 1, optim.epochs):
         if state["bad_epochs"] >= optim.patience > 0:
             break
+        if epoch + 1 in mining.epochs:  # a function of the weights after the previous epoch: resume repeats it
+            state["mined"] = mine_hard_negatives(model, data, fold.train, config, precision, mean, std).tolist()
+            weights = _use_mined(train_set, base_indices, state["mined"], config, train_labels)
+            _print(show_progress, f"epoch {epoch + 1}: {len(state['mined'])} hard negatives mined, "
+                                  f"training pool {len(train_set)} tiles")
         torch.manual_seed(config.seed * 100_003 + epoch)  # dropout etc.: a function of the epoch, so resume is exact
         train_set.set_epoch(epoch)
-        loader = _train_loader(train_set, train_labels, config, epoch, rank, world, data.collate)
+        loader = _train_loader(train_set, weights, config, epoch, rank, world, data.collate, epoch_size)
         bar = _epoch_bar(f"epoch {epoch + 1}/{optim.epochs}", len(train_set) // world, show_progress and rank == 0)
         stats = train_one_epoch(trained, loader, criterion, optimizer, scheduler, precision, mean, std,
                                 accumulate=optim.accumulate, scaler=scaler,
                                 max_steps=optim.max_steps_per_epoch, progress=bar.update)
         bar.close()
         if rank == 0:
-            logits, y, _ = predict_logits(model, _eval_loader(val_set, config, data.collate), precision, mean, std)
+            logits, y, val_positions = predict_logits(model, _eval_loader(val_set, config, data.collate), precision,
+                                                      mean, std)
             probs = 1 / (1 + np.exp(-logits))
             val = metrics.multilabel_metrics(y, probs, data.labels)
+            slide_auroc = _slide_auroc(probs, data, val_set, val_positions, config)
             val_loss = float(criterion(torch.from_numpy(logits).to(precision.device), torch.from_numpy(y).to(precision.device)))
             score = val["macro"]["auroc"]
             score = -val_loss if not np.isfinite(score) else score
@@ -162,6 +181,7 @@ def train_fold(config: TrainConfig, data: DataBundle, fold: Fold, fold_dir: Path
                 "val_auroc_macro": round(val["macro"]["auroc"], 5), "lr": optimizer.param_groups[0]["lr"],
                 "samples_per_s": round(stats.samples_per_s * world, 1), "seconds": round(stats.seconds, 1),
                 **{f"val_auroc_{k}": round(v["auroc"], 5) for k, v in val["per_label"].items()},
+                **({"val_slide_auroc_macro": round(slide_auroc, 5)} if slide_auroc is not None else {}),
             })
             if improved:
                 save_checkpoint(fold_dir / "best", model, make_card(config, data, model, {}))
@@ -181,40 +201,114 @@ def train_fold(config: TrainConfig, data: DataBundle, fold: Fold, fold_dir: Path
 
     result = None
     if rank == 0:
-        result = finalize_fold(config, data, fold, fold_dir, val_set, precision, state, pos_weight)
+        shift = _prior_shift(_dataset_labels(train_set) if config.data.source == "slides" else train_labels,
+                             weights, pos_weight, _natural_labels(data, fold, train_labels, config))
+        result = finalize_fold(config, data, fold, fold_dir, val_set, precision, state, prior_shift=shift)
     if world > 1:
         dist.barrier()
     return result or FoldResult(fold.index, fold_dir, state["best"], {})
 
 
-def finalize_fold(config, data, fold, fold_dir, val_set, precision, state, pos_weight=None) -> FoldResult:
-    """Best weights → prior correction, temperature and thresholds on validation → calibrated metrics, plots, card."""
+def finalize_fold(config, data, fold, fold_dir, val_set, precision, state, prior_shift=None) -> FoldResult:
+    """Best weights → prior correction, temperature and thresholds on validation (and, with
+    ``calibration.slide``, the slide calibration and slide thresholds on the validation slides) → metrics, card."""
     model, _ = load_checkpoint(fold_dir / "best")
-    if pos_weight is not None:
-        undo_pos_weight(model, pos_weight)
+    if prior_shift is not None:
+        shift_output_bias(model, -prior_shift)
     mean, std = _imagenet_norm()
     logits, y, positions = predict_logits(model.to(precision.device), _eval_loader(val_set, config, data.collate),
                                           precision, mean, std)
     temperature = calibration.fit_temperature(logits, y) if config.calibration.temperature else np.ones(len(data.labels))
     probs = calibration.apply_temperature(logits, temperature)
-    report = {"val": _metric_report(y, probs, data, val_set, positions, config)}
-    thresholds = _thresholds(report["val"], y, probs, config, data.labels)
-    report["val"] = _metric_report(y, probs, data, val_set, positions, config, thresholds)
+    thresholds = _thresholds(y, probs, config, data.labels)
+    card = make_card(config, data, model, {}, thresholds=thresholds,
+                     temperature=calibration.temperatures_by_label(data.labels, temperature))
+    if config.calibration.slide and data.slide_of is not None:
+        scores, slide_y = _slide_scores(probs, data, val_set, positions, card)
+        card.slide_calibration = {}
+        for j, label in enumerate(data.labels):
+            a, b = calibration.fit_platt(scores[:, j], slide_y[:, j], prior_sd=config.calibration.slide_prior_sd)
+            card.slide_calibration[label] = {"a": a, "b": b}
+        slide_probs = apply_slide_calibration(scores, card.slide_calibration, data.labels)
+        card.extra["tile_thresholds"] = thresholds
+        card.thresholds = _thresholds(slide_y, slide_probs, config, data.labels)
+        metrics.plot_reliability(slide_y, slide_probs, data.labels, fold_dir / "reliability_slides.png",
+                                 n_bins=10, title="Reliability, validation slides")
+    card.metrics = {"val": _metric_report(y, probs, data, val_set, positions, config, card)}
     metrics.plot_roc(y, probs, data.labels, fold_dir / "roc.png", title=f"ROC, validation tiles (fold {fold.index})")
     metrics.plot_reliability(y, probs, data.labels, fold_dir / "reliability.png")
-    card = make_card(config, data, model, report,
-                     thresholds=thresholds, temperature=calibration.temperatures_by_label(data.labels, temperature))
     save_checkpoint(fold_dir / "model", model, card)
-    write_json(fold_dir / "fold_metrics.json", report)
-    return FoldResult(fold.index, fold_dir, float(state["best"]), report)
+    write_json(fold_dir / "fold_metrics.json", card.metrics)
+    return FoldResult(fold.index, fold_dir, float(state["best"]), card.metrics)
+
+
+def shift_output_bias(model: nn.Module, shift) -> None:
+    """Add ``shift`` (one value per label) to the output layer's bias."""
+    layer = model.mil.classifier if hasattr(model, "mil") else model.head
+    with torch.no_grad():
+        layer.bias += torch.as_tensor(np.asarray(shift, np.float32)).to(layer.bias)
 
 
 def undo_pos_weight(model: nn.Module, pos_weight: torch.Tensor) -> None:
     """Training with ``pos_weight`` w multiplies the model's positive odds by w; subtracting log w from the output
     bias undoes that prior shift (King & Zeng 2001), which temperature scaling alone cannot."""
-    layer = model.mil.classifier if hasattr(model, "mil") else model.head
-    with torch.no_grad():
-        layer.bias -= torch.log(pos_weight.to(layer.bias))
+    shift_output_bias(model, -torch.log(pos_weight).numpy())
+
+
+def _prior_shift(train_labels: np.ndarray, weights, pos_weight, natural_labels: np.ndarray) -> np.ndarray | None:
+    """Per label, log(training odds / natural odds): how far the loss weights (``pos_weight``), the sampling weights
+    (class-balanced or mined) and dropped negatives moved the model's prior from the data it will score
+    (every tile of the training slides). Subtracting it from the output bias is the prior correction
+    (King & Zeng 2001); temperature scaling alone cannot undo a shift. None when nothing moved it."""
+    y = np.asarray(train_labels, np.float64)
+    w = np.ones(len(y)) if weights is None else np.asarray(weights, np.float64)
+    pw = np.ones(y.shape[1]) if pos_weight is None else pos_weight.numpy().astype(np.float64)
+    pos, neg = (w[:, None] * y).sum(0) * pw, (w[:, None] * (1 - y)).sum(0)
+    nat = np.asarray(natural_labels, np.float64)
+    nat_pos, nat_neg = nat.sum(0), len(nat) - nat.sum(0)
+    ok = (pos > 0) & (neg > 0) & (nat_pos > 0) & (nat_neg > 0)
+    shift = np.zeros(y.shape[1])
+    shift[ok] = np.log(pos[ok] / neg[ok]) - np.log(nat_pos[ok] / nat_neg[ok])
+    return shift if np.any(shift != 0) else None
+
+
+def _natural_labels(data: DataBundle, fold: Fold, train_labels: np.ndarray, config: TrainConfig) -> np.ndarray:
+    if config.data.source == "slides" and data.examples is not None:
+        return data.examples.labels[data.examples.tiles_of(fold.train)]
+    return train_labels
+
+
+# -- hard-negative mining --------------------------------------------------------------------------------------
+def mine_hard_negatives(model: nn.Module, data: DataBundle, units: np.ndarray, config: TrainConfig,
+                        precision: Precision, mean, std) -> np.ndarray:
+    """Tile ids (into ``data.examples``) of the hard negatives of the slides ``units``: per finding, the
+    ``mining.top_fraction`` of its negative tiles that the model scores highest (ties: lower tile id first)."""
+    dataset = data.make_dataset(units, False)  # every tissue tile, no augmentation
+    logits, y, positions = predict_logits(model, _eval_loader(dataset, config, data.collate), precision, mean, std)
+    tiles = np.asarray(dataset.indices)[positions]
+    hard = []
+    for j in range(y.shape[1]):
+        negatives = np.flatnonzero(y[:, j] == 0)
+        n = int(np.ceil(config.mining.top_fraction * len(negatives)))
+        order = np.lexsort((tiles[negatives], -logits[negatives, j]))
+        hard.append(tiles[negatives[order[:n]]])
+    return np.unique(np.concatenate(hard)) if hard else np.zeros(0, np.int64)
+
+
+def _use_mined(train_set, base_indices, mined, config: TrainConfig, unit_labels: np.ndarray):
+    """Point the training set at its base pool plus the mined tiles; the sampling weights (None = uniform).
+    ``unit_labels``: the training examples' labels for sources other than slides."""
+    if base_indices is not None:
+        train_set.indices = np.union1d(base_indices, np.asarray(mined, np.int64))
+    weights = None
+    if config.optim.class_balance == "sampler":
+        labels = _dataset_labels(train_set) if config.data.source == "slides" else unit_labels
+        rarity = 1.0 / np.maximum(labels.mean(axis=0), 1e-3)
+        weights = np.where(labels.sum(axis=1) > 0, (labels * rarity).max(axis=1), 1.0)
+    if len(mined):
+        hard = np.isin(train_set.indices, np.asarray(mined, np.int64))
+        weights = (np.ones(len(train_set)) if weights is None else weights) * np.where(hard, config.mining.weight, 1.0)
+    return weights
 
 
 # -- evaluation ------------------------------------------------------------------------------------------------
@@ -228,11 +322,14 @@ def evaluate_units(model_dir: Path, data: DataBundle, units: np.ndarray, config:
                                           precision, mean, std)
     temperature = [card.temperature.get(label, 1.0) for label in data.labels]
     probs = calibration.apply_temperature(logits, temperature)
-    thresholds = {label: card.threshold(label) for label in data.labels}
-    report = _metric_report(y, probs, data, dataset, positions, config, thresholds)
+    report = _metric_report(y, probs, data, dataset, positions, config, card)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics.plot_roc(y, probs, data.labels, out_dir / "roc.png")
     metrics.plot_reliability(y, probs, data.labels, out_dir / "reliability.png")
+    if card.slide_calibration and data.slide_of is not None:
+        slide_y, slide_probs = _slide_probs(probs, data, dataset, positions, card)
+        metrics.plot_reliability(slide_y, slide_probs, data.labels, out_dir / "reliability_slides.png", n_bins=10,
+                                 title="Reliability, slides")
     write_json(out_dir / "metrics.json", report)
     return report
 
@@ -267,17 +364,19 @@ def evaluate_model(model_dir: str | Path, data_path: str | Path, out_dir: str | 
     return evaluate_units(Path(model_dir), data, np.arange(len(data.groups)), config, precision, Path(out_dir))
 
 
-def _metric_report(y, probs, data: DataBundle, dataset, positions, config: TrainConfig, thresholds=None) -> dict:
-    """Per-finding metrics on examples (tiles or bags) and, for slide sources, on slides with the CUA score."""
-    report = {"examples": metrics.multilabel_metrics(y, probs, data.labels, thresholds=thresholds or 0.5)}
+def _metric_report(y, probs, data: DataBundle, dataset, positions, config: TrainConfig, card: ModelCard) -> dict:
+    """Per-finding metrics on examples (tiles or bags) and, for slide sources, on slides with the CUA score.
+
+    Slide probabilities are ``slide_probabilities`` of each slide's tiles under ``card`` (aggregation and slide
+    calibration as inference computes them). Thresholds: the card's tile thresholds for tiles (its ``thresholds``
+    when it has no separate ones) and its ``thresholds`` for slides."""
+    tile_thresholds = card.extra.get("tile_thresholds") or card.thresholds or 0.5
+    report = {"examples": metrics.multilabel_metrics(y, probs, data.labels, thresholds=tile_thresholds)}
     if data.slide_of is not None:
-        slides = data.slide_of(dataset, positions)
-        order = np.unique(slides)
-        slide_probs = np.stack([aggregate(probs[slides == s], config.aggregation.method, k=config.aggregation.k,
-                                          quantile=config.aggregation.quantile) for s in order])
-        slide_y = data.unit_labels[order]
-        report["slides"] = metrics.multilabel_metrics(slide_y, slide_probs, data.labels, thresholds=thresholds or 0.5)
-        report["slides"]["n_slides"] = int(len(order))
+        slide_y, slide_probs = _slide_probs(probs, data, dataset, positions, card)
+        report["slides"] = metrics.multilabel_metrics(slide_y, slide_probs, data.labels,
+                                                      thresholds=card.thresholds or 0.5)
+        report["slides"]["n_slides"] = int(len(slide_y))
         rule = CUARule.from_dict(config.cua_rule)
         if set(rule.labels) <= set(data.labels):
             score = cua_score(slide_probs, rule, labels=data.labels)
@@ -286,7 +385,33 @@ def _metric_report(y, probs, data: DataBundle, dataset, positions, config: Train
     return report
 
 
-def _thresholds(report: dict, y, probs, config: TrainConfig, labels) -> dict[str, float]:
+def _slide_probs(probs, data: DataBundle, dataset, positions, card: ModelCard) -> tuple[np.ndarray, np.ndarray]:
+    """(slide labels (S, L), slide probabilities (S, L)) of the slides in ``dataset``, in slide order."""
+    slides = data.slide_of(dataset, positions)
+    order = np.unique(slides)
+    return data.unit_labels[order], np.stack([slide_probabilities(probs[slides == s], card) for s in order])
+
+
+def _slide_scores(probs, data: DataBundle, dataset, positions, card: ModelCard) -> tuple[np.ndarray, np.ndarray]:
+    """(raw aggregates (S, L), slide labels (S, L)): what the slide calibration is fit on."""
+    raw = dataclasses.replace(card, slide_calibration={})
+    slide_y, scores = _slide_probs(probs, data, dataset, positions, raw)
+    return scores, slide_y
+
+
+def _slide_auroc(probs, data: DataBundle, dataset, positions, config: TrainConfig) -> float | None:
+    """Macro slide AUROC of the raw aggregate (for the epoch log); None without slides or with one class."""
+    if data.slide_of is None:
+        return None
+    slides = data.slide_of(dataset, positions)
+    order = np.unique(slides)
+    agg = config.aggregation
+    scores = np.stack([aggregate(probs[slides == s], agg.method, k=agg.k, quantile=agg.quantile) for s in order])
+    value = metrics.multilabel_metrics(data.unit_labels[order], scores, data.labels)["macro"]["auroc"]
+    return float(value) if np.isfinite(value) else None
+
+
+def _thresholds(y, probs, config: TrainConfig, labels) -> dict[str, float]:
     """Per-finding decision thresholds, chosen on validation examples (fallback 0.5 where one class is missing)."""
     out = {}
     for j, label in enumerate(labels):
@@ -371,18 +496,19 @@ def _steps_per_epoch(n: int, optim, world: int) -> int:
     return max(1, -(-batches // optim.accumulate))
 
 
-def _train_loader(dataset, labels, config: TrainConfig, epoch: int, rank: int, world: int, collate) -> DataLoader:
-    """Shuffled (or class-balanced) order fixed by (seed, epoch): a resumed run sees the same batches."""
+def _train_loader(dataset, weights, config: TrainConfig, epoch: int, rank: int, world: int, collate,
+                  num_samples: int | None = None) -> DataLoader:
+    """Shuffled, or drawn by ``weights`` (class balance, mined hard negatives), in an order fixed by (seed, epoch):
+    a resumed run sees the same batches. ``num_samples`` fixes the length of a weighted epoch."""
     generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
     if world > 1:
-        if config.optim.class_balance == "sampler":
+        if weights is not None:
             raise CalciscopeError("optim.class_balance 'sampler' is not supported with DDP; use 'pos_weight'")
         sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=config.seed)
         sampler.set_epoch(epoch)
-    elif config.optim.class_balance == "sampler":
-        rarity = 1.0 / np.maximum(labels.mean(axis=0), 1e-3)
-        weights = np.where(labels.sum(axis=1) > 0, (labels * rarity).max(axis=1), 1.0)
-        sampler = WeightedRandomSampler(weights.tolist(), len(weights), replacement=True, generator=generator)
+    elif weights is not None:
+        sampler = WeightedRandomSampler(np.asarray(weights, np.float64).tolist(), num_samples or len(weights),
+                                        replacement=True, generator=generator)
     else:
         sampler = RandomSampler(dataset, generator=generator)
     workers = config.optim.workers

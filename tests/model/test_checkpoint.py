@@ -160,13 +160,28 @@ def test_card_that_is_not_json_is_not_a_checkpoint(saved):
 @pytest.mark.parametrize(
     "change, field",
     [({"tile_px": "64"}, "tile_px"), ({"mean": [0.5, 0.5]}, "mean"), ({"labelz": ["a"]}, "labelz"),
-     ({"thresholds": {"nonexistent": 0.5}}, "thresholds"), ({"synthetic_demo": "yes"}, "synthetic_demo")],
+     ({"thresholds": {"nonexistent": 0.5}}, "thresholds"), ({"synthetic_demo": "yes"}, "synthetic_demo"),
+     ({"slide_calibration": {"nonexistent": {"a": 1.0, "b": 0.0}}}, "slide_calibration"),
+     ({"slide_calibration": {"thrombosis": {"a": -1.0, "b": 0.0}}}, "slide_calibration"),
+     ({"slide_calibration": {"thrombosis": {"a": 1.0}}}, "slide_calibration")],
 )
 def test_card_validation_names_the_bad_field(saved, change, field):
     _, directory = saved
     _rewrite_card(directory, **change)
     with pytest.raises(CheckpointError, match=f"model.json.*{field}"):
         load_checkpoint(directory)
+
+
+def test_slide_calibration_round_trips_and_cards_without_it_still_load(saved):
+    _, directory = saved
+    _, card = load_checkpoint(directory)
+    assert card.slide_calibration == {}  # older cards have no such field: identity
+    data = json.loads((directory / "model.json").read_text())
+    data.pop("slide_calibration")
+    (directory / "model.json").write_text(json.dumps(data))
+    assert load_checkpoint(directory)[1].slide_calibration == {}
+    _rewrite_card(directory, slide_calibration={"thrombosis": {"a": 2, "b": -0.5}})
+    assert load_checkpoint(directory)[1].slide_calibration == {"thrombosis": {"a": 2.0, "b": -0.5}}
 
 
 def test_unknown_keys_are_allowed_under_extra(saved):

@@ -222,3 +222,61 @@ def test_tiles_already_cut_train_a_multiclass_model(tmp_path, small_manifest):
     card = json.loads((run / "model" / "model.json").read_text())
     assert card["labels"] == ["other_slide", "thrombus_slide"]
     assert json.loads((run / "splits.json").read_text())["data"]["multiclass"] is True
+
+
+def test_hard_negative_mining_picks_the_top_scored_negatives_of_the_training_slides(tmp_path, small_manifest):
+    import torch
+
+    from calciscope.data.slides import open_slide
+    from calciscope.model import IMAGENET_MEAN, IMAGENET_STD, create_model
+    from calciscope.training.data import load_data
+    from calciscope.training.engine import choose_precision
+    from calciscope.training.train import mine_hard_negatives
+
+    config = load_config(write_config(tmp_path, small_manifest, **{
+        "data.negatives_per_slide": 4, "mining.epochs": [2], "mining.top_fraction": 0.1}))
+    data = load_data(config)
+    examples = data.examples
+    units = np.arange(8)
+    torch.manual_seed(0)
+    model = create_model("tiny", data.labels).eval()
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+    mined = mine_hard_negatives(model, data, units, config, choose_precision("off", False), mean, std)
+
+    # score every tile of the 8 slides independently, straight from the slide files
+    pool = examples.tiles_of(units)
+    images = []
+    for m in pool:
+        s = examples.slide_index[m]
+        with open_slide(examples.slides[s].path) as slide:
+            images.append(examples.grids[s].read(slide, int(examples.tile_index[m])))
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div(255)
+    with torch.no_grad():
+        scores = model((x - mean) / std).numpy()
+    expected = set()
+    for j in range(len(data.labels)):
+        negatives = pool[examples.labels[pool, j] == 0]
+        n = int(np.ceil(0.1 * len(negatives)))
+        top = negatives[np.argsort(-scores[np.searchsorted(pool, negatives), j], kind="stable")[:n]]
+        expected |= set(top.tolist())
+    assert set(mined.tolist()) == expected and len(mined) >= 4
+    assert not examples.trainable[mined].all()  # negatives dropped by negatives_per_slide come back when hard
+
+
+def test_mining_and_slide_calibration_in_a_run_are_reproducible_and_land_in_the_card(tmp_path, small_manifest):
+    import torch
+
+    overrides = {"optim.epochs": 3, "data.negatives_per_slide": 4, "mining.epochs": [2], "mining.top_fraction": 0.1,
+                 "mining.weight": 3.0, "calibration.slide": True}
+    runs = [fit(load_config(write_config(tmp_path / name, small_manifest, **overrides)), show_progress=False)
+            for name in ("a", "b")]
+    states = [torch.load(run / "last" / "state.pt", weights_only=True) for run in runs]
+    assert states[0]["mined"] == states[1]["mined"] and len(states[0]["mined"]) > 0
+    a, b = (load_file(run / "model" / "model.safetensors") for run in runs)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    card = json.loads((runs[0] / "model" / "model.json").read_text())
+    assert set(card["slide_calibration"]) == set(card["labels"])
+    assert all(p["a"] > 0 for p in card["slide_calibration"].values())
+    assert set(card["extra"]["tile_thresholds"]) == set(card["labels"])  # card thresholds are now slide thresholds
+    assert (runs[0] / "reliability_slides.png").is_file()
+    assert card["training"]["config"]["mining"]["epochs"] == [2]
