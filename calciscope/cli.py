@@ -10,6 +10,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape  # messages hold file names and 'pkg[extra]': never markup
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -50,6 +51,10 @@ def progress_bar(description: str, per_minute: bool = False):
             bar.update(task, completed=done, total=total, rate=rate)
 
         yield update
+
+
+RUNTIME_HELP = "torch (a checkpoint) or onnxruntime (an ONNX export: CPU, fp32, no saliency)."
+SALIENCY_HELP = "gradcam, ig (integrated gradients) or none; default gradcam with torch, none with onnxruntime."
 
 
 def _parse_prevalence(text: Optional[str]) -> Optional[dict[str, float]]:
@@ -134,7 +139,7 @@ def tile(
             if len(slides) == 1:
                 raise
             failures += 1
-            console.print(f"[red]calciscope: error:[/red] {exc}", highlight=False)
+            console.print(f"[red]calciscope: error:[/red] {escape(str(exc))}", highlight=False)
             continue
         flags = ", ".join(result.qc_flags) or "none"
         out.print(f"{result.slide_id}: {result.n_tiles} tiles, QC flags: {flags} -> {result.out_dir}", highlight=False)
@@ -182,11 +187,13 @@ def _summary_table(results) -> Table:
 @app.command()
 def predict(
     slides: list[Path] = typer.Argument(..., help="Slide files (.svs .tif .ndpi .mrxs .png .jpg ...)."),
-    model: str = typer.Option("demo", "--model", help="A checkpoint directory, or 'demo' for the shipped demo model."),
+    model: str = typer.Option("demo", "--model", help="A checkpoint directory, or 'demo' for the shipped demo model "
+                                                     "(with --runtime onnxruntime: an .onnx file from 'export')."),
     out_dir: Path = typer.Option(Path("calciscope-results"), "--out", help="Output folder; one OUT/<slide_id>/ per slide."),
     batch_size: int = typer.Option(64, "--batch-size", help="Tiles per forward pass."),
     workers: int = typer.Option(min(2, os.cpu_count() or 1), "--workers", help="Tile decoding processes (0: none)."),
-    saliency: str = typer.Option("gradcam", "--saliency", help="gradcam, ig (integrated gradients) or none."),
+    runtime: str = typer.Option("torch", "--runtime", help=RUNTIME_HELP),
+    saliency: Optional[str] = typer.Option(None, "--saliency", help=SALIENCY_HELP),
     top_k: int = typer.Option(4, "--top-k", help="Top tiles per finding, each with a saliency map."),
     aggregation: Optional[str] = typer.Option(None, "--aggregate", help="topk, max or quantile (default: the model's)."),
     k: Optional[int] = typer.Option(None, "--k", help="Tiles averaged by --aggregate topk (default: the model's)."),
@@ -198,7 +205,8 @@ def predict(
     from calciscope.inference.predict import PredictConfig, Predictor, check_writable
 
     config = PredictConfig(batch_size=batch_size, workers=workers, saliency=saliency, top_k=top_k,
-                           aggregation=aggregation, k=k, min_tissue=min_tissue, slide_mpp=slide_mpp, device=device)
+                           aggregation=aggregation, k=k, min_tissue=min_tissue, slide_mpp=slide_mpp, device=device,
+                           runtime=runtime)
     check_writable(out_dir)
     predictor = Predictor(model, config)
     results, failures = [], 0
@@ -210,7 +218,7 @@ def predict(
             if len(slides) == 1:
                 raise
             failures += 1
-            console.print(f"[red]calciscope: error:[/red] {exc}", highlight=False, soft_wrap=True)
+            console.print(f"[red]calciscope: error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
             continue
         results.append(result)
         out.print(f"{result.slide_id}: {result.n_tiles} tiles in {result.seconds:.1f} s -> "
@@ -225,13 +233,15 @@ def predict(
 @app.command()
 def score(
     source: str = typer.Argument(..., help="A manifest CSV (path[, slide_id, mpp, ...]), a folder of slides or a glob."),
-    model: str = typer.Option("demo", "--model", help="A checkpoint directory, or 'demo'."),
+    model: str = typer.Option("demo", "--model", help="A checkpoint directory, or 'demo' "
+                                                     "(with --runtime onnxruntime: an .onnx file from 'export')."),
     out_dir: Path = typer.Option(..., "--out", help="Output folder: OUT/<slide_id>/, summary.csv, run.json."),
     workers: int = typer.Option(1, "--workers", help="Slides scored in parallel, each in its own process."),
     backend: str = typer.Option("local", "--backend", help="local (worker processes) or ray (one task per slide)."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster address (default: start one)."),
     batch_size: int = typer.Option(64, "--batch-size", help="Tiles per forward pass."),
-    saliency: str = typer.Option("gradcam", "--saliency", help="gradcam, ig or none."),
+    runtime: str = typer.Option("torch", "--runtime", help=RUNTIME_HELP),
+    saliency: Optional[str] = typer.Option(None, "--saliency", help=SALIENCY_HELP),
     top_k: int = typer.Option(4, "--top-k", help="Top tiles per finding, each with a saliency map."),
     min_tissue: float = typer.Option(0.5, "--min-tissue", help="Score tiles with at least this tissue fraction."),
     slide_mpp: Optional[float] = typer.Option(None, "--slide-mpp",
@@ -241,19 +251,37 @@ def score(
     from calciscope.inference.batch import ScoreRun
 
     settings = {"batch_size": batch_size, "saliency": saliency, "top_k": top_k, "min_tissue": min_tissue,
-                "slide_mpp": slide_mpp}
+                "slide_mpp": slide_mpp, "runtime": runtime}
     with progress_bar("slides", per_minute=True) as update:
         outcomes = ScoreRun(source, model, out_dir, settings=settings, workers=workers, backend=backend,
                             ray_address=ray_address, progress=update).run()
     counts = {status: sum(o.status == status for o in outcomes) for status in ("scored", "resumed", "failed")}
     for o in outcomes:
         if o.status == "failed":
-            console.print(f"[red]failed:[/red] {o.error}", highlight=False, soft_wrap=True)
+            console.print(f"[red]failed:[/red] {escape(o.error)}", highlight=False, soft_wrap=True)
     out.print(f"{len(outcomes)} slides: {counts['scored']} scored, {counts['resumed']} already done, "
               f"{counts['failed']} failed", highlight=False)
     out.print(str(Path(out_dir) / "summary.csv"), highlight=False, soft_wrap=True)
     if counts["failed"]:
         raise typer.Exit(1)
+
+
+@app.command()
+def export(
+    model: str = typer.Option(..., "--model", help="A checkpoint directory, or 'demo'."),
+    fmt: str = typer.Option("onnx", "--format", help="onnx (the only format today)."),
+    out_file: Path = typer.Option(..., "--out", help="The file to write, e.g. model.onnx."),
+    opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset (default: the exporter's)."),
+):
+    """Export a checkpoint for deployment: ONNX with the input normalisation and the model card inside; scores
+    within 1e-4 of torch, checked before the file is written. Score with it: predict/score --runtime onnxruntime."""
+    if fmt.lower() != "onnx":
+        raise CalciscopeError(f"--format {fmt}: unsupported export format; supported: onnx")
+    from calciscope.inference.onnx_runtime import export_onnx
+
+    with console.status("exporting to ONNX and checking it against torch"):
+        path = export_onnx(model, out_file, opset=opset)
+    out.print(str(path), highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command()
@@ -350,7 +378,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     except CalciscopeError as exc:
         if debug:
             raise
-        console.print(f"[red]calciscope: error:[/red] {exc}", highlight=False, soft_wrap=True)
+        console.print(f"[red]calciscope: error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         console.print("calciscope: interrupted")

@@ -398,7 +398,7 @@ class ScoreRun:
             settings.setdefault("workers", 0)  # slides run in parallel already: no decoding processes per slide
         settings = asdict(PredictConfig(**settings))
         probe = Predictor(self.model, PredictConfig(**{**settings, "workers": 0}))  # a bad model fails here, once
-        model_dir = str(probe.model_dir)
+        model_path = str(probe.model_path)  # a checkpoint folder, or an .onnx file (runtime onnxruntime)
         _remove_partials(out_root)
 
         started = _dt.datetime.now(_dt.timezone.utc)
@@ -418,9 +418,9 @@ class ScoreRun:
         interrupted = False
         try:
             if self.backend == "local":
-                run_local(jobs, model_dir, settings, out_root, self.workers, record)
+                run_local(jobs, model_path, settings, out_root, self.workers, record)
             else:
-                run_ray(jobs, model_dir, settings, out_root, self.ray_address, max(1, settings["workers"]), record)
+                run_ray(jobs, model_path, settings, out_root, self.ray_address, max(1, settings["workers"]), record)
         except KeyboardInterrupt:
             interrupted = True
             raise
@@ -431,8 +431,9 @@ class ScoreRun:
                 "schema_version": 1,
                 "calciscope_version": __version__,
                 "input": str(self.source),
-                "model": {"path": model_dir, "name": probe.card.name, "version": probe.card.version,
-                          "sha256": probe.model_sha256, "synthetic_demo": probe.card.synthetic_demo},
+                "model": {"path": model_path, "name": probe.card.name, "version": probe.card.version,
+                          "sha256": probe.model_sha256, "runtime": settings["runtime"],
+                          "synthetic_demo": probe.card.synthetic_demo},
                 "backend": self.backend,
                 "workers": self.workers,
                 "settings": settings,

@@ -5,6 +5,9 @@
     logits = runner(tiles)                               # uint8 (N, 3, H, W) -> float32 (N, L)
     probs = runner.probabilities(tiles)                  # sigmoid(logit / temperature), the card's temperatures
 
+Slides are scored with an export by ``Predictor(path, PredictConfig(runtime="onnxruntime"))`` (``calciscope
+predict/score --runtime onnxruntime``): the runner replaces torch's forward pass, nothing else changes.
+
 The exported graph's one input is ``tiles``: the uint8 tile batch (N, 3, tile_px, tile_px), N dynamic. The
 normalisation of ``training.engine.prepare_inputs`` (/255, then the card's mean/std) is inside the graph. Its one
 output is ``logits`` (N, L), one per label in the card's order, for a tile model, or ``embeddings`` (N, D) for an
@@ -52,7 +55,7 @@ KEY_CHECK = "calciscope.export_check"
 TOLERANCE = 1e-4  # |onnxruntime - torch| <= TOLERANCE * max(1, |torch|), fp32
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # ModelCard's defaults (kept here so the runner stays torch-free)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-INSTALL_HINT = "pip install onnx onnxscript onnxruntime"
+INSTALL_HINT = "pip install 'calciscope[onnx]'"
 
 
 # -- export (torch) -----------------------------------------------------------------------------------------------
@@ -81,6 +84,7 @@ def export_onnx(model: str | Path, out: str | Path, *, opset: int | None = None)
     _require_export_packages()
     source = resolve_model(model)
     net, card = load_checkpoint(source, map_location="cpu")
+    _check_writable_file(out)  # before the export, which takes seconds
     net = net.float().eval()
     graph = _export_module(net, card.mean, card.std, embeddings=card.head == "mil").eval()
     output = "embeddings" if card.head == "mil" else "logits"
@@ -114,6 +118,27 @@ def export_onnx(model: str | Path, out: str | Path, *, opset: int | None = None)
     except OSError as exc:
         raise CalciscopeError(f"{out}: cannot write the ONNX file ({exc.strerror or type(exc).__name__})") from None
     return out
+
+
+def _check_writable_file(out: Path) -> None:
+    """One line now, rather than after the export, when ``out`` cannot be written (nothing is left behind)."""
+    blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise CalciscopeError(f"{out}: cannot write the ONNX file ({blocker} is a file, not a folder)")
+    created = [p for p in reversed(out.parents) if not p.exists()]
+    probe = out.with_name(f".{out.name}.{os.getpid()}.write-test")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise CalciscopeError(f"{out}: cannot write the ONNX file ({exc.strerror or type(exc).__name__})") from None
+    finally:
+        for folder in reversed(created):  # folders made only for the probe go again; export makes them for real
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
 
 
 def _require_export_packages() -> None:
@@ -220,6 +245,25 @@ def _session(model: bytes | str, threads: int | None):
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # errors only
     return ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
+
+
+ONNX_FILE = "model.onnx"  # the name an export takes inside a checkpoint folder, where scoring looks for it
+
+
+def resolve_onnx_model(spec: str | Path) -> Path:
+    """The ONNX file the onnxruntime runtime scores with: ``spec`` itself, or ``spec/model.onnx`` for a checkpoint
+    folder that holds one. A torch checkpoint without an export (``"demo"`` included) is one line that says how to
+    make one."""
+    path = Path(spec)
+    if str(spec) == "demo" and not path.exists():
+        raise CheckpointError("demo", "the demo model is a torch checkpoint; for the onnxruntime runtime export it "
+                                      "first: calciscope export --model demo --format onnx --out calciscope-demo.onnx")
+    if path.is_dir():
+        if (path / ONNX_FILE).is_file():
+            return path / ONNX_FILE
+        raise CheckpointError(path, f"no {ONNX_FILE} in this folder; the onnxruntime runtime scores an ONNX export: "
+                                    f"calciscope export --model {path} --format onnx --out {path / ONNX_FILE}")
+    return path
 
 
 class OnnxTileRunner:

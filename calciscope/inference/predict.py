@@ -6,7 +6,9 @@ for many slides (``calciscope predict``, ``calciscope score``).
     result.probabilities["thrombosis"], result.cua["score"], result.out_dir / "report.html"
 
 Tiles stream from DataLoader workers in batches (no slide is ever held in memory); each tile's probability is
-``sigmoid(logit / temperature)`` with the card's per-finding temperature. A tile model's slide probability
+``sigmoid(logit / temperature)`` with the card's per-finding temperature. The forward pass runs in torch (a checkpoint
+folder) or, with ``runtime="onnxruntime"``, in onnxruntime on an ONNX export (``calciscope export``; CPU, fp32, no
+saliency: that needs gradients); everything before and after it is the same code. A tile model's slide probability
 aggregates its tiles as the card prescribes (``inference.aggregate.slide_probabilities``); an attention-MIL model
 pools tile embeddings with its attention head, and its attention weights take the place of tile probabilities in
 heatmaps and top tiles.
@@ -30,7 +32,7 @@ from calciscope import __version__
 from calciscope.data.slides import SlideInfo, cached_slide, open_slide, safe_id
 from calciscope.data.tiling import TileGrid, TilingConfig, make_grid
 from calciscope.data.tissue import QCConfig, TissueConfig, detect_tissue, slide_qc, tile_qc
-from calciscope.errors import CalciscopeError, SlideError
+from calciscope.errors import CalciscopeError, CheckpointError, SlideError
 from calciscope.inference import saliency as sal
 from calciscope.inference.aggregate import METHODS as AGGREGATIONS
 from calciscope.inference.aggregate import aggregation_settings, slide_probabilities
@@ -42,6 +44,7 @@ from calciscope.model.demo import resolve_model
 from calciscope.training.engine import choose_precision, prepare_inputs
 
 RESULT_SCHEMA_VERSION = 1
+RUNTIMES = ("torch", "onnxruntime")
 QC_COLUMNS = ("blur_var", "background_fraction", "pen_fraction", "dark_fraction")
 NOTICE = ("Decision support, not a diagnosis: these scores show where a model trained on labelled slides sees the "
           "calciphylaxis pattern. The diagnosis rests with the pathologist and the clinical picture.")
@@ -62,14 +65,20 @@ class PredictConfig:
     k: int | None = None
     quantile: float | None = None
     top_k: int = 4  # top tiles per finding, each with a saliency map
-    saliency: str = "gradcam"  # gradcam | ig | none
+    saliency: str | None = None  # gradcam | ig | none; None = gradcam with torch, none with onnxruntime
     ig_steps: int = 32
     min_tissue: float = 0.5
     slide_mpp: float | None = None  # override the slide's own µm/px
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: str = "auto"  # auto | bf16 | fp16 | off
+    runtime: str = "torch"  # torch (a checkpoint folder) | onnxruntime (an ONNX export, CPU, fp32)
 
     def __post_init__(self) -> None:
+        if self.runtime not in RUNTIMES:
+            raise CalciscopeError(f"unknown runtime {self.runtime!r}; choose one of: {', '.join(RUNTIMES)}")
+        onnx = self.runtime == "onnxruntime"
+        if self.saliency is None:
+            self.saliency = "none" if onnx else "gradcam"
         if self.batch_size < 1:
             raise CalciscopeError(f"batch size must be at least 1, got {self.batch_size}")
         if self.workers < 0:
@@ -82,6 +91,14 @@ class PredictConfig:
             raise CalciscopeError(f"unknown saliency {self.saliency!r}; choose one of: {', '.join(sal.METHODS)}")
         if not 0 <= self.min_tissue <= 1:
             raise CalciscopeError(f"min tissue must be within [0, 1], got {self.min_tissue}")
+        if onnx and self.saliency != "none":
+            raise CalciscopeError(f"saliency {self.saliency!r} needs gradients, which the onnxruntime runtime does not "
+                                  f"compute; use saliency 'none' with it, or the torch runtime")
+        if onnx and self.device not in ("auto", "cpu"):
+            raise CalciscopeError(f"device {self.device!r}: the onnxruntime runtime runs on the CPU; use the torch "
+                                  f"runtime for {self.device}")
+        if onnx and self.amp not in ("auto", "off"):
+            raise CalciscopeError(f"amp {self.amp!r}: the onnxruntime runtime computes in fp32")
 
 
 @dataclass
@@ -116,7 +133,7 @@ class SlideResult:
     sha256: str
     slide: SlideInfo
     card: ModelCard
-    model_sha256: str
+    model_sha256: str  # of the file that scored: model.safetensors (torch) or the .onnx export (onnxruntime)
     labels: list[str]
     probabilities: dict[str, float]
     thresholds: dict[str, float]
@@ -135,6 +152,7 @@ class SlideResult:
     seconds: float
     created: str = ""
     out_dir: Path | None = None
+    runtime: str = "torch"
 
     @property
     def decisions(self) -> dict[str, bool]:
@@ -170,6 +188,8 @@ class SlideResult:
                 "name": card.name,
                 "version": card.version,
                 "sha256": self.model_sha256,
+                "weights_sha256": card.weights_sha256 or (self.model_sha256 if self.runtime == "torch" else None),
+                "runtime": self.runtime,
                 "backbone": card.backbone,
                 "head": card.head,
                 "synthetic_demo": card.synthetic_demo,
@@ -238,24 +258,22 @@ def inference_backbone(model: torch.nn.Module) -> torch.nn.Module:
 
 
 class Predictor:
-    """A loaded model plus scoring settings; ``predict(slide)`` scores one slide, ``write`` its outputs."""
+    """A loaded model plus scoring settings; ``predict(slide)`` scores one slide, ``write`` its outputs.
+
+    ``model``: a checkpoint folder or ``"demo"`` (runtime torch), or an ONNX export or a folder holding
+    ``model.onnx`` (runtime onnxruntime). ``model_path`` is what was loaded; ``score_tiles`` is the forward pass.
+    """
 
     def __init__(self, model: str | Path = "demo", config: PredictConfig | None = None):
         self.config = config or PredictConfig()
-        self.model_dir = resolve_model(model)
-        device = None if self.config.device == "auto" else torch.device(self.config.device)
-        self.precision = choose_precision(self.config.amp, channels_last=True, device=device)
-        self.model, self.card = load_checkpoint(self.model_dir, map_location=self.precision.device)
-        self.model = self.model.to(memory_format=torch.channels_last)
-        self.backbone = inference_backbone(self.model)
-        self.model_sha256 = self.card.weights_sha256 or sha256_file(self.model_dir / WEIGHTS_FILE)
+        if self.config.runtime == "onnxruntime":
+            self._load_onnx(model)
+        else:
+            self._load_torch(model)
         self.labels = list(self.card.labels)
         self.rule = CUARule.from_dict(self.card.cua_rule)
         missing = [label for label in self.rule.labels if label not in self.labels]
         self.rule_applies = not missing
-        self.temperature = torch.tensor([self.card.temperature[label] for label in self.labels], dtype=torch.float32)
-        self.mean = torch.tensor(self.card.mean, dtype=torch.float32).view(1, 3, 1, 1)
-        self.std = torch.tensor(self.card.std, dtype=torch.float32).view(1, 3, 1, 1)
         self.tiling = TilingConfig(mpp=self.card.mpp, tile_px=self.card.tile_px, min_tissue=self.config.min_tissue)
         agg = aggregation_settings(self.card)
         self.aggregation = {
@@ -265,6 +283,37 @@ class Predictor:
         }
         if self.card.head == "mil":
             self.aggregation = {"method": "attention"}
+
+    def _load_torch(self, model: str | Path) -> None:
+        self.model_path = resolve_model(model)
+        if self.model_path.suffix.lower() == ".onnx" and self.model_path.is_file():
+            raise CheckpointError(self.model_path, "an ONNX export, not a checkpoint folder: score it with the "
+                                                   "onnxruntime runtime (--runtime onnxruntime)")
+        device = None if self.config.device == "auto" else torch.device(self.config.device)
+        self.precision = choose_precision(self.config.amp, channels_last=True, device=device)
+        self.model, self.card = load_checkpoint(self.model_path, map_location=self.precision.device)
+        self.model = self.model.to(memory_format=torch.channels_last)
+        self.backbone = inference_backbone(self.model)
+        self.model_sha256 = self.card.weights_sha256 or sha256_file(self.model_path / WEIGHTS_FILE)
+        self.temperature = torch.tensor([self.card.temperature[label] for label in self.card.labels],
+                                        dtype=torch.float32)
+        self.mean = torch.tensor(self.card.mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(self.card.std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.score_tiles: Callable[[torch.Tensor], np.ndarray] = self._torch_tiles
+
+    def _load_onnx(self, model: str | Path) -> None:
+        from calciscope.inference.onnx_runtime import OnnxTileRunner, resolve_onnx_model
+
+        self.model_path = resolve_onnx_model(model)
+        # as many intra-op threads as torch would use here (``calciscope score`` sets torch's per worker process)
+        self.runner = OnnxTileRunner(self.model_path, threads=torch.get_num_threads())
+        if self.runner.output != "logits":
+            raise CheckpointError(self.model_path, "an attention-MIL export gives tile embeddings only; its attention "
+                                                   "head runs in torch: score with the checkpoint folder")
+        self.card = self.runner.card
+        self.model = self.backbone = self.precision = None  # no torch model on this path
+        self.model_sha256 = sha256_file(self.model_path)
+        self.score_tiles = self._onnx_tiles
 
     # -- scoring ------------------------------------------------------------------------------------------------
 
@@ -311,7 +360,7 @@ class Predictor:
             cua=cua, qc=qc.to_dict(), grid=grid, tile_probs=tile_probs, tile_scores=scores, tile_qc=qc_values,
             top_tiles=top, saliency_maps=maps, top_tile_images=images, thumbnail=thumbnail,
             aggregation=self.aggregation, saliency_method=cfg.saliency, seconds=time.perf_counter() - start,
-            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), runtime=cfg.runtime,
         )
 
     def _stream(self, path: Path, grid: TileGrid, progress: Progress | None) -> tuple[np.ndarray, np.ndarray]:
@@ -327,28 +376,37 @@ class Predictor:
         )
         out: np.ndarray | None = None
         qc = np.zeros((len(grid), len(QC_COLUMNS)), np.float32)
-        mil = self.card.head == "mil"
         done = 0
-        with torch.inference_mode():
-            for images, tile_qc_values, index in loader:
-                x = prepare_inputs(images, self.mean, self.std, self.precision)
-                with self.precision.autocast():
-                    y = self.backbone(x)
-                    if not mil:
-                        y = self.model.head(y)  # tile model: head(dropout(embed)); dropout is off in eval
-                y = y.float().cpu()
-                if not mil:
-                    y = torch.sigmoid(y / self.temperature)
-                if out is None:
-                    out = np.zeros((len(grid), y.shape[1]), np.float32)
-                idx = index.numpy()
-                out[idx] = y.numpy()
-                qc[idx] = tile_qc_values.numpy()
-                done += len(idx)
-                if progress is not None:
-                    progress(done, len(grid))
+        for images, tile_qc_values, index in loader:
+            y = self.score_tiles(images)
+            if out is None:
+                out = np.zeros((len(grid), y.shape[1]), np.float32)
+            idx = index.numpy()
+            out[idx] = y
+            qc[idx] = tile_qc_values.numpy()
+            done += len(idx)
+            if progress is not None:
+                progress(done, len(grid))
         assert out is not None  # the grid is not empty
         return out, qc
+
+    def _torch_tiles(self, images: torch.Tensor) -> np.ndarray:
+        """uint8 tiles (B, 3, H, W) -> calibrated probabilities (B, L), or embeddings (B, D) for MIL, in torch."""
+        mil = self.card.head == "mil"
+        with torch.inference_mode():
+            x = prepare_inputs(images, self.mean, self.std, self.precision)
+            with self.precision.autocast():
+                y = self.backbone(x)
+                if not mil:
+                    y = self.model.head(y)  # tile model: head(dropout(embed)); dropout is off in eval
+            y = y.float().cpu()
+            if not mil:
+                y = torch.sigmoid(y / self.temperature)
+        return y.numpy()
+
+    def _onnx_tiles(self, images: torch.Tensor) -> np.ndarray:
+        """uint8 tiles (B, 3, H, W) -> calibrated probabilities (B, L), in onnxruntime (the same sigmoid(z / T))."""
+        return self.runner.probabilities(images.numpy())
 
     def _mil_outputs(self, embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         with torch.inference_mode():

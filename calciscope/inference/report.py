@@ -130,8 +130,12 @@ def _top_tiles_section(result: SlideResult, images: dict[str, np.ndarray]) -> st
                            f"src='{_data_uri(rgb, jpeg=False)}'><figcaption>#{t.rank}: {what} {_fmt(t.score)} · "
                            f"level-0 x {t.x}, y {t.y}, {t.size} px{peak}</figcaption></figure>")
         parts.append(f"<h3>{escape(label)}</h3><div class='grid'>{''.join(figures)}</div>")
-    return (f"<p class='muted'>Each pair: the tile, then the tile with its saliency ({escape(method)}; red = most "
-            "influential) and a cross at the peak. Coordinates are level-0 pixels (QuPath's).</p>" + "".join(parts))
+    if result.saliency_method == "none":
+        intro = "The tiles themselves (no saliency computed for this run)."
+    else:
+        intro = (f"Each pair: the tile, then the tile with its saliency ({escape(method)}; red = most influential) "
+                 "and a cross at the peak.")
+    return f"<p class='muted'>{intro} Coordinates are level-0 pixels (QuPath's).</p>" + "".join(parts)
 
 
 def _model_section(result: SlideResult) -> str:
@@ -147,8 +151,14 @@ def _model_section(result: SlideResult) -> str:
         metrics = (f"<p>Held-out evaluation ({unit} never used in training):</p><table><tr><th>finding</th>"
                    f"<th>AUROC</th><th>ECE</th></tr>{rows}</table>")
     description = card.training.get("description") or card.training.get("config", {}).get("description") or ""
-    return (f"<table><tr><th>model</th><td>{escape(card.name)} {escape(card.version)}</td></tr>"
-            f"<tr><th>weights sha256</th><td><code>{escape(result.model_sha256)}</code></td></tr>"
+    if result.runtime == "torch":
+        hashes = f"<tr><th>weights sha256</th><td><code>{escape(result.model_sha256)}</code></td></tr>"
+    else:  # an ONNX export: its own file, and the checkpoint it was exported from
+        hashes = (f"<tr><th>runtime</th><td>{escape(result.runtime)} (ONNX export, fp32)</td></tr>"
+                  f"<tr><th>ONNX file sha256</th><td><code>{escape(result.model_sha256)}</code></td></tr>"
+                  f"<tr><th>weights sha256</th><td><code>{escape(card.weights_sha256 or 'not recorded')}</code>"
+                  "</td></tr>")
+    return (f"<table><tr><th>model</th><td>{escape(card.name)} {escape(card.version)}</td></tr>{hashes}"
             f"<tr><th>architecture</th><td>{escape(card.backbone)} / {escape(card.head)} head, {card.tile_px} px tiles "
             f"at {card.mpp:g} µm/px</td></tr>"
             f"<tr><th>trained on</th><td>{escape(str(description))}</td></tr>"
