@@ -111,7 +111,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=2048, help="phantom side in pixels (0.5 µm/px)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--saliency", default="gradcam", help="gradcam (the default of score), ig or none")
+    parser.add_argument("--saliency", default="guided-gradcam",
+                        help="guided-gradcam (the default of score), gradcam, ig or none")
     parser.add_argument("--repeats", type=int, default=2, help="repeats of the one-slide and --onnx figures")
     parser.add_argument("--onnx", action="store_true", help="also compare torch and onnxruntime")
     parser.add_argument("--workdir", type=Path, default=None)

@@ -54,7 +54,8 @@ def progress_bar(description: str, per_minute: bool = False):
 
 
 RUNTIME_HELP = "torch (a checkpoint) or onnxruntime (an ONNX export: CPU, fp32, no saliency)."
-SALIENCY_HELP = "gradcam, ig (integrated gradients) or none; default gradcam with torch, none with onnxruntime."
+SALIENCY_HELP = ("guided-gradcam (Grad-CAM sharpened by guided backprop), gradcam (coarse), ig (integrated gradients) "
+                 "or none; default guided-gradcam with torch, none with onnxruntime.")
 
 
 def _parse_prevalence(text: Optional[str]) -> Optional[dict[str, float]]:

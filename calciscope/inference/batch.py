@@ -70,7 +70,7 @@ class Outcome:
 
 
 def read_jobs(source: str | Path) -> list[SlideJob]:
-    """Slides to score from a manifest CSV, a folder (its slide files, sorted) or a glob pattern.
+    """Slides to score from a manifest CSV, a folder (its slide files, sorted), a glob pattern or one slide file.
 
     Ids come from the manifest's ``slide_id`` or the file name, sanitised so each names one folder inside the
     output; ids that collide (case-insensitively) get a short hash of the file path appended.
@@ -84,8 +84,11 @@ def read_jobs(source: str | Path) -> list[SlideJob]:
         if not files:
             raise CalciscopeError(f"{path}: no slide files in this folder ({', '.join(sorted(SLIDE_SUFFIXES))})")
         entries = [(None, str(p), None) for p in files]
+    elif _is_slide_file(path):
+        entries = [(None, text, None)]
     elif path.exists():
-        raise CalciscopeError(f"{path}: expected a manifest .csv, a folder of slides or a glob pattern")
+        raise CalciscopeError(f"{path}: expected a manifest .csv, a folder of slides, a glob pattern or a slide file "
+                              f"({', '.join(sorted(SLIDE_SUFFIXES))})")
     else:
         matches = sorted(glob.glob(text, recursive=True))
         files = [m for m in matches if _is_slide_file(Path(m))]

@@ -65,7 +65,7 @@ class PredictConfig:
     k: int | None = None
     quantile: float | None = None
     top_k: int = 4  # top tiles per finding, each with a saliency map
-    saliency: str | None = None  # gradcam | ig | none; None = gradcam with torch, none with onnxruntime
+    saliency: str | None = None  # guided-gradcam | gradcam | ig | none; None = guided-gradcam with torch, none with onnxruntime
     ig_steps: int = 32
     min_tissue: float = 0.5
     slide_mpp: float | None = None  # override the slide's own µm/px
@@ -78,7 +78,7 @@ class PredictConfig:
             raise CalciscopeError(f"unknown runtime {self.runtime!r}; choose one of: {', '.join(RUNTIMES)}")
         onnx = self.runtime == "onnxruntime"
         if self.saliency is None:
-            self.saliency = "none" if onnx else "gradcam"
+            self.saliency = "none" if onnx else "guided-gradcam"
         if self.batch_size < 1:
             raise CalciscopeError(f"batch size must be at least 1, got {self.batch_size}")
         if self.workers < 0:

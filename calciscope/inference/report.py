@@ -115,7 +115,7 @@ def _qc_section(result: SlideResult) -> str:
 def _top_tiles_section(result: SlideResult, images: dict[str, np.ndarray]) -> str:
     parts = []
     what = "attention weight" if result.score_kind == "attention" else "tile probability"
-    method = {"gradcam": "Grad-CAM", "ig": "integrated gradients", "none": "none"}[result.saliency_method]
+    method = {"guided-gradcam": "guided Grad-CAM", "gradcam": "Grad-CAM", "ig": "integrated gradients", "none": "none"}[result.saliency_method]
     for label, tiles in result.top_tiles.items():
         figures = []
         for t in tiles:

@@ -18,7 +18,7 @@ from calciscope.data.synthetic import generate_dataset
 from calciscope.errors import CalciscopeError
 from calciscope.inference.batch import FAULT_ENV, ScoreRun, read_jobs
 
-SETTINGS = {"top_k": 1, "saliency": "gradcam"}
+SETTINGS = {"top_k": 1, "saliency": "guided-gradcam"}
 VOLATILE = ("created", "seconds", "tiles_per_second")  # wall-clock facts; everything else must be identical
 
 
@@ -210,6 +210,9 @@ def test_folders_globs_and_bad_sources(tmp_path, batch):
         shutil.copyfile(src, tmp_path / name)
     assert [j.slide_id for j in read_jobs(tmp_path)] == ["a", "b"]
     assert [j.slide_id for j in read_jobs(str(tmp_path / "*.tiff"))] == ["b"]
+    assert [(j.slide_id, j.path) for j in read_jobs(tmp_path / "a.svs")] == [("a", str(tmp_path / "a.svs"))]
+    with pytest.raises(CalciscopeError, match=r"notes\.txt: expected a manifest \.csv, a folder of slides"):
+        read_jobs(tmp_path / "notes.txt")
     with pytest.raises(CalciscopeError, match=r"nothing\*\.svs: no such file or folder"):
         read_jobs(str(tmp_path / "nothing*.svs"))
     (tmp_path / "empty").mkdir()

@@ -376,7 +376,7 @@ def test_export_without_the_onnx_packages_says_how_to_install_them(capsys, tmp_p
 
 
 def test_runtime_settings_and_where_the_export_is_found(exported, tmp_path):
-    assert PredictConfig().saliency == "gradcam" and PredictConfig(runtime="onnxruntime").saliency == "none"
+    assert PredictConfig().saliency == "guided-gradcam" and PredictConfig(runtime="onnxruntime").saliency == "none"
     with pytest.raises(CalciscopeError, match="unknown runtime 'tensorrt'; choose one of: torch, onnxruntime"):
         PredictConfig(runtime="tensorrt")
     with pytest.raises(CalciscopeError, match="the onnxruntime runtime runs on the CPU"):
