@@ -29,13 +29,14 @@ def held_out_report(tmp_path_factory):
 
 def test_demo_model_finds_lesion_tiles_on_unseen_phantoms_and_is_calibrated(held_out_report):
     tiles = held_out_report["examples"]["per_label"]
-    for finding, m in tiles.items():  # measured: 0.90 (vasculitis) to 0.99
+    for finding, m in tiles.items():  # measured: 0.905 (vasculitis), 0.954, 0.979, 0.990
         assert m["auroc"] >= 0.88, (finding, m["auroc"])
-        assert m["ece"] <= 0.05, (finding, m["ece"])  # measured ≤ 0.021 after prior correction + temperature
+        assert m["ece"] <= 0.05, (finding, m["ece"])  # measured 0.005-0.032 after prior correction + temperature
 
 
-@pytest.mark.xfail(strict=True, reason="the demo model's slide-level AUROC on unseen phantoms is 0.55-0.85 "
-                   "(one lesion tile among ~80 per slide); the 0.95 bar needs a stronger tile model")
+@pytest.mark.xfail(strict=True, reason="the demo model's slide-level AUROC on unseen phantoms is 0.75-0.90, "
+                   "CUA-pattern 0.81 (one or two lesion tiles among ~40 per slide, some missed outright); the 0.95 "
+                   "bar needs a stronger tile model")
 def test_demo_model_reaches_the_slide_level_bar_on_unseen_phantoms(held_out_report):
     slides = held_out_report["slides"]
     assert all(m["auroc"] >= 0.95 for m in slides["per_label"].values())
