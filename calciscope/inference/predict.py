@@ -65,7 +65,7 @@ class PredictConfig:
     k: int | None = None
     quantile: float | None = None
     top_k: int = 4  # top tiles per finding, each with a saliency map
-    saliency: str | None = None  # guided-gradcam | gradcam | ig | none; None = guided-gradcam with torch, none with onnxruntime
+    saliency: str | None = None  # guided-gradcam | gradcam | ig | none; None: guided-gradcam (torch), none (onnx)
     ig_steps: int = 32
     min_tissue: float = 0.5
     slide_mpp: float | None = None  # override the slide's own µm/px
