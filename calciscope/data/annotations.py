@@ -61,7 +61,7 @@ class Annotations:
         return len(self.polygons.get(label, []))
 
 
-def _norm(name: str) -> str:
+def norm_name(name: str) -> str:
     return " ".join(str(name).replace("_", " ").replace("-", " ").lower().split())
 
 
@@ -69,19 +69,20 @@ def resolve_label(name: str | None, labels: Sequence[str], aliases: Mapping[str,
     """The label a class name stands for, or None."""
     if not name:
         return None
-    key = _norm(name)
-    by_norm = {_norm(label): label for label in labels}
+    key = norm_name(name)
+    by_norm = {norm_name(label): label for label in labels}
     if key in by_norm:
         return by_norm[key]
-    target = {_norm(k): v for k, v in aliases.items()}.get(key)
+    target = {norm_name(k): v for k, v in aliases.items()}.get(key)
     return target if target in labels else None
 
 
-def read_geojson(path: str | Path, config: LabelingConfig = LabelingConfig()) -> Annotations:
-    """Read a QuPath GeoJSON export and sort its polygons by label."""
+def read_features(path: str | Path, what: str = "annotation") -> list:
+    """The features of a GeoJSON file (a FeatureCollection, one Feature or a list of features); errors name the
+    file, ``what`` says what kind of file it should have been."""
     path = Path(path)
     if not path.is_file():
-        raise AnnotationError(path, "no such annotation file")
+        raise AnnotationError(path, f"no such {what} file")
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -90,30 +91,36 @@ def read_geojson(path: str | Path, config: LabelingConfig = LabelingConfig()) ->
         features = doc.get("features", [])
     elif isinstance(doc, dict) and doc.get("type") == "Feature":
         features = [doc]
-    elif isinstance(doc, list):
-        features = doc
     else:
+        features = doc
+    if not isinstance(features, list):
         raise AnnotationError(path, "expected a GeoJSON FeatureCollection, Feature or list of features")
+    return features
 
+
+def read_geojson(path: str | Path, config: LabelingConfig = LabelingConfig()) -> Annotations:
+    """Read a QuPath GeoJSON export and sort its polygons by label."""
+    path = Path(path)
+    features = read_features(path)
     polygons: dict[str, list[list[np.ndarray]]] = {label: [] for label in config.labels}
     ignored: Counter = Counter()
     for i, feature in enumerate(features):
         if not isinstance(feature, dict):
             raise AnnotationError(path, f"feature {i} is not an object")
-        name = _class_name(feature.get("properties") or {})
+        name = class_name(feature.get("properties") or {})
         label = resolve_label(name, config.labels, config.aliases)
         if label is None:
             ignored[str(name)] += 1
             continue
         geometry = feature.get("geometry") or {}
         try:
-            polygons[label].extend(_polygons(geometry))
+            polygons[label].extend(geometry_polygons(geometry))
         except (TypeError, ValueError, IndexError) as exc:
             raise AnnotationError(path, f"feature {i} ({name}) has malformed coordinates: {exc}") from exc
     return Annotations(path=path, polygons=polygons, ignored=ignored)
 
 
-def _class_name(props: Mapping) -> str | None:
+def class_name(props: Mapping) -> str | None:
     cls = props.get("classification")
     if isinstance(cls, Mapping):
         return cls.get("name")
@@ -122,7 +129,7 @@ def _class_name(props: Mapping) -> str | None:
     return props.get("name") if isinstance(props.get("name"), str) else None
 
 
-def _polygons(geometry: Mapping) -> list[list[np.ndarray]]:
+def geometry_polygons(geometry: Mapping) -> list[list[np.ndarray]]:
     kind = geometry.get("type")
     coords = geometry.get("coordinates")
     if kind == "Polygon":
@@ -130,7 +137,7 @@ def _polygons(geometry: Mapping) -> list[list[np.ndarray]]:
     if kind == "MultiPolygon":
         return [[np.asarray(ring, np.float64)[:, :2] for ring in poly] for poly in coords]
     if kind == "GeometryCollection":
-        return [p for g in geometry.get("geometries", []) for p in _polygons(g)]
+        return [p for g in geometry.get("geometries", []) for p in geometry_polygons(g)]
     return []  # points and lines carry no area
 
 

@@ -8,7 +8,6 @@ present, is read as the lumen outline. A MultiPolygon becomes one vessel per par
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from calciscope.data.annotations import _class_name, _norm, _polygons
+from calciscope.data.annotations import class_name as feature_class
+from calciscope.data.annotations import geometry_polygons, norm_name, read_features
 from calciscope.errors import AnnotationError
 from calciscope.vessels.frames import level0_to_mask_px
 
@@ -45,10 +45,10 @@ def read_vessels(path: str | Path, class_name: str = VESSEL_CLASS) -> list[Vesse
     vessels: list[Vessel] = []
     for i, feature in enumerate(_features(path)):
         props = feature.get("properties") or {}
-        if _norm(_class_name(props) or "") != _norm(class_name):
+        if norm_name(feature_class(props) or "") != norm_name(class_name):
             continue
         try:
-            parts = _polygons(feature.get("geometry") or {})
+            parts = geometry_polygons(feature.get("geometry") or {})
         except (TypeError, ValueError, IndexError) as exc:
             raise AnnotationError(path, f"vessel feature {i} has malformed coordinates: {exc}") from exc
         base_id = str(props.get("vessel_id", feature.get("id", i)))
@@ -99,19 +99,8 @@ def _fixed_point(poly: np.ndarray, downsample: float, origin_xy) -> np.ndarray:
 
 
 def _features(path: Path) -> list:
-    if not path.is_file():
-        raise AnnotationError(path, "no such vessel annotation file")
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AnnotationError(path, f"not valid GeoJSON ({exc})") from exc
-    if isinstance(doc, dict) and doc.get("type") == "FeatureCollection":
-        features = doc.get("features")
-    elif isinstance(doc, dict) and doc.get("type") == "Feature":
-        features = [doc]
-    else:
-        features = doc
-    if not isinstance(features, list) or not all(isinstance(f, dict) for f in features):
+    features = read_features(path, "vessel annotation")
+    if not all(isinstance(f, dict) for f in features):
         raise AnnotationError(path, "expected a GeoJSON FeatureCollection, Feature or list of features")
     return features
 
