@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+import weakref
 
 import cv2
 import numpy as np
@@ -50,16 +51,22 @@ def _layer(model: nn.Module, name: str) -> nn.Module:
         raise CalciscopeError(f"Grad-CAM layer {name!r} not found in the model") from None
 
 
+_OUT_OF_PLACE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model → its copy, made once per model
+
+
 def _without_inplace_relu(model: nn.Module) -> nn.Module:
     """Guided backprop hooks every ReLU; an in-place one (torchvision's ResNets) breaks autograd's view tracking,
-    so such a model is explained through a copy whose ReLUs are out of place (same function, same weights)."""
+    so such a model is explained through a copy whose ReLUs are out of place (same function, same weights), made
+    once per model (inference weights do not change)."""
     if not any(isinstance(m, nn.ReLU) and m.inplace for m in model.modules()):
         return model
-    model = copy.deepcopy(model)
-    for m in model.modules():
-        if isinstance(m, nn.ReLU):
-            m.inplace = False
-    return model
+    if model not in _OUT_OF_PLACE:
+        copied = copy.deepcopy(model)
+        for m in copied.modules():
+            if isinstance(m, nn.ReLU):
+                m.inplace = False
+        _OUT_OF_PLACE[model] = copied
+    return _OUT_OF_PLACE[model]
 
 
 def saliency_maps(model: nn.Module, tiles: np.ndarray, targets: np.ndarray, mean, std, *,

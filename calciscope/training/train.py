@@ -249,12 +249,6 @@ def shift_output_bias(model: nn.Module, shift) -> None:
         layer.bias += torch.as_tensor(np.asarray(shift, np.float32)).to(layer.bias)
 
 
-def undo_pos_weight(model: nn.Module, pos_weight: torch.Tensor) -> None:
-    """Training with ``pos_weight`` w multiplies the model's positive odds by w; subtracting log w from the output
-    bias undoes that prior shift (King & Zeng 2001), which temperature scaling alone cannot."""
-    shift_output_bias(model, -torch.log(pos_weight).numpy())
-
-
 def _prior_shift(train_labels: np.ndarray, weights, pos_weight, natural_labels: np.ndarray) -> np.ndarray | None:
     """Per label, log(training odds / natural odds): how far the loss weights (``pos_weight``), the sampling weights
     (class-balanced or mined) and dropped negatives moved the model's prior from the data it will score
@@ -385,11 +379,17 @@ def _metric_report(y, probs, data: DataBundle, dataset, positions, config: Train
     return report
 
 
-def _slide_probs(probs, data: DataBundle, dataset, positions, card: ModelCard) -> tuple[np.ndarray, np.ndarray]:
-    """(slide labels (S, L), slide probabilities (S, L)) of the slides in ``dataset``, in slide order."""
+def _per_slide(probs, data: DataBundle, dataset, positions, score) -> tuple[np.ndarray, np.ndarray]:
+    """(slide labels (S, L), ``score(tile probabilities of the slide)`` (S, L)) of the slides in ``dataset``,
+    in slide order."""
     slides = data.slide_of(dataset, positions)
     order = np.unique(slides)
-    return data.unit_labels[order], np.stack([slide_probabilities(probs[slides == s], card) for s in order])
+    return data.unit_labels[order], np.stack([score(probs[slides == s]) for s in order])
+
+
+def _slide_probs(probs, data: DataBundle, dataset, positions, card: ModelCard) -> tuple[np.ndarray, np.ndarray]:
+    """(slide labels (S, L), slide probabilities (S, L)) as inference computes them under ``card``."""
+    return _per_slide(probs, data, dataset, positions, lambda p: slide_probabilities(p, card))
 
 
 def _slide_scores(probs, data: DataBundle, dataset, positions, card: ModelCard) -> tuple[np.ndarray, np.ndarray]:
@@ -403,11 +403,10 @@ def _slide_auroc(probs, data: DataBundle, dataset, positions, config: TrainConfi
     """Macro slide AUROC of the raw aggregate (for the epoch log); None without slides or with one class."""
     if data.slide_of is None:
         return None
-    slides = data.slide_of(dataset, positions)
-    order = np.unique(slides)
     agg = config.aggregation
-    scores = np.stack([aggregate(probs[slides == s], agg.method, k=agg.k, quantile=agg.quantile) for s in order])
-    value = metrics.multilabel_metrics(data.unit_labels[order], scores, data.labels)["macro"]["auroc"]
+    slide_y, scores = _per_slide(probs, data, dataset, positions,
+                                 lambda p: aggregate(p, agg.method, k=agg.k, quantile=agg.quantile))
+    value = metrics.multilabel_metrics(slide_y, scores, data.labels)["macro"]["auroc"]
     return float(value) if np.isfinite(value) else None
 
 

@@ -225,3 +225,23 @@ def test_an_output_path_that_cannot_hold_results(tmp_path):
     blocker.write_text("x")
     with pytest.raises(CalciscopeError, match=r"a_file/out: output directory is not writable"):
         check_writable(blocker / "out")
+
+
+def test_guided_gradcam_explains_models_with_in_place_relus():
+    """torchvision's ResNets reuse in-place ReLUs, which guided backprop's hooks cannot take: the map comes from an
+    out-of-place copy, the model itself is left as it was, and the map is the one the same model without in-place
+    ReLUs gives."""
+    from calciscope.inference.saliency import saliency_maps
+
+    torch.manual_seed(0)
+    model = create_model("resnet18", LABELS).eval()
+    tiles = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    targets = np.array([0, 2])
+    maps = saliency_maps(model, tiles, targets, (0.5,) * 3, (0.25,) * 3)
+    assert all(m.inplace for m in model.modules() if isinstance(m, torch.nn.ReLU))
+    for m in model.modules():
+        if isinstance(m, torch.nn.ReLU):
+            m.inplace = False
+    reference = saliency_maps(model, tiles, targets, (0.5,) * 3, (0.25,) * 3)
+    assert maps.shape == (2, 64, 64) and maps.max() == 1.0
+    np.testing.assert_allclose(maps, reference, atol=1e-5)
