@@ -167,7 +167,8 @@ def test_a_new_run_never_overwrites_an_old_one(tmp_path, small_manifest):
 def test_ddp_with_two_gloo_processes(tmp_path, small_manifest):
     cfg = write_config(tmp_path, small_manifest, **{"optim.epochs": 2})
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+        # --standalone: the rendezvous takes a free port (a fixed one collides with whatever else holds it)
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
          "-m", "calciscope", "train", "--config", str(cfg), "--quiet"],
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
