@@ -145,6 +145,26 @@ def test_sigkill_mid_batch_then_rerun_equals_an_uninterrupted_run(batch, local_r
             assert (out / sid / name).read_bytes() == (reference / sid / name).read_bytes(), (sid, name)
 
 
+def test_ctrl_c_stops_the_batch_and_keeps_what_is_done(batch, tmp_path):
+    out = tmp_path / "interrupted"
+    cmd = [sys.executable, "-m", "calciscope", "score", str(batch["good"]), "--out", str(out), "--workers", "2",
+           "--top-k", "1"]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None and len(_complete(out) if out.exists() else {}) < 3:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C sends: the whole foreground process group
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]
+    run = json.loads((out / "run.json").read_text())
+    summary = _summary(out)
+    done = {sid for sid, row in summary.items() if row["status"] == "scored"}
+    assert run["interrupted"] and run["counts"]["scored"] == len(done) >= 3 and run["counts"]["not_run"] > 0
+    assert done <= set(_complete(out))  # every slide the summary calls scored has its finished folder ...
+    for sid in done:  # ... with a whole result (resuming from it is the SIGKILL test's business)
+        assert json.loads((out / sid / "result.json").read_text())["slide"]["sha256"] == summary[sid]["sha256"]
+
+
 def test_a_crashed_worker_is_replaced_and_its_slide_retried_once(batch, tmp_path, monkeypatch):
     ids = batch["good_ids"][:3]
     manifest = tmp_path / "three.csv"
