@@ -83,6 +83,9 @@ def synth(
     prevalence: Optional[str] = typer.Option(None, "--prevalence", help="e.g. 'thrombosis=0.5,vasculitis=0.2'."),
     slides_per_patient: int = typer.Option(2, "--slides-per-patient", help="Consecutive slides sharing a patient id."),
     no_artifacts: bool = typer.Option(False, "--no-artifacts", help="Draw no pen marks, folds, blur or borders."),
+    no_subcutis: bool = typer.Option(False, "--no-subcutis", help="Epidermis and dermis only (a shave): no fat."),
+    calcium_artifacts: float = typer.Option(0.0, "--calcium-artifacts", metavar="P",
+                                            help="Probability that a calcified vessel gets a hole, tear or chatter."),
 ):
     """Generate synthetic H&E phantom slides with ground-truth lesion polygons and a manifest."""
     from calciscope.data.synthetic import generate_dataset
@@ -97,6 +100,8 @@ def synth(
             prevalence=_parse_prevalence(prevalence),
             slides_per_patient=slides_per_patient,
             artifacts=not no_artifacts,
+            subcutis=not no_subcutis,
+            calcium_artifacts=calcium_artifacts,
             progress=update,
         )
     out.print(manifest)
@@ -164,9 +169,33 @@ def _findings_table(result, title: str, truth: Optional[dict[str, int]] = None) 
         table.add_row(*row)
     cua = result.cua
     if cua.get("score") is not None:
-        table.add_row("CUA-pattern score", f"{cua['score']:.3f}", "", f"limited by {cua['limiting_term']}",
+        call = ("insufficient sampling: not judged" if cua.get("status") == "insufficient_sampling"
+                else f"limited by {cua['limiting_term']}")
+        table.add_row("CUA-pattern score", f"{cua['score']:.3f}", "", call,
                       *([""] if truth is not None else []), style="bold")
     return table
+
+
+def _cua_cell(cua: dict) -> str:
+    if cua.get("score") is None:
+        return "n/a"
+    if cua.get("status") == "insufficient_sampling":
+        return f"{cua['score']:.3f} (insufficient sampling)"
+    return f"{cua['score']:.3f}"
+
+
+def _vessel_line(result) -> Optional[str]:
+    """One line on the vessel analysis (count, small fat vessels, adequacy), or None when it did not run."""
+    analysis = result.vessels
+    if analysis is None:
+        return None
+    a = analysis.adequacy
+    n = len(analysis.vessels)
+    line = (f"{result.slide_id}: {n} vessel{'' if n == 1 else 's'}, {a['small_fat_vessels']} small in subcutaneous "
+            f"fat ({a['min_small_fat_vessels']} needed): sampling {a['status']}")
+    if a["status"] != "sufficient":
+        line += " - the CUA pattern and the absence of vasculitis cannot be judged"
+    return line
 
 
 def _summary_table(results) -> Table:
@@ -179,10 +208,17 @@ def _summary_table(results) -> Table:
     table.add_column("CUA pattern", justify="right")
     table.add_column("QC flags")
     for r in results:
-        cua = r.cua.get("score")
         table.add_row(r.slide_id, str(r.n_tiles), *(f"{r.probabilities[label]:.3f}" for label in labels),
-                      "n/a" if cua is None else f"{cua:.3f}", ", ".join(r.qc.get("flags", [])) or "-")
+                      _cua_cell(r.cua), ", ".join(r.qc.get("flags", [])) or "-")
     return table
+
+
+VESSELS_HELP = ("Vessel analysis: 'auto' (the segmenter shipped in the model folder's vessels/, as the demo "
+                "model has; skipped without one), a segmenter folder from 'train-vessels', or 'none'.")
+SLIDE_SOURCE_HELP = ("Slide probabilities from 'tiles' (the tissue grid), 'vessels' (highest vessel probability) or "
+                     "'all' (grid and vessel tiles together); default: the model's.")
+MIN_FAT_HELP = ("Small vessels in subcutaneous fat needed to judge the CUA pattern; fewer and the call is marked "
+                "insufficient_sampling.")
 
 
 @app.command()
@@ -201,13 +237,17 @@ def predict(
     min_tissue: float = typer.Option(0.5, "--min-tissue", help="Score tiles with at least this tissue fraction."),
     slide_mpp: Optional[float] = typer.Option(None, "--slide-mpp", help="Override the slide's level-0 µm/px."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    vessels: str = typer.Option("auto", "--vessels", help=VESSELS_HELP),
+    slide_source: Optional[str] = typer.Option(None, "--slide-source", help=SLIDE_SOURCE_HELP),
+    min_fat_vessels: int = typer.Option(3, "--min-fat-vessels", help=MIN_FAT_HELP),
 ):
-    """Score slides: per-finding probabilities, CUA-pattern score, heatmaps, saliency, QuPath GeoJSON, HTML report."""
+    """Score slides: per-finding probabilities, CUA-pattern score, vessels, heatmaps, saliency, QuPath GeoJSON,
+    HTML report."""
     from calciscope.inference.predict import PredictConfig, Predictor, check_writable
 
     config = PredictConfig(batch_size=batch_size, workers=workers, saliency=saliency, top_k=top_k,
                            aggregation=aggregation, k=k, min_tissue=min_tissue, slide_mpp=slide_mpp, device=device,
-                           runtime=runtime)
+                           runtime=runtime, vessels=vessels, slide_source=slide_source, min_fat_vessels=min_fat_vessels)
     check_writable(out_dir)
     predictor = Predictor(model, config)
     results, failures = [], 0
@@ -224,6 +264,9 @@ def predict(
         results.append(result)
         out.print(f"{result.slide_id}: {result.n_tiles} tiles in {result.seconds:.1f} s -> "
                   f"{result.out_dir / 'report.html'}", highlight=False, soft_wrap=True)
+        vessels = _vessel_line(result)
+        if vessels:
+            out.print(vessels, highlight=False, markup=False, soft_wrap=True)
     if results:
         out.print(_summary_table(results))
     if failures:
@@ -247,12 +290,16 @@ def score(
     min_tissue: float = typer.Option(0.5, "--min-tissue", help="Score tiles with at least this tissue fraction."),
     slide_mpp: Optional[float] = typer.Option(None, "--slide-mpp",
                                               help="µm/px for slides whose file has none (a manifest 'mpp' wins)."),
+    vessels: str = typer.Option("auto", "--vessels", help=VESSELS_HELP),
+    slide_source: Optional[str] = typer.Option(None, "--slide-source", help=SLIDE_SOURCE_HELP),
+    min_fat_vessels: int = typer.Option(3, "--min-fat-vessels", help=MIN_FAT_HELP),
 ):
     """Score many slides: resumable, a bad slide or a crashed worker never stops the batch."""
     from calciscope.inference.batch import ScoreRun
 
     settings = {"batch_size": batch_size, "saliency": saliency, "top_k": top_k, "min_tissue": min_tissue,
-                "slide_mpp": slide_mpp, "runtime": runtime}
+                "slide_mpp": slide_mpp, "runtime": runtime, "vessels": vessels, "slide_source": slide_source,
+                "min_fat_vessels": min_fat_vessels}
     with progress_bar("slides", per_minute=True) as update:
         outcomes = ScoreRun(source, model, out_dir, settings=settings, workers=workers, backend=backend,
                             ray_address=ray_address, progress=update).run()
@@ -306,6 +353,9 @@ def demo(
     out.print(_findings_table(result, title, truth=phantom.labels))
     flags = ", ".join(result.qc.get("flags", [])) or "none"
     out.print(f"{result.n_tiles} tiles in {result.seconds:.1f} s; QC flags: {flags}", highlight=False)
+    vessels = _vessel_line(result)
+    if vessels:
+        out.print(vessels, highlight=False, markup=False, soft_wrap=True)
     out.print("Decision support, not a diagnosis. Report:")
     out.print(str(result.out_dir / "report.html"), highlight=False, soft_wrap=True)
 
@@ -340,6 +390,26 @@ def train(
     run_dir = fit(cfg, resume=resume, show_progress=not quiet)
     out.print(f"model: {run_dir / 'model'}", highlight=False)
     out.print(f"metrics: {run_dir / 'metrics.json'}", highlight=False)
+
+
+@app.command("train-vessels")
+def train_vessels(
+    config: Path = typer.Option(..., "--config", help="Segmenter config (YAML); see configs/vessels.yaml."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Segmenter folder (overrides the config's 'out')."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Training steps (overrides the config's)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
+):
+    """Train the vessel segmenter on slides with vessel outlines (GeoJSON class 'vessel'); prints its folder.
+    Put the folder at <model>/vessels, or pass it to predict/score --vessels."""
+    import dataclasses
+
+    from calciscope.vessels.train_segmenter import load_config as load_segmenter_config
+    from calciscope.vessels.train_segmenter import train_segmenter
+
+    cfg = load_segmenter_config(config)
+    cfg = dataclasses.replace(cfg, **({"out": str(out_dir)} if out_dir else {}), **({"steps": steps} if steps else {}))
+    folder = train_segmenter(cfg, None if quiet else (lambda line: console.print(line, highlight=False)))
+    out.print(str(folder), highlight=False, soft_wrap=True)
 
 
 @app.command()

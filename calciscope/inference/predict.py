@@ -45,6 +45,7 @@ from calciscope.training.engine import choose_precision, prepare_inputs
 
 RESULT_SCHEMA_VERSION = 1
 RUNTIMES = ("torch", "onnxruntime")
+SLIDE_SOURCES = ("tiles", "vessels", "all")
 QC_COLUMNS = ("blur_var", "background_fraction", "pen_fraction", "dark_fraction")
 NOTICE = ("Decision support, not a diagnosis: these scores show where a model trained on labelled slides sees the "
           "calciphylaxis pattern. The diagnosis rests with the pathologist and the clinical picture.")
@@ -72,6 +73,11 @@ class PredictConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: str = "auto"  # auto | bf16 | fp16 | off
     runtime: str = "torch"  # torch (a checkpoint folder) | onnxruntime (an ONNX export, CPU, fp32)
+    # vessel analysis: "auto" = the segmenter shipped beside the model (model folder's vessels/, or the demo's),
+    # skipped when there is none; a segmenter folder; or "none"
+    vessels: str = "auto"
+    slide_source: str | None = None  # tiles | vessels | all; None = the card's (extra.slide_source), else tiles
+    min_fat_vessels: int = 3  # small vessels in subcutaneous fat needed before the CUA pattern is judged
 
     def __post_init__(self) -> None:
         if self.runtime not in RUNTIMES:
@@ -97,6 +103,10 @@ class PredictConfig:
         if onnx and self.device not in ("auto", "cpu"):
             raise CalciscopeError(f"device {self.device!r}: the onnxruntime runtime runs on the CPU; use the torch "
                                   f"runtime for {self.device}")
+        if self.slide_source is not None and self.slide_source not in SLIDE_SOURCES:
+            raise CalciscopeError(f"unknown slide source {self.slide_source!r}; choose one of: {', '.join(SLIDE_SOURCES)}")
+        if self.min_fat_vessels < 0:
+            raise CalciscopeError(f"min fat vessels must be 0 or more, got {self.min_fat_vessels}")
         if onnx and self.amp not in ("auto", "off"):
             raise CalciscopeError(f"amp {self.amp!r}: the onnxruntime runtime computes in fp32")
 
@@ -153,6 +163,8 @@ class SlideResult:
     created: str = ""
     out_dir: Path | None = None
     runtime: str = "torch"
+    vessels: Any = None  # calciscope.vessels.analysis.VesselAnalysis, when vessel analysis ran
+    slide_source: str = "tiles"
 
     @property
     def decisions(self) -> dict[str, bool]:
@@ -211,7 +223,9 @@ class SlideResult:
                         "decision": "positive" if self.decisions[label] else "negative"}
                 for label in self.labels
             },
+            "slide_source": self.slide_source,
             "cua_pattern": self.cua,
+            "vessels": None if self.vessels is None else self.vessels.to_dict(),
             "top_tiles": {
                 "score": self.score_kind,
                 "saliency_method": self.saliency_method,
@@ -283,6 +297,28 @@ class Predictor:
         }
         if self.card.head == "mil":
             self.aggregation = {"method": "attention"}
+        self._load_segmenter()
+
+    def _load_segmenter(self) -> None:
+        """The vessel segmenter ``config.vessels`` names (see PredictConfig), and where slide scores come from."""
+        from calciscope.vessels.analysis import AdequacyConfig, VesselConfig
+        from calciscope.vessels.segment import load_segmenter
+
+        cfg = self.config
+        spec = cfg.vessels
+        folder: Path | None = None
+        if spec not in ("auto", "none"):
+            folder = Path(spec)
+        elif spec == "auto" and self.card.head != "mil":
+            beside = self.model_path.parent if self.model_path.is_file() else self.model_path
+            folder = beside / "vessels" if (beside / "vessels" / "segmenter.json").is_file() else None
+        self.segmenter = load_segmenter(folder) if folder is not None else None
+        self.segmenter_path = folder
+        self.vessel_config = VesselConfig(adequacy=AdequacyConfig(min_small_fat_vessels=cfg.min_fat_vessels))
+        self.slide_source = cfg.slide_source or str(self.card.extra.get("slide_source", "tiles"))
+        if self.slide_source != "tiles" and self.segmenter is None:
+            raise CalciscopeError(f"slide source {self.slide_source!r} needs vessel analysis, and no vessel "
+                                  f"segmenter was found (give one with --vessels PATH)")
 
     def _load_torch(self, model: str | Path) -> None:
         self.model_path = resolve_model(model)
@@ -335,6 +371,7 @@ class Predictor:
                 raise SlideError(slide_path, f"no tile has at least {cfg.min_tissue:.0%} tissue at "
                                              f"{self.card.mpp:g} µm/px ({self.card.tile_px} px tiles): nothing to score")
             thumbnail = slide.thumbnail(1024)
+            vessels = self._vessels(slide, mask) if self.segmenter is not None else None
         sha = sha256 or sha256_file(slide_path)
         logits_or_emb, qc_values = self._stream(slide_path, grid, progress)
         qc = slide_qc(mask, QCConfig(), blurry_tile_fraction=float((qc_values[:, 0] < QCConfig().blur_laplacian_var).mean()))
@@ -345,12 +382,11 @@ class Predictor:
         else:
             tile_probs = logits_or_emb
             scores = tile_probs
-            probs = slide_probabilities(tile_probs, self.card, method=self.aggregation["method"],
-                                        k=self.aggregation["k"], quantile=self.aggregation["quantile"])
+            probs = self._slide_probabilities(tile_probs, vessels)
         # 6 decimals everywhere (result.json, report, terminal), so no two outputs disagree in a shown digit
         probabilities = {label: round(float(p), 6) for label, p in zip(self.labels, probs)}
         thresholds = {label: self.card.threshold(label) for label in self.labels}
-        cua = self._cua(probabilities)
+        cua = self._cua(probabilities, vessels)
 
         top = self._top_tiles(grid, scores, tile_probs)
         maps, images = self._saliency(slide_path, grid, top)
@@ -361,7 +397,25 @@ class Predictor:
             top_tiles=top, saliency_maps=maps, top_tile_images=images, thumbnail=thumbnail,
             aggregation=self.aggregation, saliency_method=cfg.saliency, seconds=time.perf_counter() - start,
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), runtime=cfg.runtime,
+            vessels=vessels, slide_source=self.slide_source if self.card.head != "mil" else "tiles",
         )
+
+    def _vessels(self, slide, mask):
+        from calciscope.vessels.analysis import analyze_vessels
+
+        model, card = self.segmenter
+        return analyze_vessels(slide, mask, model, card, lambda tiles: self.score_tiles(torch.from_numpy(tiles)),
+                               self.tiling, self.labels, self.vessel_config)
+
+    def _slide_probabilities(self, tile_probs: np.ndarray, vessels) -> np.ndarray:
+        """Slide probabilities from the grid ("tiles"), the vessels ("vessels": the highest vessel probability per
+        finding) or both together ("all": grid and vessel tiles aggregated as one set, then the card's calibration)."""
+        agg = self.aggregation
+        if self.slide_source == "vessels":
+            return vessels.slide_scores()
+        if self.slide_source == "all" and vessels is not None and vessels.vessels:
+            tile_probs = np.vstack([tile_probs, vessels.tile_probs])
+        return slide_probabilities(tile_probs, self.card, method=agg["method"], k=agg["k"], quantile=agg["quantile"])
 
     def _stream(self, path: Path, grid: TileGrid, progress: Progress | None) -> tuple[np.ndarray, np.ndarray]:
         """Tiles through the model in batches: (calibrated probabilities or MIL embeddings, tile QC)."""
@@ -416,13 +470,15 @@ class Predictor:
         scores = attention / np.maximum(attention.max(axis=0, keepdims=True), 1e-12)
         return probs, scores.astype(np.float32)
 
-    def _cua(self, probabilities: dict[str, float]) -> dict[str, Any]:
+    def _cua(self, probabilities: dict[str, float], vessels=None) -> dict[str, Any]:
         if not self.rule_applies:
             return {"score": None, "status": "not_applicable",
                     "reason": f"the model's labels {self.labels} do not include every finding the rule reads "
                               f"({list(self.rule.labels)})"}
-        return {"status": "scored",
-                **_rounded(explain({label: probabilities[label] for label in self.rule.labels}, self.rule))}
+        scored = _rounded(explain({label: probabilities[label] for label in self.rule.labels}, self.rule))
+        if vessels is not None and vessels.adequacy["status"] != "sufficient":
+            return {"status": "insufficient_sampling", "reason": vessels.adequacy["reason"], **scored}
+        return {"status": "scored", **scored}
 
     def _top_tiles(self, grid: TileGrid, scores: np.ndarray, tile_probs: np.ndarray) -> dict[str, list[TopTile]]:
         k = min(self.config.top_k, len(grid))

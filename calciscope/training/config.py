@@ -43,6 +43,7 @@ class DataConfig:
     cache_dir: str | None = None  # MIL: embedding cache (default <out>/embeddings)
     stain_normalize: bool = False  # Macenko-normalise tiles (the same at inference: stored in the card)
     cache_tiles: bool = False  # source "slides": decode every tile once into memory (M × tile_px² × 3 bytes)
+    sampling: str = "grid"  # source "slides": grid | vessels (tiles centred on annotated vessels) | both
 
 
 @dataclass
@@ -61,6 +62,7 @@ class ModelConfig:
     backbone: str = "resnet18"
     weights: str | None = None  # local ImageNet weights file, "imagenet" (torch hub cache) or None
     head: str = "tile"  # "tile" (multi-label tile CNN) or "mil" (attention over tile embeddings)
+    init: str | None = None  # start from this checkpoint's weights ("demo" or a folder; same backbone and labels)
     dropout: float = 0.0
 
 
@@ -154,6 +156,9 @@ class TrainConfig:
             (len(set(self.data.labels)) == len(self.data.labels), f"data.labels has duplicates: {self.data.labels}"),
             (self.data.source == "tiles" or self.data.manifest, f"data.manifest is required for source {self.data.source!r}"),
             (self.data.source != "tiles" or self.data.tiles, "data.tiles is required for source 'tiles'"),
+            (self.data.sampling in ("grid", "vessels", "both"),
+             f"data.sampling must be grid, vessels or both, got {self.data.sampling!r}"),
+            (self.data.sampling == "grid" or self.data.source == "slides", "data.sampling vessels|both needs source 'slides'"),
             (self.model.head in ("tile", "mil"), f"model.head must be 'tile' or 'mil', got {self.model.head!r}"),
             (self.optim.amp in ("auto", "bf16", "fp16", "off"), f"optim.amp must be auto|bf16|fp16|off, got {self.optim.amp!r}"),
             (self.optim.class_balance in ("pos_weight", "sampler", "none"), f"optim.class_balance invalid: {self.optim.class_balance!r}"),
@@ -254,6 +259,8 @@ def _resolve_paths(config: TrainConfig, base: Path) -> None:
         value = getattr(config.data, attr)
         if value and not Path(value).is_absolute():
             setattr(config.data, attr, str((base / value).resolve()))
+    if config.model.init and config.model.init != "demo" and not Path(config.model.init).is_absolute():
+        config.model.init = str((base / config.model.init).resolve())
 
 
 def save_config(config: TrainConfig, path: str | Path) -> Path:

@@ -8,6 +8,7 @@ The manifest is a CSV with ``path`` (relative to the CSV's folder or absolute) a
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ class SlideRecord:
     annotations: Path | None
     labels: np.ndarray | None  # (L,) slide-level 0/1, when the manifest has the label columns
     split: str | None
+    vessels: Path | None = None  # vessel outlines (GeoJSON, class "vessel"): column ``vessels`` or the sidecar
 
 
 def read_manifest(path: str | Path, labels: Sequence[str], *, need_annotations: bool = False,
@@ -77,7 +79,13 @@ def read_manifest(path: str | Path, labels: Sequence[str], *, need_annotations: 
             if not np.isin(values, (0, 1)).all():
                 raise CalciscopeError(f"{where}: label values must be 0 or 1")
         split = (row.get("split") or "").strip() or None
-        records.append(SlideRecord(slide_id, row.get("patient_id") or slide_id, slide_path, annotations, values, split))
+        vessels = _resolve(path.parent, row["vessels"]) if row.get("vessels") else None
+        if vessels is not None and not vessels.is_file():
+            raise CalciscopeError(f"{where}: vessel outline file {vessels} does not exist")
+        if vessels is None and slide_path.with_name(slide_path.stem + ".vessels.geojson").is_file():
+            vessels = slide_path.with_name(slide_path.stem + ".vessels.geojson")
+        records.append(SlideRecord(slide_id, row.get("patient_id") or slide_id, slide_path, annotations, values, split,
+                                   vessels))
     return records
 
 
@@ -142,17 +150,18 @@ def build_tile_examples(records: list[SlideRecord], config: TrainConfig,
     grids, slide_index, tile_index, labels, trainable, pixels = [], [], [], [], [], []
     for s, record in enumerate(records):
         with open_slide(record.path) as slide:
-            grid = make_grid(slide, detect_tissue(slide), tiling)
+            grid, vessel_labels, on_vessel = sampled_grid(slide, record, config, tiling)
             y = (tile_labels(read_geojson(record.annotations, labeling), grid, slide.dimensions, labeling)
                  if record.annotations is not None else np.zeros((len(grid), len(labeling.labels)), np.uint8))
+            y = np.maximum(y, vessel_labels)
             if config.data.cache_tiles:
                 size = config.data.tile_px
                 pixels.append(np.stack([grid.read(slide, i) for i in range(len(grid))]) if len(grid)
                               else np.zeros((0, size, size, 3), np.uint8))
         keep = np.ones(len(grid), bool)
         cap = config.data.negatives_per_slide
-        if cap is not None:
-            negatives = np.flatnonzero(y.sum(axis=1) == 0)
+        if cap is not None:  # on grid tiles only: every vessel tile is kept (normal vessels are the hard negatives)
+            negatives = np.flatnonzero((y.sum(axis=1) == 0) & ~on_vessel)
             if len(negatives) > cap:
                 rng = np.random.default_rng([config.seed, s])
                 keep[np.setdiff1d(negatives, rng.choice(negatives, cap, replace=False))] = False
@@ -168,6 +177,41 @@ def build_tile_examples(records: list[SlideRecord], config: TrainConfig,
     return TileExamples(records, grids, np.concatenate(slide_index), np.concatenate(tile_index),
                         np.concatenate(labels), np.concatenate(trainable),
                         np.concatenate(pixels) if config.data.cache_tiles else None)
+
+
+def sampled_grid(slide, record: SlideRecord, config: TrainConfig, tiling: TilingConfig):
+    """The slide's tiles as ``data.sampling`` asks: (grid, (N, L) uint8 labels from the vessels' own findings,
+    (N,) bool vessel tile). "grid": the tissue grid; "vessels": tiles centred on the annotated vessels
+    (calciscope.vessels.sampling); "both": the grid followed by the vessel tiles. A vessel's centre tile is labelled
+    with the vessel's ``findings`` (when its annotation lists them) on top of the lesion-polygon labels every tile
+    gets; the tiles around a large vessel's wall get the lesion-polygon labels only.
+    """
+    from calciscope.vessels.sampling import vessel_grid
+    from calciscope.vessels.truth import read_vessels
+
+    labels = list(config.data.labels)
+    sampling = config.data.sampling
+    grid = make_grid(slide, detect_tissue(slide), tiling)
+    if sampling == "grid":
+        return grid, np.zeros((len(grid), len(labels)), np.uint8), np.zeros(len(grid), bool)
+    if record.vessels is None:
+        raise CalciscopeError(f"{record.path}: data.sampling {sampling!r} needs vessel outlines: a 'vessels' column "
+                              f"in the manifest or {record.path.stem}.vessels.geojson beside the slide")
+    vessels = read_vessels(record.vessels)
+    vgrid, owner = vessel_grid(slide, [v.polygon for v in vessels], tiling)
+    vlabels = np.zeros((len(vgrid), len(labels)), np.uint8)
+    for m in np.flatnonzero(vgrid.colrow[:, 1] == 0):
+        for finding in vessels[owner[m]].findings:
+            if finding in labels:
+                vlabels[m, labels.index(finding)] = 1
+    if sampling == "vessels":
+        return vgrid, vlabels, np.ones(len(vgrid), bool)
+    both = dataclasses.replace(grid, xy=np.concatenate([grid.xy, vgrid.xy]),
+                               colrow=np.concatenate([grid.colrow, vgrid.colrow]),
+                               tissue_fraction=np.concatenate([grid.tissue_fraction, vgrid.tissue_fraction]),
+                               n_candidates=grid.n_candidates + vgrid.n_candidates)
+    return (both, np.concatenate([np.zeros((len(grid), len(labels)), np.uint8), vlabels]),
+            np.concatenate([np.zeros(len(grid), bool), np.ones(len(vgrid), bool)]))
 
 
 def example_seed(seed: int, epoch: int, index: int) -> int:

@@ -428,8 +428,23 @@ def build_model(config: TrainConfig, data: DataBundle) -> nn.Module:
         from calciscope.training.mil import mil_head_for
 
         return mil_head_for(config, data)
-    return create_model(config.model.backbone, data.labels, weights=config.model.weights, head=config.model.head,
-                        dropout=config.model.dropout)
+    model = create_model(config.model.backbone, data.labels, weights=config.model.weights, head=config.model.head,
+                         dropout=config.model.dropout)
+    if config.model.init:
+        init_from_checkpoint(model, config.model.init)
+    return model
+
+
+def init_from_checkpoint(model: nn.Module, spec: str) -> None:
+    """Copy a checkpoint's weights into ``model`` (fine-tuning); its backbone, head and labels must match."""
+    from calciscope.model.demo import resolve_model
+
+    source, card = load_checkpoint(resolve_model(spec))
+    mine = (getattr(model, "backbone_name", None), getattr(model, "head_kind", None), list(getattr(model, "labels", [])))
+    if (card.backbone, card.head, list(card.labels)) != mine:
+        raise CalciscopeError(f"model.init {spec}: its backbone/head/labels ({card.backbone}, {card.head}, "
+                              f"{card.labels}) differ from this run's ({mine[0]}, {mine[1]}, {mine[2]})")
+    model.load_state_dict(source.state_dict())
 
 
 def make_card(config: TrainConfig, data: DataBundle, model: nn.Module, report: dict, *, thresholds=None,

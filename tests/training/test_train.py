@@ -281,3 +281,59 @@ def test_mining_and_slide_calibration_in_a_run_are_reproducible_and_land_in_the_
     assert set(card["extra"]["tile_thresholds"]) == set(card["labels"])  # card thresholds are now slide thresholds
     assert (runs[0] / "reliability_slides.png").is_file()
     assert card["training"]["config"]["mining"]["epochs"] == [2]
+
+
+def test_vessel_sampling_trains_on_tiles_centred_on_every_vessel(tmp_path, small_manifest):
+    """data.sampling vessels: one tile per vessel that fits a tile, labelled with the vessel's own findings;
+    "both" adds them to the grid; model.init starts from a checkpoint's weights."""
+    from calciscope.training.sources import build_tile_examples, read_manifest
+    from calciscope.vessels.truth import read_vessels
+
+    config = load_config(write_config(tmp_path, small_manifest, **{"data.sampling": "vessels"}))
+    records = read_manifest(small_manifest, config.data.labels)
+    examples = build_tile_examples(records[:3], config)
+    labels = config.data.labels
+    for s, record in enumerate(records[:3]):
+        vessels = read_vessels(record.vessels)
+        grid = examples.grids[s]
+        centre = np.flatnonzero(grid.colrow[:, 1] == 0)
+        assert len(centre) == len(vessels)
+        for m, v in zip(centre, vessels):
+            y = examples.labels[examples.slide_index == s][m]
+            assert all(y[labels.index(f)] == 1 for f in v.findings if f in labels)
+    both = build_tile_examples(records[:3], load_config(write_config(tmp_path / "b", small_manifest,
+                                                                       **{"data.sampling": "both"})))
+    assert len(both.labels) > len(examples.labels)
+    run = fit(load_config(write_config(tmp_path / "c", small_manifest, **{"optim.epochs": 1})), show_progress=False)
+    tuned = fit(load_config(write_config(tmp_path / "d", small_manifest, **{
+        "optim.epochs": 1, "optim.lr": 1e-9, "optim.warmup_epochs": 0.0, "data.sampling": "both",
+        "model.init": str(run / "model")})), show_progress=False)
+    before, after = load_file(run / "model" / "model.safetensors"), load_file(tuned / "model" / "model.safetensors")
+    convs = [k for k in before if k.startswith("backbone.") and k.endswith("weight") and before[k].ndim == 4]
+    assert convs and all(np.allclose(before[k].numpy(), after[k].numpy(), atol=1e-5) for k in convs)
+    fresh = load_file(fit(load_config(write_config(tmp_path / "e", small_manifest, **{
+        "optim.epochs": 1, "optim.lr": 1e-9, "optim.warmup_epochs": 0.0})), show_progress=False)
+        / "model" / "model.safetensors")
+    assert not all(np.allclose(before[k].numpy(), fresh[k].numpy(), atol=1e-5) for k in convs)
+
+
+def test_vessel_sampling_without_vessel_outlines_is_refused(tmp_path, small_manifest):
+    rows = list(csv.DictReader(open(small_manifest)))
+    for row in rows[1:]:
+        row["path"] = str((small_manifest.parent / row["path"]).resolve())
+        row["annotations"] = str((small_manifest.parent / row["annotations"]).resolve())
+    rows[0]["path"] = str((small_manifest.parent / rows[0]["path"]).resolve())
+    copy_dir = tmp_path / "elsewhere"
+    copy_dir.mkdir()
+    import shutil
+
+    shutil.copy(rows[0]["path"], copy_dir / "lonely.tiff")
+    rows = [{**rows[0], "path": str(copy_dir / "lonely.tiff"), "slide_id": "lonely",
+             "annotations": str((small_manifest.parent / rows[0]["annotations"]).resolve())}] + rows[1:]
+    bad = tmp_path / "manifest.csv"
+    with open(bad, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    with pytest.raises(CalciscopeError, match="lonely.tiff: data.sampling 'vessels' needs vessel outlines"):
+        fit(load_config(write_config(tmp_path, bad, **{"data.sampling": "vessels"})), show_progress=False)

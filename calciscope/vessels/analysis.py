@@ -1,0 +1,222 @@
+"""Vessel analysis of one slide: find every vessel, measure it, place it, judge it, and count what was seen.
+
+    segmenter (calciscope.vessels.segment) → wall map → instances (vessels.instances) → outline, lumen,
+    diameters, wall thickness (vessels.measure) → dermis or subcutaneous fat (vessels.compartment) → tiles
+    centred on the vessel (vessels.sampling) → the tile model's calibrated probabilities, max over the vessel's
+    tiles → per-vessel findings; plus sampling adequacy and calcium-artifact QC.
+
+Size bands (outer diameter = minor axis, µm): ``capillary`` < 20, ``arteriole`` 20–100, ``artery`` ≥ 100.
+Adequacy: "small vessels in subcutaneous fat" are fat vessels below ``AdequacyConfig.small_max_um``; fewer than
+``min_small_fat_vessels`` of them and the slide's CUA-pattern call carries status ``insufficient_sampling``, so
+"no vasculitis" is never read off a biopsy whose subcutaneous vessels were not seen.
+QC: connected regions of the segmenter's ``calcium_artifact`` map (holes, tears, knife chatter) of at least
+``min_artifact_um2``; a vessel within ``artifact_near_um`` of one is flagged ``calcium_artifact`` (calcium may
+have been lost there, so a negative call on that vessel is weaker).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import cv2
+import numpy as np
+
+from calciscope.data.slides import Slide
+from calciscope.data.tiling import TilingConfig
+from calciscope.data.tissue import TissueMask
+from calciscope.vessels.compartment import compartment_map
+from calciscope.vessels.frames import level0_to_mask_px, mask_px_to_level0
+from calciscope.vessels.instances import InstanceConfig, vessel_instances
+from calciscope.vessels.measure import VesselGeometry, measure_vessel, outer_and_lumen
+from calciscope.vessels.sampling import vessel_grid
+from calciscope.vessels.segment import SegmenterCard, VesselMaps, VesselUNet, segment_slide
+
+SIZE_BANDS = (("capillary", 0.0, 20.0), ("arteriole", 20.0, 100.0), ("artery", 100.0, float("inf")))
+COMPARTMENTS = ("fat", "dermis", "unknown")
+_SHIFT = 4
+
+
+def size_band(diameter_um: float) -> str:
+    return next(name for name, lo, hi in SIZE_BANDS if lo <= diameter_um < hi)
+
+
+@dataclass(frozen=True)
+class AdequacyConfig:
+    min_small_fat_vessels: int = 3
+    small_max_um: float = 100.0
+
+
+@dataclass(frozen=True)
+class VesselConfig:
+    """Settings of the vessel analysis (instances, adequacy, QC); the segmenter brings its own mpp."""
+
+    instance: InstanceConfig = field(default_factory=InstanceConfig)
+    adequacy: AdequacyConfig = field(default_factory=AdequacyConfig)
+    artifact_threshold: float = 0.5
+    min_artifact_um2: float = 150.0
+    artifact_near_um: float = 15.0
+    batch_size: int = 64
+
+
+@dataclass
+class VesselRecord:
+    """One detected vessel: level-0 outline (and lumen), size, compartment, findings, QC flags."""
+
+    vessel_id: int
+    polygon: np.ndarray  # (N, 2) level-0 px, outer wall
+    lumen_polygon: np.ndarray | None
+    geometry: VesselGeometry
+    compartment: str  # fat | dermis | unknown
+    probabilities: dict[str, float] = field(default_factory=dict)
+    n_tiles: int = 0
+    flags: list[str] = field(default_factory=list)
+
+    @property
+    def centroid(self) -> tuple[float, float]:
+        c = self.polygon.mean(axis=0)
+        return float(c[0]), float(c[1])
+
+    @property
+    def size_band(self) -> str:
+        return size_band(self.geometry.outer_diameter_um)
+
+    def to_dict(self, thresholds: dict[str, float] | None = None) -> dict[str, Any]:
+        g = self.geometry
+        out = {"id": self.vessel_id, "centroid": [round(v, 1) for v in self.centroid],
+               "outer_diameter_um": round(g.outer_diameter_um, 2),
+               "lumen_diameter_um": None if g.lumen_diameter_um is None else round(g.lumen_diameter_um, 2),
+               "wall_thickness_um": None if g.wall_thickness_um is None else round(g.wall_thickness_um, 2),
+               "area_um2": round(g.area_um2, 1), "compartment": self.compartment, "size_band": self.size_band,
+               "n_tiles": self.n_tiles, "probabilities": {k: round(v, 6) for k, v in self.probabilities.items()},
+               "flags": list(self.flags)}
+        if thresholds:
+            out["positive"] = [k for k, v in self.probabilities.items() if v >= thresholds.get(k, 0.5)]
+        return out
+
+
+@dataclass
+class VesselAnalysis:
+    vessels: list[VesselRecord]
+    adequacy: dict[str, Any]
+    qc: dict[str, Any]
+    artifact_polygons: list[np.ndarray]  # level-0 outlines of calcium-artifact regions
+    labels: list[str]
+    seconds: float
+    maps: VesselMaps | None = None
+    tile_probs: np.ndarray | None = None  # (M, L) every vessel tile's probabilities
+
+
+    def slide_scores(self) -> np.ndarray:
+        """(L,) highest vessel probability per finding (0 without vessels)."""
+        if not self.vessels:
+            return np.zeros(len(self.labels), np.float32)
+        return np.array([[v.probabilities[k] for k in self.labels] for v in self.vessels], np.float32).max(axis=0)
+
+    def to_dict(self, thresholds: dict[str, float] | None = None) -> dict[str, Any]:
+        return {"n_vessels": len(self.vessels), "adequacy": self.adequacy, "qc": self.qc,
+                "seconds": round(self.seconds, 3),
+                "vessels": [v.to_dict(thresholds) for v in self.vessels]}
+
+
+def analyze_vessels(slide: Slide, tissue: TissueMask, segmenter: VesselUNet, seg_card: SegmenterCard,
+                    classify: Callable[[np.ndarray], np.ndarray], tiling: TilingConfig, labels: list[str],
+                    config: VesselConfig = VesselConfig()) -> VesselAnalysis:
+    """Vessels of ``slide``; ``classify`` maps uint8 tiles (B, 3, H, W) to calibrated probabilities (B, L)."""
+    start = time.perf_counter()
+    maps = segment_slide(slide, segmenter, seg_card, tissue)
+    wall = maps.wall()
+    polygons = vessel_instances(wall, maps.downsample, slide.mpp, config.instance)
+    comps = compartment_map(tissue)
+    vessels = []
+    for i, poly in enumerate(polygons):
+        lumen = _lumen(poly, wall >= config.instance.threshold, maps.downsample)
+        geometry = measure_vessel(poly, slide.mpp, lumen)
+        c = poly.mean(axis=0)
+        vessels.append(VesselRecord(i + 1, poly, lumen, geometry, comps.compartment_at(*c) or "unknown"))
+    tile_probs = _classify(slide, vessels, classify, tiling, labels, config.batch_size)
+    artifact_polys = _artifacts(maps, config) if "calcium_artifact" in maps.maps else []
+    _flag_artifacts(vessels, artifact_polys, slide.mpp, config.artifact_near_um)
+    qc = {"calcium_artifact_regions": len(artifact_polys),
+          "calcium_artifact_area_mm2": round(sum(float(cv2.contourArea(p.astype(np.float32))) for p in artifact_polys)
+                                             * (slide.mpp / 1000) ** 2, 6),
+          "vessels_near_calcium_artifact": sum("calcium_artifact" in v.flags for v in vessels)}
+    return VesselAnalysis(vessels, adequacy(vessels, config.adequacy), qc, artifact_polys, list(labels),
+                          time.perf_counter() - start, maps, tile_probs)
+
+
+def adequacy(vessels: list[VesselRecord], config: AdequacyConfig = AdequacyConfig()) -> dict[str, Any]:
+    """Vessel counts by compartment and size band, and whether enough small subcutaneous vessels were seen."""
+    counts = {c: {b: 0 for b, _, _ in SIZE_BANDS} for c in COMPARTMENTS}
+    for v in vessels:
+        counts[v.compartment if v.compartment in counts else "unknown"][v.size_band] += 1
+    small_fat = sum(1 for v in vessels if v.compartment == "fat" and v.geometry.outer_diameter_um < config.small_max_um)
+    sufficient = small_fat >= config.min_small_fat_vessels
+    return {"n_vessels": len(vessels), "by_compartment": counts, "small_fat_vessels": small_fat,
+            "min_small_fat_vessels": config.min_small_fat_vessels, "small_max_um": config.small_max_um,
+            "status": "sufficient" if sufficient else "insufficient",
+            "reason": (f"{small_fat} small vessel(s) (< {config.small_max_um:g} µm) in subcutaneous fat seen; "
+                       f"at least {config.min_small_fat_vessels} are needed to judge the small vessels "
+                       f"(and to call vasculitis absent)")}
+
+
+def _lumen(poly: np.ndarray, wall: np.ndarray, downsample: float) -> np.ndarray | None:
+    """The vessel's lumen: the largest hole of the wall map inside its outline (level-0 px), or None."""
+    pts = level0_to_mask_px(poly, downsample)
+    x0, y0 = np.floor(pts.min(axis=0)).astype(int) - 1
+    x1, y1 = np.ceil(pts.max(axis=0)).astype(int) + 2
+    h, w = wall.shape
+    x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
+    if x1 - x0 < 3 or y1 - y0 < 3:
+        return None
+    inside = np.zeros((y1 - y0, x1 - x0), np.uint8)
+    cv2.fillPoly(inside, [np.round((pts - [x0, y0]) * (1 << _SHIFT)).astype(np.int32)], 1, shift=_SHIFT)
+    _, lumen = outer_and_lumen(wall[y0:y1, x0:x1] & inside.astype(bool))
+    if lumen is None or len(lumen) < 3:
+        return None
+    return mask_px_to_level0(lumen, downsample, (x0 * downsample, y0 * downsample))
+
+
+def _classify(slide: Slide, vessels: list[VesselRecord], classify, tiling: TilingConfig, labels: list[str],
+              batch_size: int) -> np.ndarray:
+    if not vessels:
+        return np.zeros((0, len(labels)), np.float32)
+    grid, owner = vessel_grid(slide, [v.polygon for v in vessels], tiling)
+    probs = np.zeros((len(grid), len(labels)), np.float32)
+    for i in range(0, len(grid), batch_size):
+        idx = range(i, min(i + batch_size, len(grid)))
+        tiles = np.stack([grid.read(slide, j) for j in idx]).transpose(0, 3, 1, 2)
+        probs[i : i + len(idx)] = classify(np.ascontiguousarray(tiles))
+    for k, v in enumerate(vessels):
+        mine = probs[owner == k]
+        v.n_tiles = len(mine)
+        v.probabilities = {label: float(mine[:, j].max()) for j, label in enumerate(labels)}
+    return probs
+
+
+def _artifacts(maps: VesselMaps, config: VesselConfig) -> list[np.ndarray]:
+    mask = (maps.probability("calcium_artifact") >= config.artifact_threshold).astype(np.uint8)
+    px_um2 = maps.mpp**2
+    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    return [mask_px_to_level0(c.reshape(-1, 2), maps.downsample) for c in contours
+            if len(c) >= 3 and cv2.contourArea(c) * px_um2 >= config.min_artifact_um2]
+
+
+def _flag_artifacts(vessels: list[VesselRecord], artifacts: list[np.ndarray], mpp: float, near_um: float) -> None:
+    if not artifacts:
+        return
+    for v in vessels:
+        for a in artifacts:
+            if _polygon_distance(v.polygon, a) * mpp <= near_um:
+                v.flags.append("calcium_artifact")
+                break
+
+
+def _polygon_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """0 when the outlines overlap, else the smallest vertex-to-outline distance (level-0 px)."""
+    a32, b32 = a.astype(np.float32), b.astype(np.float32)
+    da = [cv2.pointPolygonTest(b32, (float(x), float(y)), True) for x, y in a[:: max(1, len(a) // 64)]]
+    db = [cv2.pointPolygonTest(a32, (float(x), float(y)), True) for x, y in b[:: max(1, len(b) // 64)]]
+    best = max(max(da), max(db))  # positive inside
+    return 0.0 if best >= 0 else -best

@@ -1,0 +1,263 @@
+"""Train the vessel segmenter (``calciscope train-vessels --config vessels.yaml``) on slides with vessel outlines.
+
+Each manifest row names a slide; its vessel outlines come from the row's ``vessels`` column or, failing that,
+``<slide>.vessels.geojson`` beside the slide (what ``calciscope synth`` writes; any QuPath export with class
+``vessel`` works, a Polygon's first hole being the lumen). Calcium sectioning artifacts, when annotated, come
+from ``artifacts`` / ``<slide>.artifacts.geojson`` (class ``calcium_artifact``); a slide without that file
+teaches the ``calcium_artifact`` channel nothing (its loss is masked), so unannotated slides do no harm.
+
+Every slide is read once, whole, at the segmenter's mpp (a 1 cm biopsy at 1 µm/px is 300 MB of RGB; phantoms are
+far smaller). Patients are split into train and validation; training draws seeded random crops, half of them
+centred near a vessel; validation segments each validation slide whole, turns the wall map into vessel instances
+and reports detection recall and precision at IoU 0.5, diameter error and count error (``metrics`` in the card).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import cv2
+import numpy as np
+import torch
+import yaml
+
+from calciscope.data.annotations import class_name, geometry_polygons, norm_name, read_features
+from calciscope.data.slides import open_slide
+from calciscope.errors import CalciscopeError
+from calciscope.training.config import from_dict
+from calciscope.training.engine import choose_precision, warmup_cosine
+from calciscope.vessels.frames import level0_to_mask_px
+from calciscope.vessels.instances import InstanceConfig, vessel_instances
+from calciscope.vessels.match import match_vessels
+from calciscope.vessels.segment import CHANNELS, SegmenterCard, VesselUNet, normalise, save_segmenter, segment_slide
+from calciscope.vessels.truth import Vessel, lumen_ring, read_vessels
+
+ARTIFACT_CLASS = "calcium_artifact"
+
+
+@dataclass
+class SegmenterTrainConfig:
+    """``calciscope train-vessels`` settings (YAML keys of the same names; paths relative to the YAML file)."""
+
+    manifest: str = ""
+    out: str = "runs/vessels"
+    mpp: float = 1.0
+    widths: list[int] = field(default_factory=lambda: [16, 32, 64, 96])
+    crop_px: int = 160
+    batch_size: int = 8
+    steps: int = 1500
+    lr: float = 0.003
+    weight_decay: float = 0.0001
+    pos_weight: list[float] = field(default_factory=lambda: [3.0, 3.0, 2.0])  # per channel
+    vessel_crop_fraction: float = 0.5
+    val_fraction: float = 0.2
+    seed: int = 0
+    amp: str = "auto"
+    synthetic_demo: bool = False
+    description: str = ""
+
+
+@dataclass
+class _SlideData:
+    slide_id: str
+    patient_id: str
+    path: Path
+    rgb: np.ndarray  # (H, W, 3) uint8 at config.mpp
+    target: np.ndarray  # (C, H, W) uint8
+    weight: np.ndarray  # (C,) 1 = channel annotated on this slide
+    vessels: list[Vessel]
+    slide_mpp: float
+    downsample: float
+
+
+def load_config(path: str | Path) -> SegmenterTrainConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise CalciscopeError(f"{path}: no such config file")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise CalciscopeError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
+    config = from_dict(SegmenterTrainConfig, raw, str(path))
+    if not config.manifest:
+        raise CalciscopeError(f"{path}: 'manifest' is required")
+    if not Path(config.manifest).is_absolute():
+        config.manifest = str((path.parent / config.manifest).resolve())
+    if config.crop_px % 2 ** (len(config.widths) - 1):
+        raise CalciscopeError(f"{path}: crop_px must be a multiple of {2 ** (len(config.widths) - 1)}")
+    return config
+
+
+def sidecar(slide_path: Path, row_value: str | None, suffix: str, manifest_dir: Path) -> Path | None:
+    """The row's file when given, else ``<slide stem><suffix>`` beside the slide when it exists."""
+    if row_value:
+        p = Path(row_value)
+        return p if p.is_absolute() else manifest_dir / p
+    p = slide_path.with_name(slide_path.stem + suffix)
+    return p if p.is_file() else None
+
+
+def read_artifact_polygons(path: Path, class_names: tuple[str, ...] = (ARTIFACT_CLASS,)) -> list[np.ndarray]:
+    """Outer rings (level-0 px) of every feature of the given classes in a GeoJSON file."""
+    wanted = {norm_name(c) for c in class_names}
+    polys = []
+    for feature in read_features(path, "artifact annotation"):
+        if norm_name(class_name(feature.get("properties") or {}) or "") in wanted:
+            polys += [np.asarray(rings[0], np.float64) for rings in geometry_polygons(feature.get("geometry") or {})]
+    return polys
+
+
+def _load_slides(config: SegmenterTrainConfig, progress: Callable[[str], None] | None) -> list[_SlideData]:
+    import csv
+
+    manifest = Path(config.manifest)
+    if not manifest.is_file():
+        raise CalciscopeError(f"{manifest}: no such manifest")
+    with open(manifest, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise CalciscopeError(f"{manifest}: the manifest lists no slides")
+    out = []
+    for n, row in enumerate(rows, start=2):
+        path = Path(row["path"]) if Path(row["path"]).is_absolute() else manifest.parent / row["path"]
+        if not path.is_file():
+            raise CalciscopeError(f"{manifest} row {n}: slide file {path} does not exist")
+        vessels_path = sidecar(path, row.get("vessels"), ".vessels.geojson", manifest.parent)
+        if vessels_path is None or not vessels_path.is_file():
+            raise CalciscopeError(f"{manifest} row {n}: no vessel outlines for {path.name} (a 'vessels' column or "
+                                  f"{path.stem}.vessels.geojson beside the slide)")
+        artifacts_path = sidecar(path, row.get("artifacts"), ".artifacts.geojson", manifest.parent)
+        vessels = read_vessels(vessels_path)
+        with open_slide(path) as slide:
+            ds = config.mpp / slide.mpp
+            rgb = slide.read_downsampled(ds)
+            slide_mpp, slide_id = slide.mpp, row.get("slide_id") or slide.slide_id
+        h, w = rgb.shape[:2]
+        target = np.zeros((len(CHANNELS), h, w), np.uint8)
+        for v in vessels:
+            cv2.fillPoly(target[0], [_fixed(v.polygon, ds)], 1, shift=4)
+            lumen = lumen_ring(v)
+            if lumen is not None:
+                cv2.fillPoly(target[1], [_fixed(lumen, ds)], 1, shift=4)
+        weight = np.array([1.0, 1.0, 0.0], np.float32)
+        if artifacts_path is not None and artifacts_path.is_file():
+            for poly in read_artifact_polygons(artifacts_path):
+                cv2.fillPoly(target[2], [_fixed(poly, ds)], 1, shift=4)
+            weight[2] = 1.0
+        out.append(_SlideData(slide_id, row.get("patient_id") or slide_id, path, rgb, target, weight, vessels,
+                              slide_mpp, ds))
+        if progress is not None:
+            progress(f"read {slide_id} ({n - 1}/{len(rows)})")
+    return out
+
+
+def _fixed(poly: np.ndarray, downsample: float) -> np.ndarray:
+    return np.round(level0_to_mask_px(poly, downsample) * 16).astype(np.int32)
+
+
+def _split(slides: list[_SlideData], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    patients = sorted({s.patient_id for s in slides})
+    rng = np.random.default_rng(seed)
+    n_val = max(1, int(round(fraction * len(patients)))) if len(patients) > 1 and fraction > 0 else 0
+    val_patients = set(rng.permutation(patients)[:n_val].tolist())
+    val = [i for i, s in enumerate(slides) if s.patient_id in val_patients]
+    return [i for i in range(len(slides)) if i not in val], val
+
+
+def _crop(s: _SlideData, rng: np.random.Generator, size: int, vessel_fraction: float):
+    h, w = s.rgb.shape[:2]
+    if s.vessels and rng.random() < vessel_fraction:
+        v = s.vessels[int(rng.integers(len(s.vessels)))]
+        cx, cy = v.polygon.mean(axis=0) / s.downsample + rng.normal(0, size / 4, 2)
+    else:
+        cx, cy = rng.uniform(0, w), rng.uniform(0, h)
+    x0 = int(np.clip(cx - size / 2, 0, max(w - size, 0)))
+    y0 = int(np.clip(cy - size / 2, 0, max(h - size, 0)))
+    rgb = np.full((size, size, 3), 255, np.uint8)
+    tgt = np.zeros((len(CHANNELS), size, size), np.uint8)
+    rgb[: min(size, h - y0), : min(size, w - x0)] = s.rgb[y0 : y0 + size, x0 : x0 + size]
+    tgt[:, : min(size, h - y0), : min(size, w - x0)] = s.target[:, y0 : y0 + size, x0 : x0 + size]
+    k = int(rng.integers(4))
+    rgb, tgt = np.rot90(rgb, k, (0, 1)), np.rot90(tgt, k, (1, 2))
+    if rng.random() < 0.5:
+        rgb, tgt = rgb[:, ::-1], tgt[:, :, ::-1]
+    # stain / scanner variation: per-channel gain and offset
+    rgb = np.clip(rgb.astype(np.float32) * rng.uniform(0.9, 1.1, 3) + rng.uniform(-12, 12, 3), 0, 255)
+    return rgb.astype(np.uint8), np.ascontiguousarray(tgt)
+
+
+def evaluate_detection(model: VesselUNet, card: SegmenterCard, slides: list[_SlideData],
+                       instance_config: InstanceConfig = InstanceConfig()) -> dict:
+    """Recall, precision (IoU ≥ 0.5), median diameter error and count error over ``slides``, pooled."""
+    n_det = n_true = n_pairs = 0
+    errors, counts = [], []
+    for s in slides:
+        with open_slide(s.path) as slide:
+            maps = segment_slide(slide, model, card)
+        polys = vessel_instances(maps.wall(), maps.downsample, s.slide_mpp, instance_config)
+        result = match_vessels(polys, [v.polygon for v in s.vessels], s.slide_mpp)
+        n_det, n_true, n_pairs = n_det + result.n_detected, n_true + result.n_true, n_pairs + len(result.pairs)
+        errors += result.diameter_errors
+        counts.append((len(polys), len(s.vessels)))
+    det, true = sum(c[0] for c in counts), sum(c[1] for c in counts)
+    return {"slides": len(slides), "vessels_true": n_true, "vessels_detected": n_det,
+            "recall": n_pairs / n_true if n_true else None, "precision": n_pairs / n_det if n_det else None,
+            "median_diameter_error": float(np.median(errors)) if errors else None,
+            "count_error": (det - true) / true if true else None}
+
+
+def train_segmenter(config: SegmenterTrainConfig, progress: Callable[[str], None] | None = None) -> Path:
+    """Train, validate and save the segmenter into ``config.out``; returns that folder."""
+    torch.manual_seed(config.seed)
+    slides = _load_slides(config, progress)
+    train_ids, val_ids = _split(slides, config.val_fraction, config.seed)
+    if not train_ids:
+        raise CalciscopeError("no training slides left after the validation split")
+    model = VesselUNet(tuple(config.widths), len(CHANNELS))
+    card = SegmenterCard(mpp=config.mpp, widths=list(config.widths), synthetic_demo=config.synthetic_demo)
+    precision = choose_precision(config.amp, channels_last=True, device=torch.device("cpu"))
+    model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.steps, max(config.steps // 20, 1)))
+    pos_weight = torch.tensor(config.pos_weight, dtype=torch.float32).view(1, -1, 1, 1)
+    rng = np.random.default_rng(config.seed)
+    start, losses = time.perf_counter(), []
+    model.train()
+    for step in range(config.steps):
+        picks = rng.choice(train_ids, config.batch_size)
+        crops = [_crop(slides[i], rng, config.crop_px, config.vessel_crop_fraction) for i in picks]
+        x = normalise(np.stack([c[0] for c in crops]), card).contiguous(memory_format=torch.channels_last)
+        y = torch.from_numpy(np.stack([c[1] for c in crops])).float()
+        w = torch.from_numpy(np.stack([slides[i].weight for i in picks])).view(len(picks), -1, 1, 1)
+        with precision.autocast():
+            logits = model(x)
+        logits = logits.float()
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, y, pos_weight=pos_weight, reduction="none")
+        loss = (bce * w).sum() / (w.sum() * y.shape[2] * y.shape[3]).clamp(min=1)
+        p = torch.sigmoid(logits[:, 0])
+        dice = 1 - (2 * (p * y[:, 0]).sum() + 1) / (p.sum() + y[:, 0].sum() + 1)
+        loss = loss + dice
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        losses.append(float(loss.detach()))
+        if progress is not None and (step + 1) % 50 == 0:
+            rate = (step + 1) * config.batch_size / (time.perf_counter() - start)
+            progress(f"step {step + 1}/{config.steps} loss {np.mean(losses[-50:]):.4f} ({rate:.1f} crops/s)")
+    model.eval()
+    window = max(1, min(50, config.steps // 5))
+    metrics = {"train_loss_start": float(np.mean(losses[:window])), "train_loss_end": float(np.mean(losses[-window:]))}
+    if val_ids:
+        metrics["validation"] = evaluate_detection(model.to(memory_format=torch.contiguous_format), card,
+                                                   [slides[i] for i in val_ids])
+    card = dataclasses.replace(card, metrics=metrics, training={
+        "description": config.description, "manifest": Path(config.manifest).name,
+        "slides": {"train": [slides[i].slide_id for i in train_ids], "validation": [slides[i].slide_id for i in val_ids]},
+        "config": dataclasses.asdict(config) | {"manifest": Path(config.manifest).name},
+        "seconds": round(time.perf_counter() - start, 1)})
+    return save_segmenter(config.out, model.to(memory_format=torch.contiguous_format), card)

@@ -1,0 +1,85 @@
+"""vessels.segment + train_segmenter: the U-Net trains on vessel outlines, saves without pickle, loads only what
+its card describes, and segments a slide window by window (tissue windows only)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from calciscope.data.slides import open_slide
+from calciscope.data.tissue import detect_tissue
+from calciscope.errors import CalciscopeError, CheckpointError
+from calciscope.vessels.segment import (CARD_FILE, WEIGHTS_FILE, SegmenterCard, VesselUNet, load_segmenter,
+                                        save_segmenter, segment_slide)
+from calciscope.vessels.train_segmenter import load_config, train_segmenter
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, vessel_phantoms):
+    """60 steps on the two vessel phantoms (no validation split: 2 patients, both train)."""
+    root = tmp_path_factory.mktemp("segmenter")
+    manifest = root / "manifest.csv"
+    manifest.write_text("slide_id,patient_id,path\n" + "".join(
+        f"{s.slide_id},{s.patient_id},{s.path}\n" for s in vessel_phantoms))
+    config = root / "vessels.yaml"
+    config.write_text(yaml.safe_dump({"manifest": "manifest.csv", "out": str(root / "out"), "steps": 60,
+                                      "batch_size": 4, "crop_px": 96, "widths": [8, 16, 24], "val_fraction": 0.0}))
+    return train_segmenter(load_config(config))
+
+
+def test_training_lowers_the_loss_and_writes_a_card(trained):
+    card = json.loads((trained / CARD_FILE).read_text())
+    assert card["metrics"]["train_loss_end"] < card["metrics"]["train_loss_start"]
+    assert card["channels"] == ["vessel", "lumen", "calcium_artifact"] and card["mpp"] == 1.0
+    assert len(card["weights_sha256"]) == 64
+
+
+def test_save_then_load_gives_the_same_outputs(tmp_path, trained):
+    model, card = load_segmenter(trained)
+    x = torch.randn(1, 3, 64, 64)
+    again, _ = load_segmenter(save_segmenter(tmp_path / "copy", model, card))
+    with torch.no_grad():
+        assert torch.equal(model(x), again(x))
+
+
+def test_a_corrupt_or_mismatched_segmenter_is_refused_naming_the_file(tmp_path, trained):
+    model, card = load_segmenter(trained)
+    folder = save_segmenter(tmp_path / "s", model, card)
+    blob = bytearray((folder / WEIGHTS_FILE).read_bytes())
+    blob[-10] ^= 0xFF
+    (folder / WEIGHTS_FILE).write_bytes(bytes(blob))
+    with pytest.raises(CheckpointError, match=f"{WEIGHTS_FILE}.*sha256"):
+        load_segmenter(folder)
+    other = save_segmenter(tmp_path / "t", VesselUNet((8, 16, 32)), SegmenterCard(widths=[8, 16, 32]))
+    data = json.loads((other / CARD_FILE).read_text())
+    data["widths"], data["weights_sha256"] = [8, 16, 24], ""
+    (other / CARD_FILE).write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match="do not match the architecture"):
+        load_segmenter(other)
+    (other / CARD_FILE).write_text(json.dumps({**data, "colour": "red"}))
+    with pytest.raises(CheckpointError, match=f"{CARD_FILE}.*unknown keys"):
+        load_segmenter(other)
+
+
+def test_segment_slide_covers_the_tissue_at_the_card_resolution(trained, clean_phantom):
+    model, card = load_segmenter(trained)
+    with open_slide(clean_phantom.path) as slide:
+        tissue = detect_tissue(slide)
+        maps = segment_slide(slide, model, card, tissue)
+        everywhere = segment_slide(slide, model, card)
+    side = int(np.ceil(clean_phantom.size_px * slide.mpp / card.mpp))
+    assert maps.maps["vessel"].shape == (side, side) and maps.maps["vessel"].dtype == np.uint8
+    assert maps.downsample == pytest.approx(card.mpp / slide.mpp)
+    ran = maps.maps["lumen"] > 0  # windows not run stay 0; the ones run match the all-windows map exactly
+    assert np.array_equal(maps.maps["lumen"][ran], everywhere.maps["lumen"][ran])
+
+
+def test_a_manifest_without_vessel_outlines_is_refused(tmp_path, cmu_svs):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"path\n{cmu_svs}\n")
+    config = tmp_path / "v.yaml"
+    config.write_text(yaml.safe_dump({"manifest": str(manifest), "steps": 1}))
+    with pytest.raises(CalciscopeError, match="no vessel outlines for CMU-1-Small-Region.svs"):
+        train_segmenter(load_config(config))
