@@ -9,6 +9,10 @@ rendered with a margin of extra rows so that blurs do not show seams.
 Canvases (optical density per pixel, in stain units where the measured median of real tissue is ~0.7):
 ``H`` / ``E`` background haematoxylin / eosin, ``N`` nuclei (added to H, suppresses E), ``C`` calcium
 (basophilic deposits, added to H), ``P`` pen ink density, ``D`` fold (double thickness) weight.
+
+Sectioning artifacts of calcium (``Scene.cuts``: knife holes and tears, chatter) act after the canvases are
+combined and blurred, on the final stain densities, and only inside their polygons: a cut zeroes both stains
+(bare glass), chatter multiplies them by a banded factor that is exactly 1 outside its patch.
 """
 
 from __future__ import annotations
@@ -138,6 +142,8 @@ class Vessel:
     findings: list[str] = field(default_factory=list)
     rl_eff: float = 0.0  # lumen after intimal narrowing
     cuff: float = 0.0  # perivascular infiltrate width (vasculitis / lymphocytic cuff), px
+    lumen: np.ndarray | None = None  # the drawn lumen outline (N, 2) px, set by draw_vessel
+    calc_arc: tuple[float, float, float, float] | None = None  # calcified arc: th0, span (rad), r_in, r_out px
 
     def rho(self, th: np.ndarray) -> np.ndarray:
         r = np.ones_like(th)
@@ -197,6 +203,8 @@ class Scene:
         self.blurs: list[tuple[float, float, float, float, float]] = []  # cx, cy, rx, ry, sigma_px
         self.border: tuple[int, int] | None = None  # side (0 top, 1 right, 2 bottom, 3 left), width px
         self.margin = 32
+        self.cuts: list[tuple[str, np.ndarray, dict]] = []  # ("gap" | "chatter", polygon px, parameters)
+        self.calcium_artifacts: list[tuple[str, int, np.ndarray]] = []  # kind, vessel id, polygon px
 
     def px(self, um: float | np.ndarray) -> float | np.ndarray:
         return um / self.mpp
@@ -281,7 +289,7 @@ def render_strip(scene: Scene, fields: dict, y0: int, y1: int) -> tuple[np.ndarr
     T = np.clip(f + 0.5, 0.0, 1.0)
     tissue = f >= 0
     coll, mid = up_mr(fields["coll"]), up_mr(fields["mid"])
-    fat = depth >= lay.derm_px + up_lr(fields["derm_noise"])
+    fat = depth >= lay.derm_px + up_lr(fields["derm_noise"]) if lay.subcutis else np.zeros((h, w), bool)
     E = np.where(fat, 0.3 + 0.45 * coll, 0.12 + 0.85 * coll).astype(np.float32)
     H = np.where(fat, 0.12, 0.1 + 0.22 * coll).astype(np.float32)
     if lay.epidermis:
@@ -327,6 +335,8 @@ def render_strip(scene: Scene, fields: dict, y0: int, y1: int) -> tuple[np.ndarr
         D = cv2.GaussianBlur(D, (0, 0), scene.px(4.0))
         Ht *= 1.0 + st["fold_gain"] * D
         Et *= 1.0 + st["fold_gain"] * D
+    if scene.cuts:
+        _apply_cuts(scene.cuts, Ht, Et, ya)
     Ht *= T
     Et *= T
     P = canvases["P"]
@@ -346,6 +356,39 @@ def render_strip(scene: Scene, fields: dict, y0: int, y1: int) -> tuple[np.ndarr
         _draw_border(rgb, ya, scene.border, size, grain)
     r0, r1 = y0 - ya, y1 - ya
     return rgb[r0:r1], tissue[r0:r1]
+
+
+def _apply_cuts(cuts: list, Ht: np.ndarray, Et: np.ndarray, ya: int) -> None:
+    """Calcium sectioning artifacts on the stain densities of a strip; nothing changes outside a polygon."""
+    h, w = Ht.shape
+    for kind, poly, prm in cuts:
+        x0, x1 = max(int(poly[:, 0].min()) - 1, 0), min(int(poly[:, 0].max()) + 2, w)
+        r0, r1 = max(int(poly[:, 1].min()) - 1 - ya, 0), min(int(poly[:, 1].max()) + 2 - ya, h)
+        if x1 <= x0 or r1 <= r0:
+            continue
+        mask = np.zeros((r1 - r0, x1 - x0), np.uint8)
+        cv2.fillPoly(mask, [np.round((poly - (x0, ya + r0)) * (1 << SHIFT)).astype(np.int32)], 1, cv2.LINE_8, SHIFT)
+        inside = mask.view(bool)
+        if kind == "gap":
+            Ht[r0:r1, x0:x1][inside] = 0.0
+            Et[r0:r1, x0:x1][inside] = 0.0
+            continue
+        X = np.arange(x0, x1, dtype=np.float32)[None, :] - prm["cx"]
+        Y = np.arange(ya + r0, ya + r1, dtype=np.float32)[:, None] - prm["cy"]
+        ca, sa = math.cos(prm["patch_angle"]), math.sin(prm["patch_angle"])
+        px_, py_ = (X * ca + Y * sa) / prm["rx"], (-X * sa + Y * ca) / prm["ry"]
+        th = np.arctan2(py_, px_)
+        rho = np.ones_like(th)
+        for k, (a, p) in enumerate(prm["harm"], start=2):
+            rho += a * np.cos(k * th + p)
+        fade = np.clip((0.97 - np.hypot(px_, py_) / rho) / 0.25, 0.0, 1.0)
+        cb, sb = math.cos(prm["band_angle"]), math.sin(prm["band_angle"])
+        u, t = X * cb + Y * sb, -X * sb + Y * cb
+        wave = prm["wave_amp"] * np.sin(TWO_PI * t / prm["wave_len"] + prm["wave_phase"])
+        band = np.clip(0.5 + 1.6 * np.sin(TWO_PI * u / prm["period"] + prm["phase"] + wave), 0.0, 1.0)
+        factor = np.where(inside, 1.0 - prm["amp"] * fade * band, 1.0).astype(np.float32)
+        Ht[r0:r1, x0:x1] *= factor
+        Et[r0:r1, x0:x1] *= factor
 
 
 def _blur_region(rgb: np.ndarray, ya: int, cx, cy, rx, ry, sigma) -> None:
@@ -405,6 +448,7 @@ class Layout:
     derm_px: float
     border: tuple[int, int] | None
     size: int
+    subcutis: bool = True  # False: dermis down to the deep edge, no fat anywhere
 
     def fields(self, X, Y, edge_noise):
         dx, dy = X - self.cx, Y - self.cy
@@ -572,6 +616,7 @@ def draw_vessel(scene: Scene, rng: np.random.Generator, v: Vessel, emit: set[str
         shift = np.zeros(2)
     scene.fill("E", lumen, float(rng.uniform(0.0, 0.08)), 0.06, "mid")
     scene.fill("H", lumen, 0.0)
+    v.lumen = lumen
     lumen_c = np.array([v.cx, v.cy]) + shift
 
     # Calcification arcs (media for arterioles / arteries, whole wall for small vessels).
@@ -585,7 +630,7 @@ def draw_vessel(scene: Scene, rng: np.random.Generator, v: Vessel, emit: set[str
             r_in, r_out = r_iel + px(0.5), r_me - rng.uniform(0, 0.35) * (r_me - r_iel)
         else:
             r_in, r_out = v.rl + px(0.3), v.ro - px(1.0)
-        calc_arc = (th0, span, r_in, r_out)
+        calc_arc = v.calc_arc = (th0, span, r_in, r_out)
         _calcify(scene, rng, v, th0, span, r_in, r_out, plate=rng.random() < 0.5)
         pad = px(1.0)
         d = min(pad / max(r_out, 1.0), 0.02 * TWO_PI)
@@ -731,9 +776,100 @@ def debris(scene: Scene, rng, cx: float, cy: float, r: float) -> np.ndarray:
     return c + (hull - c) * 1.08 + np.sign(hull - c) * scene.px(2.0)
 
 
+# ----------------------------------------------------------------------------------------------- calcium artifacts
+CALCIUM_ARTIFACT_KINDS = ("hole", "tear", "chatter")
+CALCIUM_STREAM = 0xCA1C1A  # spawn-key word of the calcium-artifact random stream (see build_scene)
+
+
+def calcium_artifacts(scene: Scene, rng: np.random.Generator, p: float) -> None:
+    """With probability p per calcified vessel, one sectioning artifact of the calcium, kind chosen uniformly.
+
+    Records (kind, vessel id, polygon) in scene.calcium_artifacts and the drawing in scene.cuts.
+    """
+    make = {"hole": _calcium_hole, "tear": _calcium_tear, "chatter": _knife_chatter}
+    for v in scene.vessels:
+        if v.calc_arc is None or not rng.random() < p:
+            continue
+        kind = CALCIUM_ARTIFACT_KINDS[int(rng.integers(len(CALCIUM_ARTIFACT_KINDS)))]
+        scene.calcium_artifacts.append((kind, v.vid, make[kind](scene, rng, v)))
+
+
+def _ragged(rng: np.random.Generator, n: int, amp: float) -> np.ndarray:
+    """Jagged offsets (px) for n edge vertices: white noise lightly smoothed, std ~amp."""
+    j = rng.normal(0, amp * 1.3, n + 2)
+    return 0.25 * j[:-2] + 0.5 * j[1:-1] + 0.25 * j[2:]
+
+
+def _calcium_hole(scene: Scene, rng, v: Vessel) -> np.ndarray:
+    """The deposit fell out of the section: a stretch of the calcified arc (>= ~8 um, 15-55 % of it) is bare
+    glass, edges ragged by ~1 um, reaching 0-2 um into the intima and sometimes past the outer wall (<= 4 um)."""
+    px = scene.px
+    th0, span, r_in, r_out = v.calc_arc
+    hs = min(span, max(span * rng.uniform(0.15, 0.55), px(rng.uniform(8, 15)) / max(r_out, 1.0)))
+    a = th0 + rng.uniform(0, span - hs)
+    n = max(int(hs * r_out / px(1.5)), 8)
+    th = np.linspace(a, a + hs, n)
+    rough = px(rng.uniform(0.5, 1.2))
+    lo = max(r_in - px(rng.uniform(0, 2.0)), px(0.5))
+    hi = r_out + (rng.uniform(0, 1) * max(v.ro - r_out, 0) + px(rng.uniform(0, 4.0)) if rng.random() < 0.5 else 0)
+    mid, half = (lo + hi) / 2, (hi - lo) / 2 * (0.35 + 0.65 * np.sin(math.pi * np.linspace(0, 1, n)) ** 0.4)
+    r_hi = mid + half + _ragged(rng, n, rough)
+    r_lo = np.maximum(np.minimum(mid - half + _ragged(rng, n, rough), r_hi - px(1.0)), px(0.3))
+    poly = np.concatenate([v.xy(r_hi, th), v.xy(r_lo, th)[::-1]])
+    scene.cuts.append(("gap", poly, {}))
+    return poly
+
+
+def _calcium_tear(scene: Scene, rng, v: Vessel) -> np.ndarray:
+    """A knife tear dragged by a calcium fragment: from the inner edge of the calcified arc out through the wall
+    into the tissue, 40-200 um long, 3-15 um wide at the wall, tapering to ~1 um, jagged (heading drifts
+    ~0.07 rad and the path zigzags ~0.8 um per 3-6 um step, each edge jitters ~30 % of the width)."""
+    px = scene.px
+    th0, span, r_in, r_out = v.calc_arc
+    t = th0 + span * rng.uniform(0.1, 0.9)
+    start = v.xy(max(r_in - px(1.0), px(0.3)), t)
+    radial = v.xy(r_out, t) - v.xy(r_in, t)
+    head = math.atan2(radial[1], radial[0]) + rng.normal(0, 0.35)
+    length, step = px(rng.uniform(40, 200)), px(rng.uniform(3, 6))
+    n = int(length / step) + 2
+    heads = head + np.cumsum(rng.normal(0, 0.07, n))
+    heads[0] = head
+    d = np.stack([np.cos(heads), np.sin(heads)], 1)
+    nrm = np.stack([-d[:, 1], d[:, 0]], 1)
+    pts = start + np.concatenate([[[0.0, 0.0]], np.cumsum(step * d[:-1], 0)])
+    pts[1:] += nrm[1:] * rng.normal(0, px(0.8), (n - 1, 1))  # zigzag
+    s = np.linspace(0, 1, n)
+    w = np.maximum(px(rng.uniform(3, 15)) * (1 - s) ** 0.8, px(0.8))
+    jag = lambda: np.clip(1 + rng.normal(0, 0.3, (n, 1)), 0.5, 1.5)  # noqa: E731
+    poly = np.concatenate([pts + nrm * (w[:, None] / 2) * jag(), (pts - nrm * (w[:, None] / 2) * jag())[::-1]])
+    scene.cuts.append(("gap", poly, {}))
+    return poly
+
+
+def _knife_chatter(scene: Scene, rng, v: Vessel) -> np.ndarray:
+    """Knife chatter: parallel bands (period 6-15 um, one angle) of tissue 30-55 % paler, alternating with
+    normal tissue, over a lobed oval patch 100-300 um across (at least 1.3x the vessel) centred on the vessel."""
+    px = scene.px
+    rx = max(px(rng.uniform(50, 150)), 1.3 * v.ro)
+    ry = max(rx * rng.uniform(0.65, 1.0), 1.3 * v.ro)
+    harm = np.stack([rng.uniform(0, 0.06, 3), rng.uniform(0, TWO_PI, 3)], 1)
+    prm = {"cx": v.cx, "cy": v.cy, "rx": rx, "ry": ry, "patch_angle": rng.uniform(0, math.pi), "harm": harm,
+           "band_angle": rng.uniform(0, math.pi), "period": px(rng.uniform(6, 15)), "amp": rng.uniform(0.3, 0.55),
+           "phase": rng.uniform(0, TWO_PI), "wave_amp": rng.uniform(0.1, 0.6), "wave_len": px(rng.uniform(80, 250)),
+           "wave_phase": rng.uniform(0, TWO_PI)}
+    th = np.linspace(0, TWO_PI, 120, endpoint=False)
+    rho = 1 + sum(a * np.cos(k * th + ph) for k, (a, ph) in enumerate(harm, start=2))
+    x, y = rx * rho * np.cos(th), ry * rho * np.sin(th)
+    ca, sa = math.cos(prm["patch_angle"]), math.sin(prm["patch_angle"])
+    poly = np.stack([v.cx + x * ca - y * sa, v.cy + x * sa + y * ca], 1)
+    scene.cuts.append(("chatter", poly, prm))
+    return poly
+
+
 # ----------------------------------------------------------------------------------------------- scene
 VESSEL_KINDS = ("capillary", "arteriole", "venule", "small_artery")
 _SPAWN = {  # finding -> (kind, outer diameter range um, compartment) of a vessel spawned to carry it
+    # (without a subcutis, "fat" means anywhere in the dermis)
     "medial_calcification": ("arteriole", (40, 110), "fat"),
     "small_vessel_calcification": ("capillary", (10, 40), "fat"),
     "thrombosis": ("venule", (30, 90), "fat"),
@@ -742,12 +878,13 @@ _SPAWN = {  # finding -> (kind, outer diameter range um, compartment) of a vesse
 }
 
 
-def _eligible(finding: str, v: Vessel, mpp: float) -> bool:
+def _eligible(finding: str, v: Vessel, mpp: float, subcutis: bool = True) -> bool:
     d = 2 * v.ro * mpp
     if finding in ("medial_calcification", "intimal_fibrosis"):
         return v.kind in ("arteriole", "small_artery") and d >= 30
-    if finding == "small_vessel_calcification":
-        return v.compartment == "fat" and v.kind in ("capillary", "arteriole") and 9 <= d <= 40
+    if finding == "small_vessel_calcification":  # without fat: any dermal vessel without a medial calcium arc
+        where = v.compartment == "fat" if subcutis else "medial_calcification" not in v.findings
+        return where and v.kind in ("capillary", "arteriole") and 9 <= d <= 40
     if finding == "thrombosis":
         return v.kind in ("arteriole", "small_artery", "venule") and v.rl * mpp >= 9
     if finding == "vasculitis":
@@ -758,10 +895,12 @@ def _eligible(finding: str, v: Vessel, mpp: float) -> bool:
 class _Builder:
     """Places tissue, vessels, cells, lesions, confounders and artifacts into a Scene."""
 
-    def __init__(self, size: int, mpp: float, ss: np.random.SeedSequence, labels: dict, artifacts: bool):
+    def __init__(self, size: int, mpp: float, ss: np.random.SeedSequence, labels: dict, artifacts: bool,
+                 subcutis: bool = True):
         self.rng = rng = np.random.default_rng(ss)
         self.sc = sc = Scene(size, mpp)
         self.size, self.mpp, self.labels, self.artifacts = size, mpp, labels, artifacts
+        self.subcutis = subcutis
         px = sc.px
         self.style = self._style()
         if artifacts and rng.random() < 0.25:
@@ -812,17 +951,22 @@ class _Builder:
         hw, hh, ex, ey = hw * k, hh * k, ex * k, ey * k
         cx = size / 2 + rng.uniform(-1, 1) * max(size / 2 - margin - ex, 0)
         cy = size / 2 + rng.uniform(-1, 1) * max(size / 2 - margin - ey, 0)
-        epidermis = bool(rng.random() < 0.6)
+        epidermis = bool(rng.random() < 0.6) or not self.subcutis  # a shave / shallow punch has its epidermis
         epi = min(px(rng.uniform(50, 90)), 0.15 * hh) if epidermis else 0.0
-        return Layout(cx, cy, ux, uy, hw, hh, px(rng.uniform(0, 30)), px(rng.uniform(400, 1500)),
-                      rng.uniform(0, TWO_PI), epidermis, epi, min(px(rng.uniform(8, 18)), 0.3 * epi),
-                      px(rng.uniform(5, 14)), px(rng.uniform(60, 130)), rng.uniform(0, TWO_PI),
-                      epi + 2 * hh * rng.uniform(0.18, 0.42), self.sc.border, size)
+        lay = Layout(cx, cy, ux, uy, hw, hh, px(rng.uniform(0, 30)), px(rng.uniform(400, 1500)),
+                     rng.uniform(0, TWO_PI), epidermis, epi, min(px(rng.uniform(8, 18)), 0.3 * epi),
+                     px(rng.uniform(5, 14)), px(rng.uniform(60, 130)), rng.uniform(0, TWO_PI),
+                     epi + 2 * hh * rng.uniform(0.18, 0.42), self.sc.border, size)
+        if not self.subcutis:  # dermis down to the deep cut edge (depth ~2 hh)
+            lay.derm_px, lay.subcutis = 2 * hh, False
+        return lay
 
     def at(self, x, y):
         """(f, depth, dermis limit) at level-0 points."""
         x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
         f, depth, _ = self.lay.fields(x, y, sample_points(self.edge_noise, LR_DS, x, y))
+        if not self.lay.subcutis:
+            return f, depth, np.full_like(depth, np.inf)
         return f, depth, self.lay.derm_px + sample_points(self.derm_noise, LR_DS, x, y)
 
     def slab_points(self, n: int, d0: float, d1: float) -> np.ndarray:
@@ -842,6 +986,9 @@ class _Builder:
         from scipy.spatial import Voronoi
 
         rng, lay, px = self.rng, self.lay, self.sc.px
+        if not self.subcutis:
+            self.septa_segs = []
+            return
         spacing = px(rng.uniform(280, 520))
         d0, d1 = lay.derm_px, 2 * lay.half_h + spacing
         ss, dd = np.meshgrid(np.arange(-lay.half_w - spacing, lay.half_w + 2 * spacing, spacing),
@@ -875,6 +1022,8 @@ class _Builder:
         else:
             rl = ro * (1 - rng.uniform(0.22, 0.35))
         rl = max(rl, px(1.5))
+        if where == "fat" and not self.subcutis:
+            where = "any"
         for _ in range(40):
             if where != "dermis" and self.septa_segs and kind != "capillary" and rng.random() < 0.7:
                 seg, w = self.septa_segs[int(rng.integers(len(self.septa_segs)))]
@@ -910,7 +1059,10 @@ class _Builder:
         for kind in rng.choice(VESSEL_KINDS, n, p=[0.35, 0.3, 0.25, 0.1]):
             lo, hi = sizes[kind]
             where = "any" if kind in ("capillary", "venule") else ("fat" if rng.random() < 0.8 else "any")
-            self._place(str(kind), float(np.exp(rng.uniform(np.log(lo), np.log(hi)))), where)
+            d = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+            if kind == "small_artery" and not self.subcutis:  # small arteries run in the subcutis
+                kind, d = "arteriole", d / 3  # a deep-dermal arteriole, 33-100 um, instead
+            self._place(str(kind), d, where)
 
     def assign_lesions(self) -> None:
         rng, mpp = self.rng, self.mpp
@@ -919,7 +1071,7 @@ class _Builder:
             if not self.labels.get(name):
                 continue
             k = max(int(round(rng.uniform(2, 6) * min(self.af, 4.0))), 1)
-            pool = [v for v in self.sc.vessels if _eligible(name, v, mpp)]
+            pool = [v for v in self.sc.vessels if _eligible(name, v, mpp, self.subcutis)]
             if name == "thrombosis":  # calcified vessels are often the occluded ones
                 calcified = [v for v in pool if v.findings]
                 rng.shuffle(calcified)
@@ -971,8 +1123,10 @@ class _Builder:
         from scipy.spatial import Voronoi
 
         rng, lay, sc, px = self.rng, self.lay, self.sc, self.sc.px
-        sp = px(rng.uniform(62, 95))
         self.cells = []
+        if not self.subcutis:
+            return
+        sp = px(rng.uniform(62, 95))
         ss, dd = np.meshgrid(np.arange(-lay.half_w - sp, lay.half_w + sp, sp * 0.93),
                              np.arange(lay.derm_px - 2 * sp, 2 * lay.half_h + 2 * sp, sp * 0.93))
         seeds = np.stack([ss.ravel(), dd.ravel()], 1) + rng.uniform(-0.42, 0.42, (ss.size, 2)) * sp
@@ -1033,6 +1187,9 @@ class _Builder:
         p = self.slab_points(int(area / px(24) ** 2), lay.epi_px + px(4), lay.derm_px + px(40))
         f, depth, dlim = self.at(p[:, 0], p[:, 1])
         ok = (f > px(3)) & (depth < dlim) & self.far_from_vessels(p, px(3))
+        if not self.subcutis:  # dermal necrosis: no fibroblast nuclei left in it
+            for c, r in getattr(self, "necrosis_regions", []):
+                ok &= np.hypot(p[:, 0] - c[0], p[:, 1] - c[1]) > r
         p = p[ok]
         spindles(sc, rng, p[:, 0], p[:, 1], ux_deg + rng.normal(0, 25, len(p)), (1.0, 1.5))
         q = p[rng.random(len(p)) < 0.06]
@@ -1070,6 +1227,8 @@ class _Builder:
                 continue
             sc.artifacts.append(("debris", debris(sc, rng, p[0], p[1], r)))
             n -= 1
+        if self.labels.get("extravascular_calcification") and not self.subcutis:
+            self._dermal_calcification()
         if self.labels.get("extravascular_calcification") and self.cells:
             k = max(int(round(rng.uniform(2, 6) * min(self.af, 4.0))), 1)
             for i in rng.choice(len(self.cells), min(k, len(self.cells)), replace=False):
@@ -1087,13 +1246,49 @@ class _Builder:
             th = np.linspace(0, TWO_PI, 40, endpoint=False)
             rr = r * (1 + 0.08 * np.sin(3 * th + rng.uniform(0, TWO_PI)))
             poly = np.stack([c[0] + rr * np.cos(th), c[1] + rr * np.sin(th)], 1)
+            if not self.subcutis:  # ischaemic dermal necrosis: smudged hypereosinophilic collagen, feathered edge
+                for k, (e, slope) in enumerate(((0.62, 0.6), (0.7, 0.5), (0.78, 0.4))):
+                    ring_k = c + (poly - c) * (1 - 0.12 * k)
+                    sc.fill("E", ring_k, e, slope, "coll")
+                    sc.fill("H", ring_k, 0.13)
             pts = points_in_poly(rng, poly, int(area / px(14) ** 2))
             nuclear_dust(sc, rng, pts[:, 0], pts[:, 1])
             pts = points_in_poly(rng, poly, int(area / px(45) ** 2))
-            histiocytes(sc, rng, pts[:, 0], pts[:, 1], foamy=True)
+            histiocytes(sc, rng, pts[:, 0], pts[:, 1], foamy=self.subcutis)
             pts = points_in_poly(rng, poly, int(area / px(55) ** 2))
             neutrophils(sc, rng, pts[:, 0], pts[:, 1])
             sc.lesions.append(("necrosis", poly))
+
+    def _dermal_calcification(self) -> None:
+        """Extravascular calcification without fat: clusters of calcified, fragmented elastic fibres in the
+        dermis (pseudoxanthoma-elasticum-like change): 8-25 curly basophilic fibres 10-35 um long, 1-2 um
+        thick, in a patch 30-80 um across (less in a thin specimen); one lesion polygon (hull + 5 um) each."""
+        rng, sc, px, lay = self.rng, self.sc, self.sc.px, self.lay
+        k = max(int(round(rng.uniform(2, 6) * min(self.af, 4.0))), 1)
+        for _ in range(k * 30):
+            if k == 0:
+                break
+            r = min(px(rng.uniform(15, 40)), 0.15 * lay.half_h)
+            c = self.slab_points(1, lay.epi_px + r + px(20), 2 * lay.half_h)[0]
+            if self.at([c[0]], [c[1]])[0][0] < r + px(10) or not self.far_from_vessels(c[None], r + px(5))[0]:
+                continue
+            ends = []
+            for _ in range(int(rng.integers(8, 26))):
+                p0 = c + rng.normal(0, r / 2, 2)
+                n = int(rng.integers(4, 9))
+                head = rng.uniform(0, TWO_PI) + np.cumsum(rng.normal(0, 0.6, n))
+                step = px(rng.uniform(10, 35)) / n
+                pts = p0 + np.concatenate([[[0, 0]], np.cumsum(step * np.stack([np.cos(head), np.sin(head)], 1), 0)])
+                thick = px(rng.uniform(1.0, 2.0))
+                sc.line("C", pts, 2.2, thick, slope=1.2, src="mid")
+                g = pts[rng.integers(0, len(pts), n)] + rng.normal(0, thick, (n, 2))
+                granules(sc, rng, g[:, 0], g[:, 1], r_um=(0.5, 1.2))
+                ends.append(pts)
+            hull = cv2.convexHull(np.concatenate(ends).astype(np.float32)).reshape(-1, 2).astype(np.float64)
+            m = hull.mean(0)
+            d = np.linalg.norm(hull - m, axis=1, keepdims=True)
+            sc.lesions.append(("extravascular_calcification", m + (hull - m) * (1 + px(5.0) / np.maximum(d, 1e-6))))
+            k -= 1
 
     def plan_necrosis(self) -> None:
         rng, px, lay = self.rng, self.sc.px, self.lay
@@ -1105,6 +1300,11 @@ class _Builder:
             if len(self.necrosis_regions) >= k:
                 break
             r = min(px(rng.uniform(100, 250)), 0.12 * self.size)
+            if not self.subcutis:  # no fat to necrose: ischaemic necrosis of the dermis
+                p = self.slab_points(1, lay.epi_px + r * 0.5, 2 * lay.half_h)[0]
+                if self.at([p[0]], [p[1]])[0][0] > r * 0.8:
+                    self.necrosis_regions.append((p, r))
+                continue
             p = self.slab_points(1, lay.derm_px + r * 0.5, 2 * lay.half_h)[0]
             f, depth, dlim = self.at([p[0]], [p[1]])
             if f[0] > r * 0.8 and depth[0] > dlim[0]:
@@ -1183,9 +1383,15 @@ class _Builder:
         return ok
 
 
-def build_scene(size: int, mpp: float, ss: np.random.SeedSequence, labels: dict, artifacts: bool):
-    """Everything one slide draws, plus the fields the renderer needs and the artifacts drawn."""
-    b = _Builder(size, mpp, ss, labels, artifacts)
+def build_scene(size: int, mpp: float, ss: np.random.SeedSequence, labels: dict, artifacts: bool, *,
+                subcutis: bool = True, calcium_p: float = 0.0):
+    """Everything one slide draws, plus the fields the renderer needs and the artifacts drawn.
+
+    Calcium artifacts (probability calcium_p per calcified vessel) draw from their own stream, the child of
+    `ss` with spawn key word CALCIUM_STREAM (made directly, so `ss` spawns nothing): the rest of the scene is
+    the same whatever calcium_p is, and calcium_p = 0 draws nothing from it.
+    """
+    b = _Builder(size, mpp, ss, labels, artifacts, subcutis)
     b.septa()
     b.vessels()
     b.assign_lesions()
@@ -1195,5 +1401,8 @@ def build_scene(size: int, mpp: float, ss: np.random.SeedSequence, labels: dict,
     b.dermis_and_epidermis()
     b.confounders_and_optional()
     b.artifacts_pass()
+    if calcium_p > 0:
+        child = np.random.SeedSequence(ss.entropy, spawn_key=(*ss.spawn_key, CALCIUM_STREAM))
+        calcium_artifacts(b.sc, np.random.default_rng(child), calcium_p)
     b.sc.finalize()
     return b.sc, b.fields, b.drawn

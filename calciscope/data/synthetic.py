@@ -9,9 +9,16 @@ No public calciphylaxis slides exist, so calciscope draws its own. `generate_sli
 - ``<slide_id>.geojson``: lesion polygons (QuPath export format, level-0 px), one per drawn lesion, only
   for the finding classes asked for. Vascular lesions lie inside their vessel outline, except vasculitis,
   whose polygon also covers the perivascular infiltrate (up to VASCULITIS_CUFF_UM beyond the wall).
-- ``<slide_id>.vessels.geojson``: every vessel's outer wall (class ``vessel``), with its kind, size and findings.
+- ``<slide_id>.vessels.geojson``: every vessel (class ``vessel``) as a Polygon whose outer ring is the drawn
+  outer wall and whose first hole is the drawn lumen (narrowed by intimal fibrosis, or filled by thrombus,
+  where the vessel has those), with properties vessel_id, kind, compartment (dermis | fat), findings and
+  sizes in um: ``outer_diameter_um`` / ``lumen_diameter_um`` = minor axis of the ellipse cv2.fitEllipse fits
+  to the written outer / lumen ring (the calibre a pathologist measures), ``outer_major_um`` = the outer
+  ring's major axis, ``wall_thickness_um`` = (outer minor - lumen minor) / 2.
 - ``<slide_id>.artifacts.geojson``: confounders and artifacts (pen_mark, fold, blur, debris,
-  perivascular_infiltrate, border).
+  perivascular_infiltrate, border), then the calcium sectioning artifacts when asked for (class
+  ``calcium_artifact``, properties ``kind`` = hole | tear | chatter and ``vessel_id``; the polygon is the
+  affected area). Every polygon in the GeoJSON files is in level-0 px.
 - ``<slide_id>.tissue.png``: the true tissue mask (0/255) at downsample TISSUE_MASK_DOWNSAMPLE = 16 of level 0,
   shape ceil(size_px / 16) square; a cell is tissue when >= half its level-0 pixels are (fat included; glass,
   pen on glass and the black border excluded).
@@ -52,6 +59,7 @@ FINDING_COLORS = {
 ARTIFACT_COLORS = {
     "pen_mark": (0, 160, 0), "fold": (90, 90, 90), "blur": (150, 150, 220), "debris": (60, 0, 90),
     "perivascular_infiltrate": (240, 200, 0), "border": (0, 0, 0), "vessel": (200, 60, 120),
+    "calcium_artifact": (0, 200, 220),
 }
 VASCULITIS_CUFF_UM = 30.0
 TISSUE_MASK_DOWNSAMPLE = 16
@@ -112,14 +120,29 @@ def _check_labels(labels: Mapping[str, int]) -> dict[str, int]:
 
 # --------------------------------------------------------------------------------------------- one slide
 def generate_slide(out_dir, slide_id: str, labels: Mapping[str, int], *, size_px: int = 4096, mpp: float = 0.5,
-                   seed: int = 0, patient_id: str | None = None, artifacts: bool = True) -> PhantomSlide:
+                   seed: int = 0, patient_id: str | None = None, artifacts: bool = True, subcutis: bool = True,
+                   calcium_artifacts: float = 0.0) -> PhantomSlide:
     """Draw one phantom slide with the given finding labels and write its files into out_dir.
 
-    Same (seed, slide_id, labels, size_px, mpp, artifacts) -> byte-identical files. `artifacts=False`
-    leaves out pen marks, folds, blur and the black border (stain/scanner variation and the histologic
-    confounders stay).
+    Same (seed, slide_id, labels, size_px, mpp, artifacts, subcutis, calcium_artifacts) -> byte-identical
+    files. `artifacts=False` leaves out pen marks, folds, blur and the black border (stain/scanner variation
+    and the histologic confounders stay).
+
+    `subcutis=False` draws a shave / shallow punch: epidermis and dermis to the deep edge, no fat, so every
+    vessel is in the dermis. Findings the generator puts in fat go to the dermis: vessel lesions on dermal
+    vessels (no small arteries: those draws become deep-dermal arterioles of 1/3 the diameter), necrosis as
+    ischaemic dermal necrosis, extravascular calcification as clusters of calcified elastic fibres.
+
+    `calcium_artifacts` (probability in [0, 1]) gives each calcified vessel (medial or small-vessel
+    calcification) a sectioning artifact of its calcium: a ``hole`` (the deposit fell out: glass), a ``tear``
+    (a crack 40-200 um long, up to 15 um wide, from the wall into the tissue) or knife ``chatter`` (pale bands
+    6-15 um apart over a 100-300 um patch on the vessel). They draw from a random stream of their own, so
+    everything outside their polygons is as with calcium_artifacts = 0, which draws none.
     """
     _check_common(size_px, mpp)
+    if isinstance(calcium_artifacts, bool) or not isinstance(calcium_artifacts, (int, float)) \
+            or not 0 <= calcium_artifacts <= 1:
+        raise CalciscopeError(f"calcium_artifacts must be a probability in [0, 1], got {calcium_artifacts!r}")
     if not isinstance(slide_id, str) or not _SLIDE_ID.match(slide_id):
         raise CalciscopeError(f"slide_id must be letters, digits, '.', '_' or '-', got {slide_id!r}")
     if not isinstance(seed, (int, np.integer)) or seed < 0:
@@ -129,7 +152,8 @@ def generate_slide(out_dir, slide_id: str, labels: Mapping[str, int], *, size_px
     out.mkdir(parents=True, exist_ok=True)
     size_px, mpp = int(size_px), float(mpp)
     ss = np.random.SeedSequence([int(seed), zlib.crc32(slide_id.encode())])
-    scene, fields, drawn = build_scene(size_px, mpp, ss, labels, artifacts)
+    scene, fields, drawn = build_scene(size_px, mpp, ss, labels, artifacts, subcutis=bool(subcutis),
+                                       calcium_p=float(calcium_artifacts))
     paths = {k: out / f"{slide_id}{ext}" for k, ext in (
         ("tiff", ".tiff"), ("les", ".geojson"), ("ves", ".vessels.geojson"), ("art", ".artifacts.geojson"),
         ("mask", ".tissue.png"))}
@@ -140,15 +164,21 @@ def generate_slide(out_dir, slide_id: str, labels: Mapping[str, int], *, size_px
     _write_geojson(paths["les"], lesions)
     vessels = []
     for v in scene.vessels:
+        outer, lumen = _ring(v.ring(v.ro), size_px), _ring(v.lumen[::-1], size_px)
+        (o_minor, o_major), (l_minor, _) = _axes(outer), _axes(lumen)
         props = {"vessel_id": v.vid, "kind": v.kind, "compartment": v.compartment,
-                 "outer_diameter_um": round(2 * v.ro * mpp, 2), "lumen_diameter_um": round(2 * v.rl_eff * mpp, 2),
-                 "wall_thickness_um": round((v.ro - v.rl) * mpp, 2),
+                 "outer_diameter_um": round(o_minor * mpp, 2), "lumen_diameter_um": round(l_minor * mpp, 2),
+                 "outer_major_um": round(o_major * mpp, 2),
+                 "wall_thickness_um": round((o_minor - l_minor) / 2 * mpp, 2),
                  "findings": [f for f in v.findings if f in labels]}
-        vessels.append(_feature(slide_id, "vessel", v.vid, "vessel", v.ring(v.ro), ARTIFACT_COLORS["vessel"],
-                                size_px, props))
+        vessels.append(_feature(slide_id, "vessel", v.vid, "vessel", outer, ARTIFACT_COLORS["vessel"], size_px,
+                                props, holes=[lumen]))
     _write_geojson(paths["ves"], vessels)
     arts = [_feature(slide_id, "artifact", i, name, poly, ARTIFACT_COLORS[name], size_px)
             for i, (name, poly) in enumerate(scene.artifacts)]
+    arts += [_feature(slide_id, "artifact", len(scene.artifacts) + j, "calcium_artifact", poly,
+                      ARTIFACT_COLORS["calcium_artifact"], size_px, {"kind": kind, "vessel_id": vid})
+             for j, (kind, vid, poly) in enumerate(scene.calcium_artifacts)]
     _write_geojson(paths["art"], arts)
     del drawn
     return PhantomSlide(slide_id, patient_id or slide_id, paths["tiff"], paths["les"], paths["ves"], paths["art"],
@@ -161,14 +191,26 @@ def drawn_artifacts(slide: PhantomSlide) -> set[str]:
     return {f["properties"]["classification"]["name"] for f in data["features"]}
 
 
-def _feature(slide_id, kind, i, name, poly, color, size, props=None) -> dict:
-    p = np.clip(np.asarray(poly, np.float64), 0, size)
-    ring = [[round(float(x), 2), round(float(y), 2)] for x, y in p]
+def _ring(poly, size: int) -> list[list[float]]:
+    """A polygon as written to GeoJSON: clipped to the slide, rounded to 0.01 px, closed."""
+    ring = [[round(float(x), 2), round(float(y), 2)] for x, y in np.clip(np.asarray(poly, np.float64), 0, size)]
     ring.append(ring[0])
+    return ring
+
+
+def _axes(ring: list[list[float]]) -> tuple[float, float]:
+    """(minor, major) axis in px of the ellipse cv2.fitEllipse fits to a written ring."""
+    _, axes, _ = cv2.fitEllipse(np.asarray(ring[:-1], np.float32))
+    return float(min(axes)), float(max(axes))
+
+
+def _feature(slide_id, kind, i, name, poly, color, size, props=None, holes=()) -> dict:
+    """A QuPath annotation feature; `poly` and `holes` are (N, 2) level-0 px arrays or rings from _ring."""
+    rings = [p if isinstance(p, list) else _ring(p, size) for p in (poly, *holes)]
     fid = str(uuid.UUID(bytes=zlib.crc32(f"{slide_id}:{kind}:{i}".encode()).to_bytes(4, "big") * 4, version=4))
     properties = {"objectType": "annotation", "classification": {"name": name, "color": list(color)}}
     properties.update(props or {})
-    return {"type": "Feature", "id": fid, "geometry": {"type": "Polygon", "coordinates": [ring]},
+    return {"type": "Feature", "id": fid, "geometry": {"type": "Polygon", "coordinates": rings},
             "properties": properties}
 
 
@@ -266,13 +308,15 @@ def _sample_labels(rng: np.random.Generator, findings: Sequence[str], prevalence
 
 def generate_dataset(out_dir, n_slides: int, *, size_px: int = 4096, mpp: float = 0.5, seed: int = 0,
                      prevalence: Mapping[str, float] | None = None, slides_per_patient: int = 2,
-                     findings: Sequence[str] = FINDINGS, artifacts: bool = True,
-                     progress: Callable[[int, int], None] | None = None) -> Path:
+                     findings: Sequence[str] = FINDINGS, artifacts: bool = True, subcutis: bool = True,
+                     calcium_artifacts: float = 0.0, progress: Callable[[int, int], None] | None = None) -> Path:
     """Write n_slides phantoms and ``manifest.csv`` into out_dir; returns the manifest path.
 
     Slide i (0-based) is named ``phantom_{i+1:04d}``; its labels and drawing seed come from
     SeedSequence([seed, i]), so slide i is the same whatever n_slides is. `slides_per_patient`
     consecutive slides share a patient id ``P0001``... `progress(done, n_slides)` is called after each slide.
+    `subcutis` and `calcium_artifacts` are passed to every slide (see generate_slide); when not at their
+    defaults the manifest gains a column ``subcutis`` (0) / ``calcium_artifact`` (1 when the slide has any).
     """
     _check_common(size_px, mpp)
     if not isinstance(n_slides, (int, np.integer)) or n_slides < 1:
@@ -290,6 +334,10 @@ def generate_dataset(out_dir, n_slides: int, *, size_px: int = 4096, mpp: float 
                 raise CalciscopeError(f"prevalence of {k!r} must be a probability in [0, 1], got {p!r}")
     if not isinstance(seed, (int, np.integer)) or seed < 0:
         raise CalciscopeError(f"seed must be a non-negative integer, got {seed!r}")
+    if isinstance(calcium_artifacts, bool) or not isinstance(calcium_artifacts, (int, float)) \
+            or not 0 <= calcium_artifacts <= 1:
+        raise CalciscopeError(f"calcium_artifacts must be a probability in [0, 1], got {calcium_artifacts!r}")
+    extra = (["subcutis"] if not subcutis else []) + (["calcium_artifact"] if calcium_artifacts > 0 else [])
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -300,10 +348,12 @@ def generate_dataset(out_dir, n_slides: int, *, size_px: int = 4096, mpp: float 
                                 prevalence)
         sid, pid = f"phantom_{i + 1:04d}", f"P{i // slides_per_patient + 1:04d}"
         slide = generate_slide(out, sid, labels, size_px=size_px, mpp=mpp, seed=slide_seed, patient_id=pid,
-                               artifacts=artifacts)
+                               artifacts=artifacts, subcutis=subcutis, calcium_artifacts=calcium_artifacts)
         drawn = drawn_artifacts(slide)
+        flags = {"subcutis": 0, "calcium_artifact": int("calcium_artifact" in drawn)}
         rows.append([sid, pid, slide.path.name, slide.lesions_path.name, *(labels[k] for k in findings),
-                     cua_pattern(labels), *(int(a in drawn) for a in ("pen_mark", "fold", "blur"))])
+                     cua_pattern(labels), *(int(a in drawn) for a in ("pen_mark", "fold", "blur")),
+                     *(flags[k] for k in extra)])
         if progress is not None:
             progress(i + 1, int(n_slides))
     manifest = out / "manifest.csv"
@@ -311,7 +361,7 @@ def generate_dataset(out_dir, n_slides: int, *, size_px: int = 4096, mpp: float 
     with open(tmp, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["slide_id", "patient_id", "path", "annotations", *findings, "cua_pattern", "pen_mark", "fold",
-                    "blur"])
+                    "blur", *extra])
         w.writerows(rows)
     os.replace(tmp, manifest)
     return manifest

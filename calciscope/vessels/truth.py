@@ -1,9 +1,10 @@
 """Vessel annotations (QuPath GeoJSON, class ``vessel``) → :class:`Vessel` records in level-0 pixels.
 
-The phantom's ``<slide_id>.vessels.geojson`` carries one Polygon per vessel (the outer wall) with properties
-``vessel_id``, ``kind``, ``compartment``, ``outer_diameter_um``, ``lumen_diameter_um``, ``wall_thickness_um``
-and ``findings``. Any QuPath export works too: every property is optional, and a Polygon's first hole, when
-present, is read as the lumen outline. A MultiPolygon becomes one vessel per part.
+The phantom's ``<slide_id>.vessels.geojson`` carries one Polygon per vessel (the outer wall, its first hole the
+lumen) with properties ``vessel_id``, ``kind``, ``compartment``, ``outer_diameter_um``, ``lumen_diameter_um``
+(fitted-ellipse minor axes), ``outer_major_um``, ``wall_thickness_um`` and ``findings``. Any QuPath export works
+too: every property is optional, and a Polygon's first hole, when present, is read as the lumen outline.
+A MultiPolygon becomes one vessel per part.
 """
 
 from __future__ import annotations

@@ -29,13 +29,14 @@ def test_phantom_rings_are_recovered(vessel_phantoms):
 
 
 def _touching(a, b, overlap=0.03):
-    """a centred at level-0 (400, 400) and b moved next to it along a fixed direction, overlapping by 3 %."""
+    """a centred at level-0 (400, 400) and b moved next to it along a fixed direction, overlapping by 3 %
+    (each vessel's lumen moves with its outline)."""
     ca, cb = a.polygon.mean(0), b.polygon.mean(0)
     u = np.array([1.0, 0.3]) / np.hypot(1.0, 0.3)
     gap = (((a.polygon - ca) @ u).max() - ((b.polygon - cb) @ u).min()) * (1 - overlap)
     centre = np.array([400.0, 400.0])
-    return (dataclasses.replace(a, polygon=a.polygon - ca + centre),
-            dataclasses.replace(b, polygon=b.polygon - cb + centre + u * gap))
+    move = lambda v, d: dataclasses.replace(v, polygon=v.polygon + d, lumen_polygon=v.lumen_polygon + d)  # noqa: E731
+    return move(a, centre - ca), move(b, centre - cb + u * gap)
 
 
 def test_touching_vessels_are_split_at_their_neck(vessel_phantoms):

@@ -1,7 +1,9 @@
 """truth: vessel GeoJSON → Vessel records (phantom round trip, plain QuPath files, ring masks, bad input)."""
 
+import dataclasses
 import json
 
+import cv2
 import numpy as np
 import pytest
 
@@ -27,18 +29,26 @@ def test_phantom_vessels_round_trip(vessel_phantoms):
                 props["outer_diameter_um"], props["lumen_diameter_um"], props["wall_thickness_um"])
             assert (v.kind, v.compartment, v.findings) == (props["kind"], props["compartment"],
                                                            tuple(props["findings"]))
-            ring = np.asarray(f["geometry"]["coordinates"][0])
+            ring, hole = (np.asarray(r) for r in f["geometry"]["coordinates"])  # outer wall, then the lumen
             assert v.polygon.dtype == np.float64 and np.array_equal(v.polygon, ring[:-1])  # closing vertex dropped
-            assert v.lumen_polygon is None
+            assert np.array_equal(v.lumen_polygon, hole[:-1]) and lumen_ring(v) is v.lumen_polygon
 
 
-def test_scaled_lumen_reproduces_the_lumen_diameter(vessel_phantoms):
-    """The phantom draws lumen and outer wall from one shape, so the scaled ring's major axis (what the
-    phantom's diameters measure, see test_measure) matches lumen_diameter_um: measured ≤ 9 %, median ~1 %."""
+def test_scaled_lumen_matches_the_drawn_lumen(vessel_phantoms):
+    """Without its hole, lumen_ring scales the outer ring by lumen/outer diameter; the phantom draws lumen and
+    outer wall from one shape, so that ring has the lumen's minor axis and, where the lumen is concentric
+    (not narrowed off-centre by intimal fibrosis, which none of these 15 vessels has), covers the drawn lumen.
+    Measured: IoU with the hole median 0.99, min 0.96 (a 7 µm capillary)."""
+    ious = []
     for slide in vessel_phantoms:
         for v in read_vessels(slide.vessels_path):
-            major = shape_of(lumen_ring(v), slide.mpp).major_um
-            assert major == pytest.approx(v.lumen_diameter_um, rel=0.10)
+            scaled = lumen_ring(dataclasses.replace(v, lumen_polygon=None))
+            assert shape_of(scaled, slide.mpp).minor_um == pytest.approx(v.lumen_diameter_um, rel=0.002)
+            lo = np.floor(np.minimum(scaled.min(0), v.lumen_polygon.min(0))) - 2
+            a, b = (cv2.fillPoly(np.zeros((400, 400), np.uint8), [np.round((p - lo) * 16).astype(np.int32)], 1,
+                                 shift=4).astype(bool) for p in (scaled, v.lumen_polygon))
+            ious.append((a & b).sum() / (a | b).sum())
+    assert len(ious) == 15 and np.median(ious) >= 0.97 and min(ious) >= 0.9
 
 
 def test_plain_qupath_file_holes_multipolygons_and_other_classes(tmp_path):
