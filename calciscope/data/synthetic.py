@@ -170,7 +170,7 @@ def generate_slide(out_dir, slide_id: str, labels: Mapping[str, int], *, size_px
                  "outer_diameter_um": round(o_minor * mpp, 2), "lumen_diameter_um": round(l_minor * mpp, 2),
                  "outer_major_um": round(o_major * mpp, 2),
                  "wall_thickness_um": round((o_minor - l_minor) / 2 * mpp, 2),
-                 "findings": [f for f in v.findings if f in labels]}
+                 "findings": _drawn_findings(v.findings, labels)}
         vessels.append(_feature(slide_id, "vessel", v.vid, "vessel", outer, ARTIFACT_COLORS["vessel"], size_px,
                                 props, holes=[lumen]))
     _write_geojson(paths["ves"], vessels)
@@ -181,8 +181,20 @@ def generate_slide(out_dir, slide_id: str, labels: Mapping[str, int], *, size_px
              for j, (kind, vid, poly) in enumerate(scene.calcium_artifacts)]
     _write_geojson(paths["art"], arts)
     del drawn
+    # the labels are what was drawn: a finding asked for but left without a lesion (no eligible vessel, or its only
+    # vessel already calcified in the media) is 0, so every label has pixels behind it
+    shown = {name for name, _ in scene.lesions}
+    labels = {k: int(bool(v) and k in shown) for k, v in labels.items()}
     return PhantomSlide(slide_id, patient_id or slide_id, paths["tiff"], paths["les"], paths["ves"], paths["art"],
-                        paths["mask"], dict(labels), mpp, size_px)
+                        paths["mask"], labels, mpp, size_px)
+
+
+def _drawn_findings(findings, labels) -> list[str]:
+    """A vessel's findings as drawn: one with both medial and small-vessel calcification shows the medial arc only."""
+    out = [f for f in findings if f in labels]
+    if "medial_calcification" in out and "small_vessel_calcification" in out:
+        out.remove("small_vessel_calcification")
+    return out
 
 
 def drawn_artifacts(slide: PhantomSlide) -> set[str]:
@@ -351,6 +363,7 @@ def generate_dataset(out_dir, n_slides: int, *, size_px: int = 4096, mpp: float 
                                artifacts=artifacts, subcutis=subcutis, calcium_artifacts=calcium_artifacts)
         drawn = drawn_artifacts(slide)
         flags = {"subcutis": 0, "calcium_artifact": int("calcium_artifact" in drawn)}
+        labels = slide.labels  # as drawn
         rows.append([sid, pid, slide.path.name, slide.lesions_path.name, *(labels[k] for k in findings),
                      cua_pattern(labels), *(int(a in drawn) for a in ("pen_mark", "fold", "blur")),
                      *(flags[k] for k in extra)])
