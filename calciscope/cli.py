@@ -215,8 +215,8 @@ def _summary_table(results) -> Table:
 
 VESSELS_HELP = ("Vessel analysis: 'auto' (the segmenter shipped in the model folder's vessels/, as the demo "
                 "model has; skipped without one), a segmenter folder from 'train-vessels', or 'none'.")
-SLIDE_SOURCE_HELP = ("Slide probabilities from 'tiles' (the tissue grid), 'vessels' (highest vessel probability) or "
-                     "'all' (grid and vessel tiles together); default: the model's.")
+SAMPLING_HELP = ("Tiles the slide probabilities aggregate: 'grid' (the tissue grid), 'vessels' (tiles centred on the "
+                 "detected vessels) or 'both'; default: as the model was trained (its card).")
 MIN_FAT_HELP = ("Small vessels in subcutaneous fat needed to judge the CUA pattern; fewer and the call is marked "
                 "insufficient_sampling.")
 
@@ -238,7 +238,7 @@ def predict(
     slide_mpp: Optional[float] = typer.Option(None, "--slide-mpp", help="Override the slide's level-0 µm/px."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     vessels: str = typer.Option("auto", "--vessels", help=VESSELS_HELP),
-    slide_source: Optional[str] = typer.Option(None, "--slide-source", help=SLIDE_SOURCE_HELP),
+    sampling: Optional[str] = typer.Option(None, "--sampling", help=SAMPLING_HELP),
     min_fat_vessels: int = typer.Option(3, "--min-fat-vessels", help=MIN_FAT_HELP),
 ):
     """Score slides: per-finding probabilities, CUA-pattern score, vessels, heatmaps, saliency, QuPath GeoJSON,
@@ -247,7 +247,7 @@ def predict(
 
     config = PredictConfig(batch_size=batch_size, workers=workers, saliency=saliency, top_k=top_k,
                            aggregation=aggregation, k=k, min_tissue=min_tissue, slide_mpp=slide_mpp, device=device,
-                           runtime=runtime, vessels=vessels, slide_source=slide_source, min_fat_vessels=min_fat_vessels)
+                           runtime=runtime, vessels=vessels, sampling=sampling, min_fat_vessels=min_fat_vessels)
     check_writable(out_dir)
     predictor = Predictor(model, config)
     results, failures = [], 0
@@ -291,14 +291,14 @@ def score(
     slide_mpp: Optional[float] = typer.Option(None, "--slide-mpp",
                                               help="µm/px for slides whose file has none (a manifest 'mpp' wins)."),
     vessels: str = typer.Option("auto", "--vessels", help=VESSELS_HELP),
-    slide_source: Optional[str] = typer.Option(None, "--slide-source", help=SLIDE_SOURCE_HELP),
+    sampling: Optional[str] = typer.Option(None, "--sampling", help=SAMPLING_HELP),
     min_fat_vessels: int = typer.Option(3, "--min-fat-vessels", help=MIN_FAT_HELP),
 ):
     """Score many slides: resumable, a bad slide or a crashed worker never stops the batch."""
     from calciscope.inference.batch import ScoreRun
 
     settings = {"batch_size": batch_size, "saliency": saliency, "top_k": top_k, "min_tissue": min_tissue,
-                "slide_mpp": slide_mpp, "runtime": runtime, "vessels": vessels, "slide_source": slide_source,
+                "slide_mpp": slide_mpp, "runtime": runtime, "vessels": vessels, "sampling": sampling,
                 "min_fat_vessels": min_fat_vessels}
     with progress_bar("slides", per_minute=True) as update:
         outcomes = ScoreRun(source, model, out_dir, settings=settings, workers=workers, backend=backend,

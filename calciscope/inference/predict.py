@@ -45,7 +45,7 @@ from calciscope.training.engine import choose_precision, prepare_inputs
 
 RESULT_SCHEMA_VERSION = 1
 RUNTIMES = ("torch", "onnxruntime")
-SLIDE_SOURCES = ("tiles", "vessels", "all")
+SAMPLINGS = ("grid", "vessels", "both")
 QC_COLUMNS = ("blur_var", "background_fraction", "pen_fraction", "dark_fraction")
 NOTICE = ("Decision support, not a diagnosis: these scores show where a model trained on labelled slides sees the "
           "calciphylaxis pattern. The diagnosis rests with the pathologist and the clinical picture.")
@@ -76,7 +76,7 @@ class PredictConfig:
     # vessel analysis: "auto" = the segmenter shipped beside the model (model folder's vessels/, or the demo's),
     # skipped when there is none; a segmenter folder; or "none"
     vessels: str = "auto"
-    slide_source: str | None = None  # tiles | vessels | all; None = the card's (extra.slide_source), else tiles
+    sampling: str | None = None  # grid | vessels | both: the tiles slide probabilities aggregate; None = the card's
     min_fat_vessels: int = 3  # small vessels in subcutaneous fat needed before the CUA pattern is judged
 
     def __post_init__(self) -> None:
@@ -103,8 +103,8 @@ class PredictConfig:
         if onnx and self.device not in ("auto", "cpu"):
             raise CalciscopeError(f"device {self.device!r}: the onnxruntime runtime runs on the CPU; use the torch "
                                   f"runtime for {self.device}")
-        if self.slide_source is not None and self.slide_source not in SLIDE_SOURCES:
-            raise CalciscopeError(f"unknown slide source {self.slide_source!r}; choose one of: {', '.join(SLIDE_SOURCES)}")
+        if self.sampling is not None and self.sampling not in SAMPLINGS:
+            raise CalciscopeError(f"unknown sampling {self.sampling!r}; choose one of: {', '.join(SAMPLINGS)}")
         if self.min_fat_vessels < 0:
             raise CalciscopeError(f"min fat vessels must be 0 or more, got {self.min_fat_vessels}")
         if onnx and self.amp not in ("auto", "off"):
@@ -164,7 +164,7 @@ class SlideResult:
     out_dir: Path | None = None
     runtime: str = "torch"
     vessels: Any = None  # calciscope.vessels.analysis.VesselAnalysis, when vessel analysis ran
-    slide_source: str = "tiles"
+    sampling: str = "grid"  # which tiles the slide probabilities aggregate: grid | vessels | both
 
     @property
     def decisions(self) -> dict[str, bool]:
@@ -223,7 +223,7 @@ class SlideResult:
                         "decision": "positive" if self.decisions[label] else "negative"}
                 for label in self.labels
             },
-            "slide_source": self.slide_source,
+            "sampling": self.sampling,
             "cua_pattern": self.cua,
             "vessels": None if self.vessels is None else self.vessels.to_dict(),
             "top_tiles": {
@@ -315,10 +315,14 @@ class Predictor:
         self.segmenter = load_segmenter(folder) if folder is not None else None
         self.segmenter_path = folder
         self.vessel_config = VesselConfig(adequacy=AdequacyConfig(min_small_fat_vessels=cfg.min_fat_vessels))
-        self.slide_source = cfg.slide_source or str(self.card.extra.get("slide_source", "tiles"))
-        if self.slide_source != "tiles" and self.segmenter is None:
-            raise CalciscopeError(f"slide source {self.slide_source!r} needs vessel analysis, and no vessel "
-                                  f"segmenter was found (give one with --vessels PATH)")
+        self.sampling = cfg.sampling or str(self.card.extra.get("sampling", "grid"))
+        if self.sampling not in SAMPLINGS or self.card.head == "mil":
+            self.sampling = "grid"
+        if self.sampling != "grid" and self.segmenter is None:
+            if cfg.sampling is not None:
+                raise CalciscopeError(f"sampling {self.sampling!r} needs vessel analysis, and no vessel segmenter was "
+                                      f"found (give one with --vessels PATH)")
+            self.sampling = "grid"  # the card asks for vessel tiles, but vessel analysis is off: the grid alone
 
     def _load_torch(self, model: str | Path) -> None:
         self.model_path = resolve_model(model)
@@ -397,7 +401,7 @@ class Predictor:
             top_tiles=top, saliency_maps=maps, top_tile_images=images, thumbnail=thumbnail,
             aggregation=self.aggregation, saliency_method=cfg.saliency, seconds=time.perf_counter() - start,
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), runtime=cfg.runtime,
-            vessels=vessels, slide_source=self.slide_source if self.card.head != "mil" else "tiles",
+            vessels=vessels, sampling=self.sampling,
         )
 
     def _vessels(self, slide, mask):
@@ -408,13 +412,16 @@ class Predictor:
                                self.tiling, self.labels, self.vessel_config)
 
     def _slide_probabilities(self, tile_probs: np.ndarray, vessels) -> np.ndarray:
-        """Slide probabilities from the grid ("tiles"), the vessels ("vessels": the highest vessel probability per
-        finding) or both together ("all": grid and vessel tiles aggregated as one set, then the card's calibration)."""
+        """Slide probabilities: the card's aggregation and calibration over the grid tiles ("grid"), the tiles centred
+        on the detected vessels ("vessels"; none found: every finding 0) or both sets together ("both")."""
         agg = self.aggregation
-        if self.slide_source == "vessels":
-            return vessels.slide_scores()
-        if self.slide_source == "all" and vessels is not None and vessels.vessels:
-            tile_probs = np.vstack([tile_probs, vessels.tile_probs])
+        vessel_tiles = vessels.tile_probs if vessels is not None else np.zeros((0, len(self.labels)), np.float32)
+        if self.sampling == "vessels":
+            if len(vessel_tiles) == 0:
+                return np.zeros(len(self.labels), np.float32)
+            tile_probs = vessel_tiles
+        elif self.sampling == "both":
+            tile_probs = np.vstack([tile_probs, vessel_tiles])
         return slide_probabilities(tile_probs, self.card, method=agg["method"], k=agg["k"], quantile=agg["quantile"])
 
     def _stream(self, path: Path, grid: TileGrid, progress: Progress | None) -> tuple[np.ndarray, np.ndarray]:

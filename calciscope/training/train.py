@@ -348,7 +348,9 @@ def evaluate_model(model_dir: str | Path, data_path: str | Path, out_dir: str | 
                         cache_dir=str(Path(out_dir) / "embeddings"),
                         manifest=str(data_path) if source != "tiles" else None,
                         tiles=str(data_path) if source == "tiles" else None,
-                        mpp=card.mpp, tile_px=card.tile_px, stain_normalize=bool(card.extra.get("stain_normalize"))),
+                        mpp=card.mpp, tile_px=card.tile_px, stain_normalize=bool(card.extra.get("stain_normalize")),
+                        # the tiles it was trained on; vessel tiles from the manifest's annotated vessel outlines
+                        sampling=str(card.extra.get("sampling", "grid")) if source == "slides" else "grid"),
         optim=OptimConfig(workers=workers, batch_size=64),
         aggregation=AggregationConfig(**aggregation) if aggregation else AggregationConfig(),
         cua_rule=card.cua_rule,
@@ -467,6 +469,7 @@ def make_card(config: TrainConfig, data: DataBundle, model: nn.Module, report: d
         metrics=report,
         synthetic_demo=config.synthetic_demo,
         extra={"aggregation": config.to_dict()["aggregation"], "stain_normalize": config.data.stain_normalize,
+               "sampling": config.data.sampling,
                "calciscope_version_trained": __version__},
     )
 
