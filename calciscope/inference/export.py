@@ -1,6 +1,10 @@
 """A ``SlideResult`` on disk: ``OUT/<slide_id>/`` with result.json, tiles.csv, heatmap_<finding>.png,
-saliency/<finding>/tile_<x>_<y>.png, annotations.geojson (QuPath) and report.html, written under a temporary name
-and renamed when complete, so a folder is there whole or not at all.
+saliency/<finding>/tile_<x>_<y>.png, annotations.geojson (QuPath) and report.html, plus vessels.geojson (QuPath)
+and vessels.csv when vessel analysis ran; written under a temporary name and renamed when complete, so a folder is
+there whole or not at all.
+
+A vessel counts as positive for a finding when its probability (calibrated, the highest over the vessel's tiles)
+is at least ``VESSEL_POSITIVE`` (0.5): a per-vessel call, separate from the slide thresholds of the model card.
 """
 
 from __future__ import annotations
@@ -29,6 +33,9 @@ FINDING_COLOURS = {
     "thrombosis": (220, 30, 30),
     "vasculitis": (240, 150, 0),
 }
+VESSEL_COLOUR = (0, 170, 200)
+ARTIFACT_COLOUR = (250, 200, 0)
+VESSEL_POSITIVE = 0.5  # calibrated per-vessel probability at which a vessel counts as positive for a finding
 
 
 def write_outputs(result: SlideResult, out_root: str | Path) -> Path:
@@ -52,6 +59,9 @@ def write_outputs(result: SlideResult, out_root: str | Path) -> Path:
         write_json(tmp / "result.json", result.to_dict())
         write_tiles_csv(tmp / "tiles.csv", result)
         write_json(tmp / "annotations.geojson", qupath_features(result))
+        if result.vessels is not None:
+            write_json(tmp / "vessels.geojson", vessel_features(result))
+            write_vessels_csv(tmp / "vessels.csv", result)
         from calciscope.inference.report import render_report
 
         (tmp / "report.html").write_text(render_report(result, images), encoding="utf-8")
@@ -141,6 +151,105 @@ def qupath_features(result: SlideResult) -> dict[str, Any]:
                     },
                 })
     return {"type": "FeatureCollection", "features": features}
+
+
+def positive_findings(probabilities: dict[str, float]) -> list[str]:
+    """The findings a vessel counts as positive for (probability ≥ ``VESSEL_POSITIVE``), in label order."""
+    return [k for k, v in probabilities.items() if v >= VESSEL_POSITIVE]
+
+
+def _ring(points: np.ndarray, dims: tuple[int, int]) -> list[list[float]]:
+    """A closed GeoJSON ring (last point = first) in level-0 px, 0.1 px precision, clipped to the slide."""
+    pts = np.clip(np.asarray(points, np.float64), 0, [dims[0], dims[1]])
+    ring = [[round(float(x), 1), round(float(y), 1)] for x, y in pts]
+    if ring[0] != ring[-1]:
+        ring.append(list(ring[0]))
+    return ring
+
+
+def vessel_measurements(vessel, labels: list[str]) -> dict[str, float]:
+    """QuPath measurements of one vessel: a flat {name: number} (a lumen-less vessel has no lumen or wall)."""
+    g = vessel.geometry
+    values = {"outer diameter µm": g.outer_diameter_um, "lumen diameter µm": g.lumen_diameter_um,
+              "wall thickness µm": g.wall_thickness_um, "area µm²": g.area_um2}
+    out = {name: round(float(v), 2) for name, v in values.items() if v is not None}
+    out["tiles"] = int(vessel.n_tiles)
+    out.update({f"p({label})": round(float(vessel.probabilities[label]), 6) for label in labels
+                if label in vessel.probabilities})
+    return out
+
+
+def vessel_features(result: SlideResult) -> dict[str, Any]:
+    """The vessel analysis as a GeoJSON FeatureCollection QuPath imports, level-0 pixels:
+
+    - one ``vessel`` annotation per vessel: a Polygon whose outer ring is the outer wall and whose hole, when the
+      lumen was found, the lumen; QuPath measurements (diameters, wall thickness, area, ``p(<finding>)``) and plain
+      properties (vessel_id, compartment, size_band, flags, probabilities, positive findings);
+    - one ``calcium_artifact`` annotation per calcium-artifact region (holes, tears, knife chatter).
+    """
+    analysis = result.vessels
+    dims = tuple(result.slide.level_dimensions[0])
+    features = []
+    for v in analysis.vessels:
+        rings = [_ring(v.polygon, dims)]
+        if v.lumen_polygon is not None and len(v.lumen_polygon) >= 3:
+            rings.append(_ring(v.lumen_polygon, dims))
+        probs = {k: round(float(p), 6) for k, p in v.probabilities.items()}
+        features.append({
+            "type": "Feature",
+            "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"{result.sha256}/vessel/{v.vessel_id}")),
+            "geometry": {"type": "Polygon", "coordinates": rings},
+            "properties": {
+                "objectType": "annotation",
+                "name": f"vessel {v.vessel_id}",
+                "classification": {"name": "vessel", "color": list(VESSEL_COLOUR)},
+                "measurements": vessel_measurements(v, result.labels),
+                "vessel_id": v.vessel_id,
+                "compartment": v.compartment,
+                "size_band": v.size_band,
+                "flags": list(v.flags),
+                "probabilities": probs,
+                "positive": positive_findings(probs),
+                "positive_threshold": VESSEL_POSITIVE,
+            },
+        })
+    for n, poly in enumerate(analysis.artifact_polygons, 1):
+        area = float(cv2.contourArea(np.asarray(poly, np.float32))) * result.slide.mpp**2
+        features.append({
+            "type": "Feature",
+            "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"{result.sha256}/calcium_artifact/{n}")),
+            "geometry": {"type": "Polygon", "coordinates": [_ring(poly, dims)]},
+            "properties": {
+                "objectType": "annotation",
+                "name": f"calcium artifact {n}",
+                "classification": {"name": "calcium_artifact", "color": list(ARTIFACT_COLOUR)},
+                "measurements": {"area µm²": round(area, 1)},
+            },
+        })
+    return {"type": "FeatureCollection", "features": features}
+
+
+def write_vessels_csv(path: Path, result: SlideResult) -> None:
+    """One row per vessel: id, level-0 centroid, size, compartment, size band, per-finding probability, calls, flags."""
+    labels = result.labels
+    header = ["vessel_id", "centroid_x", "centroid_y", "outer_diameter_um", "lumen_diameter_um", "wall_thickness_um",
+              "area_um2", "compartment", "size_band", "n_tiles", *(f"p_{label}" for label in labels), "positive",
+              "flags"]
+
+    def num(v: float | None, digits: int) -> str:
+        return "" if v is None else f"{v:.{digits}f}"
+
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        for v in result.vessels.vessels:
+            g = v.geometry
+            cx, cy = v.centroid
+            writer.writerow([v.vessel_id, f"{cx:.1f}", f"{cy:.1f}", num(g.outer_diameter_um, 2),
+                             num(g.lumen_diameter_um, 2), num(g.wall_thickness_um, 2), num(g.area_um2, 1),
+                             v.compartment, v.size_band, v.n_tiles,
+                             *(num(v.probabilities.get(label), 6) for label in labels),
+                             ";".join(positive_findings(v.probabilities)), ";".join(v.flags)])
 
 
 def load_result(out_dir: str | Path) -> dict[str, Any]:

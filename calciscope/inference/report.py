@@ -1,11 +1,14 @@
-"""``report.html``: one self-contained page per slide (images embedded, no scripts, no network), for a pathologist.
+"""``report.html``: one self-contained page per slide (images embedded, no network), for a pathologist.
 
-Every string that came from a user or a file (slide name, label names, model card text) is HTML-escaped.
+Every string that came from a user or a file (slide name, label names, model card text) is HTML-escaped. The one
+script is ours (``SORT_JS``: click a vessel-table header to sort), and the page's Content-Security-Policy allows that
+script alone (by its sha256), data-URI images and inline styles, so nothing injected could run or load anything.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 from html import escape
 from typing import TYPE_CHECKING, Any
 
@@ -44,7 +47,43 @@ th{background:#f0f0f3} td.num{text-align:right;font-variant-numeric:tabular-nums
 .grid{display:flex;flex-wrap:wrap;gap:12px} figure{margin:0;background:#fff;border:1px solid #ddd;padding:6px}
 figcaption{font-size:.85rem;color:#444;margin-top:4px;max-width:460px}
 img{display:block;max-width:100%} .heat img{width:440px} .tile img{width:300px;image-rendering:pixelated}
+.warn{background:#fde8e8;border:2px solid #c62828;font-size:1.05rem} .ok{color:#2e7d32}
+.score.dim{color:#999}
+.overlay svg{display:block;width:100%;max-width:900px;height:auto}
+.overlay path{fill:none;stroke-width:2;vector-effect:non-scaling-stroke}
+.overlay path.vpos{stroke:#ff1744;fill:rgba(255,23,68,.15)} .overlay path.vneg{stroke:#00e676;fill:rgba(0,230,118,.08)}
+.overlay path.artifact{stroke:#ffd600;stroke-dasharray:4 3;fill:rgba(255,214,0,.15)}
+.overlay text{font-weight:700;paint-order:stroke;stroke:#000;stroke-width:2px;fill:#fff}
+.scroll{max-height:640px;overflow:auto;border:1px solid #ddd;display:inline-block;max-width:100%}
+table.sortable th{cursor:pointer;position:sticky;top:0;white-space:nowrap} table.sortable td{white-space:nowrap}
+table.sortable th[aria-sort=ascending]::after{content:" \\25B2"}
+table.sortable th[aria-sort=descending]::after{content:" \\25BC"}
+table.sortable tr.vpos td:first-child{border-left:4px solid #ff1744}
 """
+# Click a header of a table.sortable to sort by that column (again: reverse). Cells with data-v sort as numbers
+# (an empty data-v, i.e. n/a, always last); other cells by their text. "#sort=<data-key>[:desc]" in the address
+# sorts on load. Marks each table data-sortable="ready" once wired.
+SORT_JS = """(function(){
+function val(r,i){var c=r.cells[i],v=c.getAttribute('data-v');
+if(v===null)return c.textContent.trim().toLowerCase();return v===''?null:parseFloat(v);}
+function sortBy(t,i,desc){var b=t.tBodies[0],rows=Array.prototype.slice.call(b.rows);
+rows.sort(function(r,s){var x=val(r,i),y=val(s,i);
+if(x===null||y===null)return x===y?0:(x===null?1:-1);
+var d=typeof x==='number'?x-y:(x<y?-1:(x>y?1:0));return desc?-d:d;});
+rows.forEach(function(r){b.appendChild(r);});
+var hs=t.tHead.rows[0].cells;for(var k=0;k<hs.length;k++)hs[k].removeAttribute('aria-sort');
+hs[i].setAttribute('aria-sort',desc?'descending':'ascending');}
+var ts=document.querySelectorAll('table.sortable');
+Array.prototype.forEach.call(ts,function(t){var hs=t.tHead.rows[0].cells;
+Array.prototype.forEach.call(hs,function(h,i){h.addEventListener('click',function(){
+sortBy(t,i,h.getAttribute('aria-sort')==='ascending');});});t.setAttribute('data-sortable','ready');});
+var m=/^#sort=([A-Za-z0-9._-]+)(:desc)?$/.exec(location.hash);
+if(m)Array.prototype.forEach.call(ts,function(t){var hs=t.tHead.rows[0].cells;
+for(var i=0;i<hs.length;i++)if(hs[i].getAttribute('data-key')===m[1])sortBy(t,i,!!m[2]);});
+})();"""
+CSP = ("default-src 'none'; img-src data:; style-src 'unsafe-inline'; "
+       f"script-src 'sha256-{base64.b64encode(hashlib.sha256(SORT_JS.encode('utf-8')).digest()).decode('ascii')}'")
+COMPARTMENT_TEXT = {"fat": "subcutaneous fat", "dermis": "dermis", "unknown": "not placed"}
 
 
 def _data_uri(rgb: np.ndarray, *, jpeg: bool) -> str:
@@ -85,6 +124,14 @@ def _cua_section(result: SlideResult) -> str:
     cua = result.cua
     if cua.get("score") is None:
         return f"<p>Not scored: {escape(str(cua.get('reason', '')))}</p>"
+    insufficient = cua.get("status") == "insufficient_sampling"
+    warning = ""
+    if insufficient:
+        warning = ("<div class='notice warn' id='cua-insufficient'><b>Status: insufficient sampling</b> "
+                   "(<code>insufficient_sampling</code>). "
+                   f"{escape(str(cua.get('reason', '')))}. <b>The CUA pattern cannot be judged on this slide, and the "
+                   "absence of vasculitis cannot be concluded from it</b>: too few small vessels of the subcutaneous "
+                   "fat were seen (see Vessels). The score below is shown for reference only.</div>")
     combine = "product" if cua["combine"] == "product" else "minimum"
     rows = []
     for term, info in cua["terms"].items():
@@ -93,7 +140,8 @@ def _cua_section(result: SlideResult) -> str:
         rows.append(f"<tr><td>{escape(TERM_TEXT.get(term, term))}</td><td class='num'>{_fmt(info['value'])}</td>"
                     f"<td>{escape(driver or '-')}</td><td>{inputs}</td></tr>")
     limiting = TERM_TEXT.get(cua["limiting_term"], cua["limiting_term"])
-    return (f"<p><span class='score'>{_fmt(cua['score'])}</span> CUA-pattern score</p>"
+    return (f"{warning}<p><span class='score{' dim' if insufficient else ''}'>{_fmt(cua['score'])}</span> "
+            f"CUA-pattern score{' (not interpretable: insufficient sampling)' if insufficient else ''}</p>"
             "<p>The rule: calcification (medial or small-vessel) <b>and</b> thrombosis/occlusion <b>and not</b> "
             f"vasculitis, combined as the {combine} of the three terms below (McMullen et al. 2019: calcium "
             "deposits plus thrombosis of subcutaneous small vessels). It summarises the finding probabilities; "
@@ -110,6 +158,147 @@ def _qc_section(result: SlideResult) -> str:
         return f"<p>No quality warnings.</p><p class='muted'>{facts}</p>"
     items = "".join(f"<li><b>{escape(f)}</b>: {escape(QC_EXPLANATIONS.get(f, ''))}</li>" for f in flags)
     return f"<div class='notice'><ul>{items}</ul></div><p class='muted'>{facts}</p>"
+
+
+def _num_cell(v: float | None, digits: int) -> str:
+    """A right-aligned number cell that sorts numerically (n/a sorts last)."""
+    if v is None:
+        return "<td class='num' data-v=''>n/a</td>"
+    return f"<td class='num' data-v='{float(v):.6g}'>{v:.{digits}f}</td>"
+
+
+def _adequacy_html(adequacy: dict[str, Any]) -> str:
+    from calciscope.vessels.analysis import COMPARTMENTS, SIZE_BANDS
+
+    counts = adequacy.get("by_compartment", {})
+    bands = [(name, lo, hi) for name, lo, hi in SIZE_BANDS]
+    compartments = list(COMPARTMENTS) + [c for c in counts if c not in COMPARTMENTS]
+
+    def band_text(lo: float, hi: float) -> str:
+        return f"&lt; {hi:g} µm" if lo == 0 else (f"≥ {lo:g} µm" if hi == float("inf") else f"{lo:g}–{hi:g} µm")
+
+    head = "".join(f"<th>{escape(name)} ({band_text(lo, hi)})</th>" for name, lo, hi in bands)
+    rows = ""
+    for c in compartments:
+        row = counts.get(c, {})
+        cells = "".join(f"<td class='num'>{int(row.get(name, 0))}</td>" for name, _, _ in bands)
+        rows += (f"<tr><th>{escape(COMPARTMENT_TEXT.get(c, c))}</th>{cells}"
+                 f"<td class='num'>{sum(int(v) for v in row.values())}</td></tr>")
+    totals = "".join(f"<td class='num'>{sum(int(counts.get(c, {}).get(name, 0)) for c in compartments)}</td>"
+                     for name, _, _ in bands)
+    n = int(adequacy.get("n_vessels", 0))
+    table = (f"<table id='vessel-counts'><tr><th>compartment</th>{head}<th>total</th></tr>{rows}"
+             f"<tr><th>total</th>{totals}<td class='num'>{n}</td></tr></table>")
+    small, need = int(adequacy.get("small_fat_vessels", 0)), int(adequacy.get("min_small_fat_vessels", 0))
+    small_max = float(adequacy.get("small_max_um", 100.0))
+    fat = sum(int(v) for v in counts.get("fat", {}).values())
+    dermis = sum(int(v) for v in counts.get("dermis", {}).values())
+    statement = (f"<p><b>{n}</b> vessel{'' if n == 1 else 's'} found: {fat} in subcutaneous fat, {dermis} in the "
+                 f"dermis, {n - fat - dermis} not placed. Size band by outer diameter (the minor axis of the outline)."
+                 f"</p>{table}<p>Small vessels (&lt; {small_max:g} µm) in subcutaneous fat: <b>{small}</b>; at least "
+                 f"<b>{need}</b> are needed to judge the small vessels.</p>")
+    if adequacy.get("status") == "sufficient":
+        return statement + "<p class='ok' id='vessel-adequacy'>Sampling of small subcutaneous vessels: sufficient.</p>"
+    return statement + ("<div class='notice warn' id='vessel-adequacy'><b>Insufficient sampling of small "
+                        f"subcutaneous vessels.</b> {escape(str(adequacy.get('reason', '')))}. The CUA pattern cannot "
+                        "be judged on this slide, and the absence of vasculitis cannot be concluded from it "
+                        "(calciphylaxis affects the small vessels of the subcutaneous fat; a biopsy without them "
+                        "cannot rule the pattern in or out). A deeper biopsy reaching the fat may help.</div>")
+
+
+def _vessel_overlay(result: SlideResult, thumbnail_uri: str, positive: list[bool]) -> str:
+    """The thumbnail with every vessel outline (with its lumen as a hole) and calcium-artifact region, as SVG."""
+    from calciscope.inference.export import VESSEL_POSITIVE
+
+    analysis = result.vessels
+    th, tw = result.thumbnail.shape[:2]
+    w0, h0 = result.slide.level_dimensions[0]
+    scale = np.array([tw / w0, th / h0])
+
+    def path(*rings: np.ndarray | None) -> str:
+        parts = []
+        for ring in rings:
+            if ring is None or len(ring) < 3:
+                continue
+            pts = np.asarray(ring, np.float64) * scale
+            parts.append("M" + " L".join(f"{x:.1f},{y:.1f}" for x, y in pts) + " Z")
+        return " ".join(parts)
+
+    font = max(8.0, tw / 80)
+    shapes = []
+    for k, poly in enumerate(analysis.artifact_polygons, 1):
+        shapes.append(f"<path class='artifact' d='{path(poly)}'><title>calcium artifact {k}</title></path>")
+    for v, pos in zip(analysis.vessels, positive):
+        cls = "vpos" if pos else "vneg"
+        found = ", ".join(escape(f) for f in _positive(v.probabilities)) or f"no finding ≥ {VESSEL_POSITIVE:g}"
+        shapes.append(f"<path class='vessel {cls}' data-id='{v.vessel_id}' fill-rule='evenodd' "
+                      f"d='{path(v.polygon, v.lumen_polygon)}'><title>vessel {v.vessel_id}: {escape(v.compartment)}, "
+                      f"{escape(v.size_band)}, {v.geometry.outer_diameter_um:.0f} µm; {found}</title></path>")
+        x, y = np.asarray(v.polygon, np.float64).max(axis=0) * scale
+        shapes.append(f"<text x='{x + 1:.1f}' y='{y + 1:.1f}' font-size='{font:.1f}'>{v.vessel_id}</text>")
+    return (f"<figure class='overlay'><svg id='vessel-overlay' viewBox='0 0 {tw} {th}' role='img' "
+            f"aria-label='vessel outlines on the slide thumbnail'><image href='{thumbnail_uri}' x='0' y='0' "
+            f"width='{tw}' height='{th}'/>{''.join(shapes)}</svg><figcaption>Vessel outlines on the slide thumbnail, "
+            f"labelled with their id: <span class='pos'>red</span>, some finding ≥ {VESSEL_POSITIVE:g}; "
+            "<span class='neg'>green</span>, none; dashed yellow: calcium-artifact regions (holes, tears, knife "
+            "chatter). Hover for details.</figcaption></figure>")
+
+
+def _positive(probabilities: dict[str, float]) -> list[str]:
+    from calciscope.inference.export import positive_findings
+
+    return positive_findings(probabilities)
+
+
+def _vessels_section(result: SlideResult, thumbnail_uri: str) -> str:
+    analysis = result.vessels
+    if analysis is None:
+        return "<p id='vessels-not-run'>Vessel analysis was not run for this slide (no vessel segmenter was used).</p>"
+    from calciscope.inference.export import VESSEL_POSITIVE
+
+    labels = result.labels
+    positive = [bool(_positive(v.probabilities)) for v in analysis.vessels]
+    qc = analysis.qc
+    qc_text = (f"<p class='muted'>Calcium-artifact QC: {int(qc.get('calcium_artifact_regions', 0))} region(s), "
+               f"{float(qc.get('calcium_artifact_area_mm2', 0.0)):.4f} mm²; "
+               f"{int(qc.get('vessels_near_calcium_artifact', 0))} vessel(s) next to one (flag "
+               "<code>calcium_artifact</code>: calcium may have been lost there, so a negative call is weaker).</p>")
+    source = {"grid": "the tissue-grid tiles only (the per-vessel calls do not change them)",
+              "vessels": "the tiles centred on the detected vessels",
+              "both": "the tissue-grid tiles and the vessel tiles together"}.get(result.sampling, result.sampling)
+    intro = (f"<p class='muted'>Each vessel is scored on tiles centred on it; its probability for a finding is the "
+             f"highest calibrated tile probability. A vessel counts as positive for a finding at a probability ≥ "
+             f"{VESSEL_POSITIVE:g} (a per-vessel call, not the slide thresholds above). The slide probabilities "
+             f"come from {escape(source)}.</p>")
+    if not analysis.vessels:
+        return _adequacy_html(analysis.adequacy) + qc_text + "<p>No vessel was found.</p>"
+    keys = [("id", "id"), ("compartment", "compartment"), ("size_band", "size band"), ("outer", "outer Ø µm"),
+            ("lumen", "lumen Ø µm"), ("wall", "wall µm"), ("area", "area µm²"),
+            *((f"p_{safe_id(label)}", f"p({label})") for label in labels), ("positive", "positive for"),
+            ("flags", "flags"), ("tiles", "tiles")]
+    head = "".join(f"<th data-key='{escape(k)}'>{escape(name)}</th>" for k, name in keys)
+    rows = []
+    for v, pos in zip(analysis.vessels, positive):
+        g = v.geometry
+        probs = "".join(
+            (f"<td class='num{' pos' if v.probabilities[label] >= VESSEL_POSITIVE else ''}' "
+             f"data-v='{v.probabilities[label]:.6g}'>{v.probabilities[label]:.3f}</td>")
+            if label in v.probabilities else "<td class='num' data-v=''>n/a</td>" for label in labels)
+        rows.append(f"<tr class='{'vpos' if pos else 'vneg'}' data-id='{v.vessel_id}'>"
+                    f"<td class='num' data-v='{v.vessel_id}'>{v.vessel_id}</td>"
+                    f"<td>{escape(COMPARTMENT_TEXT.get(v.compartment, v.compartment))}</td>"
+                    f"<td>{escape(v.size_band)}</td>{_num_cell(g.outer_diameter_um, 1)}"
+                    f"{_num_cell(g.lumen_diameter_um, 1)}{_num_cell(g.wall_thickness_um, 1)}"
+                    f"{_num_cell(g.area_um2, 0)}{probs}<td>{escape(', '.join(_positive(v.probabilities))) or '-'}</td>"
+                    f"<td>{escape(', '.join(v.flags)) or '-'}</td><td class='num' data-v='{v.n_tiles}'>{v.n_tiles}</td>"
+                    "</tr>")
+    n_pos = sum(positive)
+    table = (f"<p>{n_pos} of {len(positive)} vessel(s) positive for at least one finding. Click a column header to "
+             "sort. Outlines and measurements: vessels.geojson (QuPath) and vessels.csv.</p>"
+             f"<div class='scroll'><table class='sortable' id='vessel-table'><thead><tr>{head}</tr></thead>"
+             f"<tbody>{''.join(rows)}</tbody></table></div>")
+    return (_adequacy_html(analysis.adequacy) + qc_text + intro + _vessel_overlay(result, thumbnail_uri, positive)
+            + table)
 
 
 def _top_tiles_section(result: SlideResult, images: dict[str, np.ndarray]) -> str:
@@ -187,8 +376,10 @@ def render_report(result: SlideResult, images: dict[str, np.ndarray]) -> str:
         ("run", f"{result.seconds:.1f} s, calciscope {escape(__version__)}, {escape(result.created)}"),
     ]
     fact_rows = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in facts)
+    thumbnail_uri = _data_uri(images["thumbnail.png"], jpeg=True)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<meta http-equiv="Content-Security-Policy" content="{CSP}">
 <title>calciscope report: {escape(result.slide_id)}</title><style>{CSS}</style></head>
 <body><main>
 <h1>calciscope report: {escape(result.slide_id)}</h1>
@@ -202,8 +393,10 @@ the pathologist and the clinical picture.</div>
 {_findings_table(result)}
 <h2>Quality control</h2>
 {_qc_section(result)}
+<h2>Vessels</h2>
+{_vessels_section(result, thumbnail_uri)}
 <h2>Slide and heatmaps</h2>
-<div class="grid"><figure class="heat"><img alt="slide thumbnail" src="{_data_uri(images['thumbnail.png'], jpeg=True)}">
+<div class="grid"><figure class="heat"><img alt="slide thumbnail" src="{thumbnail_uri}">
 <figcaption>slide thumbnail</figcaption></figure>{heatmaps}</div>
 <h2>Most suspicious tiles</h2>
 {_top_tiles_section(result, images)}
@@ -211,5 +404,5 @@ the pathologist and the clinical picture.</div>
 {_model_section(result)}
 <h2>Slide</h2>
 <table>{fact_rows}</table>
-</main></body></html>
+</main><script>{SORT_JS}</script></body></html>
 """
