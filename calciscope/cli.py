@@ -392,6 +392,23 @@ def train(
     out.print(f"metrics: {run_dir / 'metrics.json'}", highlight=False)
 
 
+@app.command("fit-vessel-head")
+def fit_vessel_head_cmd(
+    model: Path = typer.Option(..., "--model", help="The checkpoint folder to add the vessel head to."),
+    data: Path = typer.Option(..., "--data", help="Manifest of slides with vessel outlines the model never trained on."),
+    vessels: str = typer.Option("auto", "--vessels", help="Segmenter folder (default: the model folder's vessels/)."),
+):
+    """Fit per-vessel calibrated probabilities (tile scores + vessel size and place) into a model's card."""
+    from calciscope.vessels.fit_head import fit_into_card
+
+    with progress_bar("slides") as update:
+        head = fit_into_card(model, data, vessels, progress=update)
+    metrics = head.metrics
+    out.print(f"{metrics['n_vessels']} vessels; per-vessel AUROC (grouped CV): {metrics.get('cv_auroc', 'n/a')}",
+              highlight=False, soft_wrap=True)
+    out.print(str(model / "model.json"), highlight=False, soft_wrap=True)
+
+
 @app.command("train-vessels")
 def train_vessels(
     config: Path = typer.Option(..., "--config", help="Segmenter config (YAML); see configs/vessels.yaml."),

@@ -62,6 +62,8 @@ class Outcome:
     n_tiles: int | None = None
     probabilities: dict[str, float] = field(default_factory=dict)
     cua_pattern: float | None = None
+    cua_status: str = ""  # scored | insufficient_sampling | not_applicable
+    n_vessels: int | None = None
     qc_flags: list[str] = field(default_factory=list)
     attempts: int = 1
 
@@ -166,7 +168,8 @@ def _outcome_from_doc(job: SlideJob, doc: dict, status: str, seconds: float) -> 
         slide_id=job.slide_id, path=job.path, status=status, seconds=round(seconds, 3),
         sha256=doc["slide"]["sha256"], n_tiles=doc["tiling"]["n_tiles"],
         probabilities={k: v["probability"] for k, v in doc["findings"].items()},
-        cua_pattern=doc["cua_pattern"].get("score"), qc_flags=list(doc["qc"].get("flags", [])),
+        cua_pattern=doc["cua_pattern"].get("score"), cua_status=doc["cua_pattern"].get("status", ""),
+        n_vessels=(doc.get("vessels") or {}).get("n_vessels"), qc_flags=list(doc["qc"].get("flags", [])),
     )
 
 
@@ -454,12 +457,13 @@ class ScoreRun:
         buf = io.StringIO()
         writer = csv.writer(buf)
         writer.writerow(["slide_id", "path", "status", *(f"p_{label}" for label in labels), "cua_pattern",
-                         "qc_flags", "n_tiles", "sha256", "seconds", "attempts", "error"])
+                         "cua_status", "n_vessels", "qc_flags", "n_tiles", "sha256", "seconds", "attempts", "error"])
         for job in jobs:
             o = outcomes.get(job.slide_id) or Outcome(job.slide_id, job.path, "not_run", attempts=0)
             probs = [("" if label not in o.probabilities else f"{o.probabilities[label]:.6f}") for label in labels]
             writer.writerow([o.slide_id, o.path, o.status, *probs,
-                             "" if o.cua_pattern is None else f"{o.cua_pattern:.6f}", ";".join(o.qc_flags),
+                             "" if o.cua_pattern is None else f"{o.cua_pattern:.6f}", o.cua_status,
+                             "" if o.n_vessels is None else o.n_vessels, ";".join(o.qc_flags),
                              "" if o.n_tiles is None else o.n_tiles, o.sha256, f"{o.seconds:.3f}", o.attempts,
                              o.error])
         write_bytes_atomic(out_root / "summary.csv", buf.getvalue().encode("utf-8"))

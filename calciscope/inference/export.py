@@ -20,6 +20,7 @@ import numpy as np
 
 from calciscope.data.slides import safe_id
 from calciscope.inference.heatmap import contours_level0, heatmap_image
+from calciscope.inference.predict import VESSEL_POSITIVE
 from calciscope.inference.saliency import overlay
 from calciscope.io import atomic_dir, child_dir, write_json
 
@@ -35,7 +36,6 @@ FINDING_COLOURS = {
 }
 VESSEL_COLOUR = (0, 170, 200)
 ARTIFACT_COLOUR = (250, 200, 0)
-VESSEL_POSITIVE = 0.5  # calibrated per-vessel probability at which a vessel counts as positive for a finding
 
 
 def write_outputs(result: SlideResult, out_root: str | Path) -> Path:

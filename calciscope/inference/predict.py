@@ -46,6 +46,7 @@ from calciscope.training.engine import choose_precision, prepare_inputs
 RESULT_SCHEMA_VERSION = 1
 RUNTIMES = ("torch", "onnxruntime")
 SAMPLINGS = ("grid", "vessels", "both")
+VESSEL_POSITIVE = 0.5  # calibrated per-vessel probability at which a vessel counts as positive for a finding
 QC_COLUMNS = ("blur_var", "background_fraction", "pen_fraction", "dark_fraction")
 NOTICE = ("Decision support, not a diagnosis: these scores show where a model trained on labelled slides sees the "
           "calciphylaxis pattern. The diagnosis rests with the pathologist and the clinical picture.")
@@ -225,7 +226,7 @@ class SlideResult:
             },
             "sampling": self.sampling,
             "cua_pattern": self.cua,
-            "vessels": None if self.vessels is None else self.vessels.to_dict(),
+            "vessels": None if self.vessels is None else self.vessels.to_dict({k: VESSEL_POSITIVE for k in self.labels}),
             "top_tiles": {
                 "score": self.score_kind,
                 "saliency_method": self.saliency_method,
@@ -302,17 +303,23 @@ class Predictor:
     def _load_segmenter(self) -> None:
         """The vessel segmenter ``config.vessels`` names (see PredictConfig), and where slide scores come from."""
         from calciscope.vessels.analysis import AdequacyConfig, VesselConfig
+        from calciscope.vessels.head import VesselHead
         from calciscope.vessels.segment import load_segmenter
 
         cfg = self.config
         spec = cfg.vessels
         folder: Path | None = None
         if spec not in ("auto", "none"):
+            if self.card.head == "mil":
+                raise CalciscopeError("vessel analysis scores tiles centred on vessels, which needs a tile model; "
+                                      "this is an attention-MIL model (use --vessels none)")
             folder = Path(spec)
         elif spec == "auto" and self.card.head != "mil":
             beside = self.model_path.parent if self.model_path.is_file() else self.model_path
             folder = beside / "vessels" if (beside / "vessels" / "segmenter.json").is_file() else None
         self.segmenter = load_segmenter(folder) if folder is not None else None
+        head = self.card.extra.get("vessel_head")
+        self.vessel_head = VesselHead.from_dict(head, self.labels) if head else None
         self.segmenter_path = folder
         self.vessel_config = VesselConfig(adequacy=AdequacyConfig(min_small_fat_vessels=cfg.min_fat_vessels))
         self.sampling = cfg.sampling or str(self.card.extra.get("sampling", "grid"))
@@ -409,7 +416,7 @@ class Predictor:
 
         model, card = self.segmenter
         return analyze_vessels(slide, mask, model, card, lambda tiles: self.score_tiles(torch.from_numpy(tiles)),
-                               self.tiling, self.labels, self.vessel_config)
+                               self.tiling, self.labels, self.vessel_config, self.vessel_head)
 
     def _slide_probabilities(self, tile_probs: np.ndarray, vessels) -> np.ndarray:
         """Slide probabilities: the card's aggregation and calibration over the grid tiles ("grid"), the tiles centred

@@ -28,8 +28,9 @@ from calciscope.data.tiling import TilingConfig
 from calciscope.data.tissue import TissueMask
 from calciscope.vessels.compartment import compartment_map
 from calciscope.vessels.frames import level0_to_mask_px, mask_px_to_level0
-from calciscope.vessels.instances import InstanceConfig, vessel_instances
-from calciscope.vessels.measure import VesselGeometry, measure_vessel, outer_and_lumen
+from calciscope.vessels.head import VesselHead, vessel_features
+from calciscope.vessels.instances import InstanceConfig, vessel_instances_from_maps
+from calciscope.vessels.measure import VesselGeometry, measure_vessel
 from calciscope.vessels.sampling import vessel_grid
 from calciscope.vessels.segment import SegmenterCard, VesselMaps, VesselUNet, segment_slide
 
@@ -69,7 +70,8 @@ class VesselRecord:
     lumen_polygon: np.ndarray | None
     geometry: VesselGeometry
     compartment: str  # fat | dermis | unknown
-    probabilities: dict[str, float] = field(default_factory=dict)
+    probabilities: dict[str, float] = field(default_factory=dict)  # calibrated per-vessel (the vessel head's)
+    tile_probabilities: dict[str, float] = field(default_factory=dict)  # highest of its tiles, per finding
     n_tiles: int = 0
     flags: list[str] = field(default_factory=list)
 
@@ -122,20 +124,27 @@ class VesselAnalysis:
 
 def analyze_vessels(slide: Slide, tissue: TissueMask, segmenter: VesselUNet, seg_card: SegmenterCard,
                     classify: Callable[[np.ndarray], np.ndarray], tiling: TilingConfig, labels: list[str],
-                    config: VesselConfig = VesselConfig()) -> VesselAnalysis:
-    """Vessels of ``slide``; ``classify`` maps uint8 tiles (B, 3, H, W) to calibrated probabilities (B, L)."""
+                    config: VesselConfig = VesselConfig(), head: VesselHead | None = None) -> VesselAnalysis:
+    """Vessels of ``slide``; ``classify`` maps uint8 tiles (B, 3, H, W) to calibrated probabilities (B, L);
+    ``head`` (calciscope.vessels.head) turns tile scores and shape into per-vessel probabilities."""
     start = time.perf_counter()
     maps = segment_slide(slide, segmenter, seg_card, tissue)
-    wall = maps.wall()
-    polygons = vessel_instances(wall, maps.downsample, slide.mpp, config.instance)
+    on_tissue = _tissue_at(tissue, maps)
+    lumen_map = maps.probability("lumen") * on_tissue
+    polygons = vessel_instances_from_maps(maps.probability("vessel") * on_tissue, lumen_map, maps.downsample,
+                                          slide.mpp, config.instance)
     comps = compartment_map(tissue)
     vessels = []
     for i, poly in enumerate(polygons):
-        lumen = _lumen(poly, wall >= config.instance.threshold, maps.downsample)
+        lumen = _lumen(poly, lumen_map >= config.instance.threshold, maps.downsample)
         geometry = measure_vessel(poly, slide.mpp, lumen)
         c = poly.mean(axis=0)
         vessels.append(VesselRecord(i + 1, poly, lumen, geometry, comps.compartment_at(*c) or "unknown"))
     tile_probs = _classify(slide, vessels, classify, tiling, labels, config.batch_size)
+    if head is not None and vessels:
+        probs = head.predict(features_of(vessels, labels))
+        for v, p in zip(vessels, probs):
+            v.probabilities = {k: float(x) for k, x in zip(labels, p)}
     artifact_polys = _artifacts(maps, config) if "calcium_artifact" in maps.maps else []
     _flag_artifacts(vessels, artifact_polys, slide.mpp, config.artifact_near_um)
     qc = {"calcium_artifact_regions": len(artifact_polys),
@@ -161,21 +170,30 @@ def adequacy(vessels: list[VesselRecord], config: AdequacyConfig = AdequacyConfi
                        f"(and to call vasculitis absent)")}
 
 
-def _lumen(poly: np.ndarray, wall: np.ndarray, downsample: float) -> np.ndarray | None:
-    """The vessel's lumen: the largest hole of the wall map inside its outline (level-0 px), or None."""
+def _tissue_at(tissue: TissueMask, maps: VesselMaps) -> np.ndarray:
+    """The tissue mask resized onto the segmenter's maps (float 0/1): vessels are only looked for in tissue."""
+    h, w = next(iter(maps.maps.values())).shape
+    return cv2.resize(tissue.tissue.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).astype(np.float32)
+
+
+def _lumen(poly: np.ndarray, lumen: np.ndarray, downsample: float) -> np.ndarray | None:
+    """The vessel's lumen: the largest lumen-map region inside its outline (level-0 px), or None."""
     pts = level0_to_mask_px(poly, downsample)
     x0, y0 = np.floor(pts.min(axis=0)).astype(int) - 1
     x1, y1 = np.ceil(pts.max(axis=0)).astype(int) + 2
-    h, w = wall.shape
+    h, w = lumen.shape
     x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
     if x1 - x0 < 3 or y1 - y0 < 3:
         return None
     inside = np.zeros((y1 - y0, x1 - x0), np.uint8)
     cv2.fillPoly(inside, [np.round((pts - [x0, y0]) * (1 << _SHIFT)).astype(np.int32)], 1, shift=_SHIFT)
-    _, lumen = outer_and_lumen(wall[y0:y1, x0:x1] & inside.astype(bool))
-    if lumen is None or len(lumen) < 3:
+    region = (lumen[y0:y1, x0:x1] & inside.astype(bool)).astype(np.uint8)
+    contours, _ = cv2.findContours(region, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    contours = [c for c in contours if len(c) >= 3]
+    if not contours:
         return None
-    return mask_px_to_level0(lumen, downsample, (x0 * downsample, y0 * downsample))
+    best = max(contours, key=cv2.contourArea).reshape(-1, 2)
+    return mask_px_to_level0(best, downsample, (x0 * downsample, y0 * downsample))
 
 
 def _classify(slide: Slide, vessels: list[VesselRecord], classify, tiling: TilingConfig, labels: list[str],
@@ -191,8 +209,18 @@ def _classify(slide: Slide, vessels: list[VesselRecord], classify, tiling: Tilin
     for k, v in enumerate(vessels):
         mine = probs[owner == k]
         v.n_tiles = len(mine)
-        v.probabilities = {label: float(mine[:, j].max()) for j, label in enumerate(labels)}
+        v.tile_probabilities = {label: float(mine[:, j].max()) for j, label in enumerate(labels)}
+        v.probabilities = dict(v.tile_probabilities)
     return probs
+
+
+def features_of(vessels: list[VesselRecord], labels: list[str]) -> np.ndarray:
+    """The vessel head's features (calciscope.vessels.head.vessel_features) of analysed vessels."""
+    return vessel_features(np.array([[v.tile_probabilities[k] for k in labels] for v in vessels]),
+                           np.array([v.geometry.outer_diameter_um for v in vessels]),
+                           np.array([np.nan if v.geometry.lumen_diameter_um is None else v.geometry.lumen_diameter_um
+                                     for v in vessels]),
+                           np.array([v.compartment == "fat" for v in vessels]))
 
 
 def _artifacts(maps: VesselMaps, config: VesselConfig) -> list[np.ndarray]:

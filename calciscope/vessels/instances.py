@@ -52,21 +52,51 @@ def vessel_instances(prob: np.ndarray, downsample: float, mpp: float,
     px_um2 = (mpp * downsample) ** 2
     wall = close(prob >= config.threshold, config.close_um / (mpp * downsample))
     labels = label_instances(wall, min_lumen_px=config.min_lumen_um2 / px_um2)
+    return _polygons(labels, downsample, px_um2, config.min_area_um2)
+
+
+def _polygons(labels: np.ndarray, downsample: float, px_um2: float, min_area_um2: float) -> list[np.ndarray]:
     polygons = []
     for sl, k in _objects(labels):
         crop = labels[sl] == k
-        if np.count_nonzero(crop) * px_um2 < config.min_area_um2:
+        if np.count_nonzero(crop) * px_um2 < min_area_um2:
             continue
         polygons.append(_outline(crop, downsample, (sl[1].start * downsample, sl[0].start * downsample)))
     return polygons
+
+
+def vessel_instances_from_maps(vessel: np.ndarray, lumen: np.ndarray, downsample: float, mpp: float,
+                               config: InstanceConfig = InstanceConfig()) -> list[np.ndarray]:
+    """Outer polygons from a whole-vessel map and a lumen map (both H×W in [0, 1], as the segmenter gives them).
+
+    Vessels are the closed, hole-filled regions of ``vessel ≥ threshold`` or ``lumen ≥ threshold`` (a lumen is
+    inside its vessel, and the lumen map fills a large vessel whose wall map left its middle open); a region
+    holding two or more lumens
+    (``lumen ≥ threshold`` inside it) is split between them as in :func:`label_instances`. Same order and
+    speck filter as :func:`vessel_instances`.
+    """
+    vessel, lumen = np.asarray(vessel, np.float32), np.asarray(lumen, np.float32)
+    if vessel.shape != lumen.shape or vessel.ndim != 2 or downsample <= 0 or mpp <= 0:
+        raise ValueError(f"need two H×W maps of one shape, downsample > 0 and mpp > 0; got {vessel.shape}, "
+                         f"{lumen.shape}, downsample {downsample}, mpp {mpp}")
+    px_um2 = (mpp * downsample) ** 2
+    inside = (vessel >= config.threshold) | (lumen >= config.threshold)
+    filled = fill_holes(close(inside, config.close_um / (mpp * downsample)))
+    lumens = _lumens(filled & (lumen >= config.threshold), config.min_lumen_um2 / px_um2)
+    return _polygons(_label_filled(filled, lumens), downsample, px_um2, config.min_area_um2)
 
 
 def label_instances(wall: np.ndarray, min_lumen_px: float = 1.0) -> np.ndarray:
     """int32 instance labels (0 = background) of filled vessels, touching ones split at their lumens."""
     filled = fill_holes(wall)
     lumens = _lumens(filled & ~wall.astype(bool), min_lumen_px)
+    return _label_filled(filled, lumens)
+
+
+def _label_filled(filled: np.ndarray, lumens: np.ndarray) -> np.ndarray:
+    """Instance labels of a filled vessel mask, a region with several labelled lumens split between them."""
     _, comp = cv2.connectedComponents(filled.astype(np.uint8), connectivity=8)
-    out = np.zeros(wall.shape, np.int32)
+    out = np.zeros(filled.shape, np.int32)
     next_label = 1
     for sl, k in _objects(comp):
         region = comp[sl] == k
