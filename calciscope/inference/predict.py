@@ -420,9 +420,13 @@ class Predictor:
 
     def _slide_probabilities(self, tile_probs: np.ndarray, vessels) -> np.ndarray:
         """Slide probabilities: the card's aggregation and calibration over the grid tiles ("grid"), the tiles centred
-        on the detected vessels ("vessels"; none found: every finding 0) or both sets together ("both")."""
+        on the detected vessels ("vessels"; none found: every finding 0) or both sets together ("both"). With a
+        vessel head in the card, "vessels" is its slide map instead: the highest per-vessel probability, calibrated."""
         agg = self.aggregation
         vessel_tiles = vessels.tile_probs if vessels is not None else np.zeros((0, len(self.labels)), np.float32)
+        if self.sampling == "vessels" and self.vessel_head is not None:
+            return self.vessel_head.slide_probabilities(
+                np.array([[v.probabilities[k] for k in self.labels] for v in vessels.vessels], np.float32))
         if self.sampling == "vessels":
             if len(vessel_tiles) == 0:
                 return np.zeros(len(self.labels), np.float32)

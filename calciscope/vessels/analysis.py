@@ -29,7 +29,7 @@ from calciscope.data.tissue import TissueMask
 from calciscope.vessels.compartment import compartment_map
 from calciscope.vessels.frames import level0_to_mask_px, mask_px_to_level0
 from calciscope.vessels.head import VesselHead, vessel_features
-from calciscope.vessels.instances import InstanceConfig, vessel_instances_from_maps
+from calciscope.vessels.instances import InstanceConfig, fill_holes, vessel_instances_from_maps
 from calciscope.vessels.measure import VesselGeometry, measure_vessel
 from calciscope.vessels.sampling import vessel_grid
 from calciscope.vessels.segment import SegmenterCard, VesselMaps, VesselUNet, segment_slide
@@ -170,10 +170,14 @@ def adequacy(vessels: list[VesselRecord], config: AdequacyConfig = AdequacyConfi
                        f"(and to call vasculitis absent)")}
 
 
-def _tissue_at(tissue: TissueMask, maps: VesselMaps) -> np.ndarray:
-    """The tissue mask resized onto the segmenter's maps (float 0/1): vessels are only looked for in tissue."""
+def _tissue_at(tissue: TissueMask, maps: VesselMaps, grow_um: float = 40.0) -> np.ndarray:
+    """Where vessels are looked for, on the segmenter's maps (float 0/1): the tissue mask with its holes filled
+    (the mask leaves out dark calcified walls and pale lumina) and grown by ``grow_um``; glass, pen on glass and
+    the slide border stay out."""
     h, w = next(iter(maps.maps.values())).shape
-    return cv2.resize(tissue.tissue.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).astype(np.float32)
+    k = max(int(round(2 * grow_um / tissue.mask_mpp)), 1) | 1
+    mask = cv2.dilate(fill_holes(tissue.tissue).astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k)))
+    return cv2.resize(mask, (w, h), interpolation=cv2.INTER_NEAREST).astype(np.float32)
 
 
 def _lumen(poly: np.ndarray, lumen: np.ndarray, downsample: float) -> np.ndarray | None:

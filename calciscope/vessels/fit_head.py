@@ -30,8 +30,9 @@ from calciscope.vessels.truth import read_vessels
 
 
 def collect(model: str | Path, manifest: str | Path, vessels: str = "auto",
-            progress: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
-    """(features, 0/1 targets, patient of each vessel, labels) over every detected vessel of the manifest's slides."""
+            progress: Callable[[int, int], None] | None = None):
+    """(features, 0/1 targets, patient of each vessel, slide of each vessel, (S, L) slide labels or None, labels)
+    over every detected vessel of the manifest's slides."""
     from calciscope.inference.predict import PredictConfig, Predictor
     from calciscope.training.sources import read_manifest
 
@@ -41,7 +42,7 @@ def collect(model: str | Path, manifest: str | Path, vessels: str = "auto",
     labels = predictor.labels
     records = read_manifest(manifest, labels)
     seg, seg_card = predictor.segmenter
-    feats, targets, groups = [], [], []
+    feats, targets, groups, slide_of = [], [], [], []
     for n, record in enumerate(records, start=1):
         if record.vessels is None:
             raise CalciscopeError(f"{record.path}: no vessel outlines (a 'vessels' column or "
@@ -60,11 +61,13 @@ def collect(model: str | Path, manifest: str | Path, vessels: str = "auto",
             feats.append(features_of(found, labels))
             targets.append(y)
             groups += [record.patient_id] * len(found)
+            slide_of += [n - 1] * len(found)
         if progress is not None:
             progress(n, len(records))
     if not feats:
         raise CalciscopeError(f"{manifest}: no vessel was detected on any slide")
-    return np.vstack(feats), np.vstack(targets), np.asarray(groups), labels
+    slide_labels = (np.stack([r.labels for r in records]) if all(r.labels is not None for r in records) else None)
+    return np.vstack(feats), np.vstack(targets), np.asarray(groups), np.asarray(slide_of), slide_labels, labels
 
 
 def fit_into_card(model_dir: str | Path, manifest: str | Path, vessels: str = "auto",
@@ -76,8 +79,20 @@ def fit_into_card(model_dir: str | Path, manifest: str | Path, vessels: str = "a
     card = ModelCard.from_json(model_dir / CARD_FILE)
     card.extra.pop("vessel_head", None)  # collect the tile scores without the head it replaces
     write_bytes_atomic(model_dir / CARD_FILE, card.to_json().encode("utf-8"))
-    x, y, groups, labels = collect(model_dir, manifest, vessels, progress)
+    x, y, groups, slide_of, slide_labels, labels = collect(model_dir, manifest, vessels, progress)
     head = fit_vessel_head(x, y, labels, groups)
+    if slide_labels is not None:  # slide level: highest vessel probability → slide probability (Platt)
+        from calciscope.training.calibration import fit_platt
+
+        probs = head.predict(x)
+        top = np.zeros(slide_labels.shape)
+        for s in range(len(slide_labels)):
+            if (slide_of == s).any():
+                top[s] = probs[slide_of == s].max(axis=0)
+        for j, label in enumerate(labels):
+            if len(np.unique(slide_labels[:, j])) == 2:
+                a, b = fit_platt(top[:, j], slide_labels[:, j])
+                head.slide_calibration[label] = {"a": float(a), "b": float(b)}
     head.metrics["data"] = Path(manifest).name
     card.extra["vessel_head"] = head.to_dict()
     write_bytes_atomic(model_dir / CARD_FILE, card.to_json().encode("utf-8"))

@@ -2,9 +2,9 @@
 
 A tile sees a 112 µm window, and what separates some findings is the vessel itself: medial calcification sits in
 the media of arterioles and small arteries, small-vessel (mural) calcification in capillaries and arterioles under
-~40 µm. So each finding gets a logistic regression on the vessel's features — the logits of its tiles' highest
-probabilities for every finding, log outer diameter, lumen / outer diameter, wall thickness / outer diameter, and
-whether it lies in subcutaneous fat — fit on detected vessels matched to annotated ones (``calciscope
+~40 µm. So each finding gets a logistic regression on the vessel's features — the logit of its tiles' highest probability
+for that finding, log outer diameter, lumen / outer diameter, wall thickness / outer diameter, and whether it lies
+in subcutaneous fat (the other findings' logits are left out: with a few dozen positive vessels they overfit) — fit on detected vessels matched to annotated ones (``calciscope
 fit-vessel-head``). The fit is stored in the model card (``extra.vessel_head``) and applied by vessel analysis; a
 card without one gives each vessel its tiles' highest calibrated probability.
 """
@@ -41,6 +41,16 @@ class VesselHead:
     coef: dict[str, list[float]]
     intercept: dict[str, float]
     metrics: dict[str, Any] = field(default_factory=dict)
+    # slide level: {label: {"a", "b"}} logistic map from the highest vessel probability to a slide probability
+    slide_calibration: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def slide_probabilities(self, vessel_probs: np.ndarray) -> np.ndarray:
+        """(L,) slide probabilities from (N, L) vessel probabilities: the highest per finding (0 without vessels),
+        through ``slide_calibration``."""
+        from calciscope.inference.aggregate import apply_slide_calibration
+
+        top = np.asarray(vessel_probs, np.float64).max(axis=0) if len(vessel_probs) else np.zeros(len(self.labels))
+        return apply_slide_calibration(top, self.slide_calibration, self.labels)
 
     def predict(self, features: np.ndarray) -> np.ndarray:
         """(N, L) probabilities for (N, F) features."""
@@ -51,14 +61,16 @@ class VesselHead:
     def to_dict(self) -> dict[str, Any]:
         return {"labels": self.labels, "features": [f"logit_{k}" for k in self.labels] + list(SHAPE_FEATURES),
                 "mean": self.mean, "scale": self.scale, "coef": self.coef, "intercept": self.intercept,
-                "metrics": self.metrics}
+                "slide_calibration": self.slide_calibration, "metrics": self.metrics}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], labels: list[str]) -> VesselHead:
         try:
             head = cls(list(data["labels"]), [float(v) for v in data["mean"]], [float(v) for v in data["scale"]],
                        {k: [float(v) for v in data["coef"][k]] for k in data["labels"]},
-                       {k: float(data["intercept"][k]) for k in data["labels"]}, dict(data.get("metrics", {})))
+                       {k: float(data["intercept"][k]) for k in data["labels"]}, dict(data.get("metrics", {})),
+                       {k: {"a": float(v["a"]), "b": float(v["b"])}
+                        for k, v in (data.get("slide_calibration") or {}).items()})
         except (KeyError, TypeError, ValueError) as exc:
             raise CalciscopeError(f"the model card's extra.vessel_head is malformed ({exc!r})") from None
         n = len(labels) + len(SHAPE_FEATURES)
@@ -70,8 +82,10 @@ class VesselHead:
 
 def fit_vessel_head(features: np.ndarray, targets: np.ndarray, labels: list[str], groups: np.ndarray | None = None,
                     *, c: float = 1.0, folds: int = 5, seed: int = 0) -> VesselHead:
-    """Logistic regression per finding on standardised features; with ``groups`` (patients), also a grouped
-    k-fold estimate of per-vessel AUROC (``metrics``), from out-of-fold predictions."""
+    """Logistic regression per finding on standardised features. Two feature sets compete per finding — the
+    finding's own tile logit alone (a monotone recalibration) and that logit plus the shape features — and, with
+    ``groups`` (patients) for a grouped k-fold, the one with the higher out-of-fold per-vessel AUROC is kept
+    (``metrics``: both AUROCs and the choice); without groups, the shape features are used."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
     from sklearn.model_selection import GroupKFold
@@ -81,23 +95,35 @@ def fit_vessel_head(features: np.ndarray, targets: np.ndarray, labels: list[str]
     mean, scale = x.mean(axis=0), x.std(axis=0)
     scale[scale < 1e-6] = 1.0
     z = (x - mean) / scale
+    n_labels = len(labels)
+    sets = {"tile_logit": lambda j: np.array([j]),
+            "tile_logit+shape": lambda j: np.r_[j, np.arange(n_labels, x.shape[1])]}
 
     def fit(zz, yy):
         if len(np.unique(yy)) < 2:
             raise CalciscopeError("fitting the vessel head needs vessels with and without every finding")
         return LogisticRegression(C=c, max_iter=2000).fit(zz, yy)
 
-    models = {k: fit(z, y[:, j]) for j, k in enumerate(labels)}
     metrics: dict[str, Any] = {"n_vessels": int(len(y)), "n_positive": {k: int(y[:, j].sum()) for j, k in enumerate(labels)}}
+    chosen = {k: "tile_logit+shape" for k in labels}
     if groups is not None and len(np.unique(groups)) >= folds:
-        oof = np.zeros(y.shape, np.float64)
-        for train, test in GroupKFold(n_splits=folds).split(z, y, groups):
-            for j, k in enumerate(labels):
-                oof[test, j] = fit(z[train], y[train, j]).predict_proba(z[test])[:, 1]
-        metrics["cv_auroc"] = {k: round(float(roc_auc_score(y[:, j], oof[:, j])), 4) for j, k in enumerate(labels)}
-        metrics["cv_auroc_tiles_only"] = {k: round(float(roc_auc_score(y[:, j], x[:, j])), 4)
-                                          for j, k in enumerate(labels)}
-        metrics["folds"] = folds
-    return VesselHead(list(labels), mean.tolist(), scale.tolist(),
-                      {k: m.coef_[0].tolist() for k, m in models.items()},
-                      {k: float(m.intercept_[0]) for k, m in models.items()}, metrics)
+        splits = list(GroupKFold(n_splits=folds).split(z, y, groups))
+        cv: dict[str, dict[str, float]] = {}
+        for j, k in enumerate(labels):
+            cv[k] = {}
+            for name, cols in sets.items():
+                oof = np.zeros(len(y))
+                for train, test in splits:
+                    oof[test] = fit(z[train][:, cols(j)], y[train, j]).predict_proba(z[test][:, cols(j)])[:, 1]
+                cv[k][name] = round(float(roc_auc_score(y[:, j], oof)), 4)
+            chosen[k] = max(cv[k], key=lambda name: (cv[k][name], name == "tile_logit"))
+        metrics.update(cv_auroc={k: cv[k][chosen[k]] for k in labels}, cv_auroc_by_features=cv, features=chosen,
+                       folds=folds)
+    coef, intercept = {}, {}
+    for j, k in enumerate(labels):
+        cols = sets[chosen[k]](j)
+        model = fit(z[:, cols], y[:, j])
+        full = np.zeros(x.shape[1])
+        full[cols] = model.coef_[0]
+        coef[k], intercept[k] = full.tolist(), float(model.intercept_[0])
+    return VesselHead(list(labels), mean.tolist(), scale.tolist(), coef, intercept, metrics)

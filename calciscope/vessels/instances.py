@@ -36,6 +36,12 @@ class InstanceConfig:
     close_um: float = 4.0  # closing diameter: reconnects walls thinner than a map pixel (capillaries, venules)
     min_area_um2: float = 20.0  # a 6 µm capillary is ~28 µm²
     min_lumen_um2: float = 2.0  # smaller holes are noise in the wall, not lumens that seed a split
+    # maps path (vessel + lumen maps): a lumen-map patch seeds a split only from this size, after a closing of
+    # lumen_close_um; a thrombus or red cells make the lumen map patchy, and a patchy lumen is still one lumen
+    split_min_lumen_um2: float = 60.0
+    lumen_close_um: float = 8.0
+    split_max_solidity: float = 0.9  # ... and only a region this far from convex (area / convex hull area) is split
+    grow_threshold: float = 0.3  # maps path: a vessel (seeded at ``threshold``) extends over pixels ≥ this
 
 
 def vessel_instances(prob: np.ndarray, downsample: float, mpp: float,
@@ -80,10 +86,15 @@ def vessel_instances_from_maps(vessel: np.ndarray, lumen: np.ndarray, downsample
         raise ValueError(f"need two H×W maps of one shape, downsample > 0 and mpp > 0; got {vessel.shape}, "
                          f"{lumen.shape}, downsample {downsample}, mpp {mpp}")
     px_um2 = (mpp * downsample) ** 2
-    inside = (vessel >= config.threshold) | (lumen >= config.threshold)
+    seeds = (vessel >= config.threshold) | (lumen >= config.threshold)
+    grown = (vessel >= config.grow_threshold) | (lumen >= config.grow_threshold) | seeds
+    _, comp = cv2.connectedComponents(grown.astype(np.uint8), connectivity=8)
+    inside = np.isin(comp, np.unique(comp[seeds])) & (comp > 0)  # hysteresis: regions holding a seed pixel
     filled = fill_holes(close(inside, config.close_um / (mpp * downsample)))
-    lumens = _lumens(filled & (lumen >= config.threshold), config.min_lumen_um2 / px_um2)
-    return _polygons(_label_filled(filled, lumens), downsample, px_um2, config.min_area_um2)
+    lumen_mask = close(lumen >= config.threshold, config.lumen_close_um / (mpp * downsample)).astype(bool)
+    lumens = _lumens(filled & lumen_mask, config.split_min_lumen_um2 / px_um2)
+    return _polygons(_label_filled(filled, lumens, config.split_max_solidity), downsample, px_um2,
+                     config.min_area_um2)
 
 
 def label_instances(wall: np.ndarray, min_lumen_px: float = 1.0) -> np.ndarray:
@@ -93,8 +104,9 @@ def label_instances(wall: np.ndarray, min_lumen_px: float = 1.0) -> np.ndarray:
     return _label_filled(filled, lumens)
 
 
-def _label_filled(filled: np.ndarray, lumens: np.ndarray) -> np.ndarray:
-    """Instance labels of a filled vessel mask, a region with several labelled lumens split between them."""
+def _label_filled(filled: np.ndarray, lumens: np.ndarray, max_solidity: float = 1.0) -> np.ndarray:
+    """Instance labels of a filled vessel mask, a region with several labelled lumens split between them (only a
+    region whose solidity is below ``max_solidity``: two touching round vessels make a waisted, non-convex shape)."""
     _, comp = cv2.connectedComponents(filled.astype(np.uint8), connectivity=8)
     out = np.zeros(filled.shape, np.int32)
     next_label = 1
@@ -102,7 +114,7 @@ def _label_filled(filled: np.ndarray, lumens: np.ndarray) -> np.ndarray:
         region = comp[sl] == k
         seeds = np.unique(lumens[sl][region])
         seeds = seeds[seeds > 0]
-        if len(seeds) < 2:
+        if len(seeds) < 2 or (max_solidity < 1.0 and _solidity(region) >= max_solidity):
             out[sl][region] = next_label
             next_label += 1
             continue
@@ -110,6 +122,13 @@ def _label_filled(filled: np.ndarray, lumens: np.ndarray) -> np.ndarray:
         out[sl][region] = parts[region] + (next_label - 1)
         next_label += len(seeds)
     return out
+
+
+def _solidity(region: np.ndarray) -> float:
+    contours, _ = cv2.findContours(region.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    c = max(contours, key=cv2.contourArea)
+    hull = cv2.contourArea(cv2.convexHull(c))
+    return float(cv2.contourArea(c) / hull) if hull > 0 else 1.0
 
 
 def close(mask: np.ndarray, diameter_px: float) -> np.ndarray:

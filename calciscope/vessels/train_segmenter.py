@@ -60,6 +60,7 @@ class SegmenterTrainConfig:
     amp: str = "auto"
     synthetic_demo: bool = False
     description: str = ""
+    init: str | None = None  # continue from this segmenter folder's weights (same widths)
 
 
 @dataclass
@@ -89,6 +90,8 @@ def load_config(path: str | Path) -> SegmenterTrainConfig:
         raise CalciscopeError(f"{path}: 'manifest' is required")
     if not Path(config.manifest).is_absolute():
         config.manifest = str((path.parent / config.manifest).resolve())
+    if config.init and not Path(config.init).is_absolute():
+        config.init = str((path.parent / config.init).resolve())
     if config.crop_px % 2 ** (len(config.widths) - 1):
         raise CalciscopeError(f"{path}: crop_px must be a multiple of {2 ** (len(config.widths) - 1)}")
     return config
@@ -241,6 +244,14 @@ def train_segmenter(config: SegmenterTrainConfig, progress: Callable[[str], None
     if not train_ids:
         raise CalciscopeError("no training slides left after the validation split")
     model = VesselUNet(tuple(config.widths), len(CHANNELS))
+    if config.init:
+        from calciscope.vessels.segment import load_segmenter
+
+        start_model, start_card = load_segmenter(config.init)
+        if list(start_card.widths) != list(config.widths) or start_card.mpp != config.mpp:
+            raise CalciscopeError(f"init {config.init}: widths {start_card.widths} at {start_card.mpp} µm/px differ "
+                                  f"from this config's {config.widths} at {config.mpp} µm/px")
+        model.load_state_dict(start_model.state_dict())
     card = SegmenterCard(mpp=config.mpp, widths=list(config.widths), synthetic_demo=config.synthetic_demo)
     precision = choose_precision(config.amp, channels_last=True, device=torch.device("cpu"))
     model = model.to(memory_format=torch.channels_last)

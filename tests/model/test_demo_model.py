@@ -21,10 +21,33 @@ def test_demo_model_ships_small_and_labelled_as_synthetic():
 
 
 @pytest.fixture(scope="module")
-def held_out_report(tmp_path_factory):
+def held_out_manifest(tmp_path_factory):
     """The recipe's held-out set (configs/demo.yaml): 24 phantoms of 2048² from a seed never trained on."""
-    manifest = generate_dataset(tmp_path_factory.mktemp("held_out"), 24, size_px=2048, seed=HELD_OUT_SEED)
-    return evaluate_model(demo_model_dir(), manifest, tmp_path_factory.mktemp("held_out_eval"), workers=0)
+    return generate_dataset(tmp_path_factory.mktemp("held_out"), 24, size_px=2048, seed=HELD_OUT_SEED)
+
+
+@pytest.fixture(scope="module")
+def held_out_report(tmp_path_factory, held_out_manifest):
+    return evaluate_model(demo_model_dir(), held_out_manifest, tmp_path_factory.mktemp("held_out_eval"), workers=0)
+
+
+@pytest.fixture(scope="module")
+def held_out_predictions(held_out_manifest):
+    """Slide probabilities and CUA scores of ``predict`` (the whole pipeline: detected vessels included), with
+    each slide's labels."""
+    import csv
+
+    import numpy as np
+
+    from calciscope.inference.predict import PredictConfig, Predictor
+
+    predictor = Predictor("demo", PredictConfig(workers=0, saliency="none", top_k=0))
+    rows = list(csv.DictReader(open(held_out_manifest)))
+    results = [predictor.predict(held_out_manifest.parent / row["path"]) for row in rows]
+    probs = np.array([[r.probabilities[k] for k in predictor.labels] for r in results])
+    truth = np.array([[int(row[k]) for k in predictor.labels] for row in rows])
+    cua = np.array([r.cua["score"] for r in results])
+    return predictor.labels, probs, truth, cua, np.array([int(row["cua_pattern"]) for row in rows])
 
 
 def test_demo_model_finds_lesion_tiles_on_unseen_phantoms_and_is_calibrated(held_out_report):
