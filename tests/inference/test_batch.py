@@ -71,6 +71,7 @@ def _stable_result(folder):
     doc = json.loads((folder / "result.json").read_text())
     for key in VOLATILE:
         doc.pop(key, None)
+        (doc.get("vessels") or {}).pop(key, None)
     return doc
 
 
