@@ -98,3 +98,4 @@ def _png_claiming_size(width: int, height: int) -> bytes:
     crc = zlib.crc32(bytes(png[12 : ihdr + 13])) & 0xFFFFFFFF
     png[ihdr + 13 : ihdr + 17] = crc.to_bytes(4, "big")
     return bytes(png)
+

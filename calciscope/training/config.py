@@ -184,14 +184,7 @@ class TrainConfig:
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """Read a YAML (or JSON) training config; unknown keys and wrong types are errors naming the key."""
     path = Path(path)
-    if not path.is_file():
-        raise CalciscopeError(f"{path}: no such config file")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise CalciscopeError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
-    if not isinstance(raw, dict):
-        raise CalciscopeError(f"{path}: expected a mapping at the top level")
+    raw = read_yaml_mapping(path)
     for dotted, value in (overrides or {}).items():
         node = raw
         *parents, leaf = dotted.split(".")
@@ -201,6 +194,19 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Tr
     config = from_dict(TrainConfig, raw, str(path))
     _resolve_paths(config, path.parent)
     return config.validate(path)
+
+
+def read_yaml_mapping(path: Path) -> dict:
+    """A config file's top-level mapping; a missing file, bad YAML or a non-mapping is one line naming the file."""
+    if not path.is_file():
+        raise CalciscopeError(f"{path}: no such config file")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise CalciscopeError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
+    if not isinstance(raw, dict):
+        raise CalciscopeError(f"{path}: expected a mapping at the top level")
+    return raw
 
 
 def from_dict(cls, data: dict, where: str):

@@ -23,12 +23,11 @@ from typing import Callable
 import cv2
 import numpy as np
 import torch
-import yaml
 
 from calciscope.data.annotations import class_name, geometry_polygons, norm_name, read_features
 from calciscope.data.slides import open_slide
 from calciscope.errors import CalciscopeError
-from calciscope.training.config import from_dict
+from calciscope.training.config import from_dict, read_yaml_mapping
 from calciscope.training.engine import choose_precision, warmup_cosine
 from calciscope.vessels.frames import level0_to_mask_px
 from calciscope.vessels.instances import InstanceConfig, vessel_instances_from_maps
@@ -79,13 +78,7 @@ class _SlideData:
 
 def load_config(path: str | Path) -> SegmenterTrainConfig:
     path = Path(path)
-    if not path.is_file():
-        raise CalciscopeError(f"{path}: no such config file")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise CalciscopeError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
-    config = from_dict(SegmenterTrainConfig, raw, str(path))
+    config = from_dict(SegmenterTrainConfig, read_yaml_mapping(path), str(path))
     if not config.manifest:
         raise CalciscopeError(f"{path}: 'manifest' is required")
     if not Path(config.manifest).is_absolute():

@@ -1,7 +1,6 @@
 """report.html in a real browser (headless Chromium): it renders, shows result.json's numbers, escapes user text."""
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -12,18 +11,11 @@ import pytest
 from PIL import Image
 
 import calciscope
+from browser import chromium as _chromium
 
 HOSTILE_NAME = "<img src=x onerror=alert(1)>&co.png"
 
 
-def _chromium() -> str:
-    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
-        path = shutil.which(name)
-        if path:
-            return path
-    if os.environ.get("CI") == "true":
-        pytest.fail("headless Chromium is required in CI (.ci/run installs Debian's 'chromium')")
-    pytest.skip("headless Chromium not installed (Debian: apt-get install chromium)")
 
 
 class _Text(HTMLParser):

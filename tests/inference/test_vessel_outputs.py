@@ -3,7 +3,6 @@
 
 import csv
 import json
-import os
 import shutil
 import subprocess
 from html.parser import HTMLParser
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 from rich.console import Console
 
+from browser import chromium as _chromium
 from calciscope.cli import _summary_table, _vessel_line
 from calciscope.inference.export import VESSEL_POSITIVE, load_result
 from calciscope.inference.predict import PredictConfig, Predictor
@@ -23,14 +23,6 @@ HOSTILE_ID = "v<b>&\"q'"  # a slide id given through the Python API, unsanitised
 FAST = {"saliency": "none", "workers": 0, "top_k": 1}
 
 
-def _chromium() -> str:
-    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
-        path = shutil.which(name)
-        if path:
-            return path
-    if os.environ.get("CI") == "true":
-        pytest.fail("headless Chromium is required in CI (.ci/run installs Debian's 'chromium')")
-    pytest.skip("headless Chromium not installed (Debian: apt-get install chromium)")
 
 
 def _dom(url: str) -> str:
