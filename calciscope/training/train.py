@@ -66,6 +66,8 @@ def fit(config: TrainConfig | None, *, resume: str | Path | None = None, show_pr
         run_dir = Path(config.out)
         if (run_dir / "config.yaml").exists():
             raise CalciscopeError(f"{run_dir}: already holds a run; continue it with --resume {run_dir} or choose another out")
+    if world > 1:  # every rank has looked before rank 0 writes config.yaml (else a late rank sees it and refuses)
+        dist.barrier()
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.yaml")
