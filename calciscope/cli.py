@@ -431,7 +431,7 @@ def train_vessels(
 
 @app.command()
 def evaluate(
-    model: Path = typer.Option(..., "--model", help="A calciscope checkpoint directory."),
+    model: str = typer.Option(..., "--model", help="A calciscope checkpoint directory, or 'demo' for the shipped model."),
     data: Path = typer.Option(..., "--data", help="Slide manifest CSV (with annotations) or a tile folder/CSV."),
     out_dir: Path = typer.Option(..., "--out", help="Where metrics.json, roc.png and reliability.png go."),
     workers: int = typer.Option(min(4, os.cpu_count() or 1), "--workers", help="Data loading processes."),

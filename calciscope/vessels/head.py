@@ -82,10 +82,11 @@ class VesselHead:
 
 def fit_vessel_head(features: np.ndarray, targets: np.ndarray, labels: list[str], groups: np.ndarray | None = None,
                     *, c: float = 1.0, folds: int = 5, seed: int = 0) -> VesselHead:
-    """Logistic regression per finding on standardised features. Two feature sets compete per finding — the
-    finding's own tile logit alone (a monotone recalibration) and that logit plus the shape features — and, with
-    ``groups`` (patients) for a grouped k-fold, the one with the higher out-of-fold per-vessel AUROC is kept
-    (``metrics``: both AUROCs and the choice); without groups, the shape features are used."""
+    """Logistic regression per finding on standardised features. Three feature sets compete per finding — the
+    finding's own tile logit alone (a monotone recalibration), that logit plus the shape features, and every
+    finding's logit plus the shape features — and, with ``groups`` (patients) for a grouped k-fold, the one with
+    the highest out-of-fold per-vessel AUROC is kept, the simpler on a tie (``metrics``: every AUROC and the
+    choice); without groups, the own logit plus the shape features are used."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
     from sklearn.model_selection import GroupKFold
@@ -97,7 +98,10 @@ def fit_vessel_head(features: np.ndarray, targets: np.ndarray, labels: list[str]
     z = (x - mean) / scale
     n_labels = len(labels)
     sets = {"tile_logit": lambda j: np.array([j]),
-            "tile_logit+shape": lambda j: np.r_[j, np.arange(n_labels, x.shape[1])]}
+            "tile_logit+shape": lambda j: np.r_[j, np.arange(n_labels, x.shape[1])],
+            # every finding's logit: medial and small-vessel calcification share the calcium signal, and the
+            # vessel's calibre (with the other finding's logit) tells them apart
+            "tile_logits+shape": lambda j: np.arange(x.shape[1])}
 
     def fit(zz, yy):
         if len(np.unique(yy)) < 2:
@@ -116,7 +120,8 @@ def fit_vessel_head(features: np.ndarray, targets: np.ndarray, labels: list[str]
                 for train, test in splits:
                     oof[test] = fit(z[train][:, cols(j)], y[train, j]).predict_proba(z[test][:, cols(j)])[:, 1]
                 cv[k][name] = round(float(roc_auc_score(y[:, j], oof)), 4)
-            chosen[k] = max(cv[k], key=lambda name: (cv[k][name], name == "tile_logit"))
+            simpler = list(sets)  # on a tie the simpler feature set wins
+            chosen[k] = max(cv[k], key=lambda name: (cv[k][name], -simpler.index(name)))
         metrics.update(cv_auroc={k: cv[k][chosen[k]] for k in labels}, cv_auroc_by_features=cv, features=chosen,
                        folds=folds)
     coef, intercept = {}, {}

@@ -53,6 +53,12 @@ class SegmenterTrainConfig:
     weight_decay: float = 0.0001
     pos_weight: list[float] = field(default_factory=lambda: [3.0, 3.0, 2.0])  # per channel
     vessel_crop_fraction: float = 0.5
+    # hard crops: centred on annotated look-alikes and artifacts (artifacts.geojson classes below), where a
+    # segmenter trained on vessel-centred and random crops calls lymphocytic cuffs, debris and folds vessels, and
+    # where the calcium_artifact channel has its only positives
+    hard_crop_fraction: float = 0.0
+    hard_classes: list[str] = field(default_factory=lambda: [ARTIFACT_CLASS, "debris", "perivascular_infiltrate",
+                                                             "fold"])
     small_vessel_weight: float = 6.0  # the largest per-pixel loss weight a small vessel gets (1 = none)
     val_fraction: float = 0.2
     seed: int = 0
@@ -60,6 +66,7 @@ class SegmenterTrainConfig:
     synthetic_demo: bool = False
     description: str = ""
     init: str | None = None  # continue from this segmenter folder's weights (same widths)
+    keep_init_validation: bool = False  # with init: validate on the init's validation patients, not a fresh split
 
 
 @dataclass
@@ -74,6 +81,7 @@ class _SlideData:
     vessels: list[Vessel]
     slide_mpp: float
     downsample: float
+    hard_centres: np.ndarray  # (K, 2) x, y map px of the hard-crop look-alikes and artifacts
 
 
 def load_config(path: str | Path) -> SegmenterTrainConfig:
@@ -142,13 +150,17 @@ def _load_slides(config: SegmenterTrainConfig, progress: Callable[[str], None] |
             if lumen is not None:
                 cv2.fillPoly(target[1], [_fixed(lumen, ds)], 1, shift=4)
         weight = np.array([1.0, 1.0, 0.0], np.float32)
+        hard = np.zeros((0, 2))
         if artifacts_path is not None and artifacts_path.is_file():
             for poly in read_artifact_polygons(artifacts_path):
                 cv2.fillPoly(target[2], [_fixed(poly, ds)], 1, shift=4)
             weight[2] = 1.0
+            hard_polys = read_artifact_polygons(artifacts_path, tuple(config.hard_classes))
+            if hard_polys:
+                hard = np.array([level0_to_mask_px(p, ds).mean(axis=0) for p in hard_polys])
         out.append(_SlideData(slide_id, row.get("patient_id") or slide_id, path, rgb, target,
                               _small_vessel_weight(vessels, (h, w), ds, config.small_vessel_weight), weight, vessels,
-                              slide_mpp, ds))
+                              slide_mpp, ds, hard))
         if progress is not None:
             progress(f"read {slide_id} ({n - 1}/{len(rows)})")
     return out
@@ -175,7 +187,21 @@ def _fixed(poly: np.ndarray, downsample: float) -> np.ndarray:
     return np.round(level0_to_mask_px(poly, downsample) * 16).astype(np.int32)
 
 
-def _split(slides: list[_SlideData], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+def _validation_of(card: SegmenterCard | None) -> list[str] | None:
+    """The validation slide ids of the segmenter a run continues from (None: not a continuation)."""
+    if card is None:
+        return None
+    return list(((card.training or {}).get("slides") or {}).get("validation") or [])
+
+
+def _split(slides: list[_SlideData], fraction: float, seed: int,
+           keep_validation: list[str] | None = None) -> tuple[list[int], list[int]]:
+    """(train, validation) slide indices, whole patients on one side; a continued run (``keep_validation``: its
+    init's validation slide ids) keeps those patients in validation, so its validation slides stay unseen."""
+    held = {s.patient_id for s in slides if s.slide_id in set(keep_validation or ())}
+    if held:  # (an init trained on other slides: a fresh split)
+        val = [i for i, s in enumerate(slides) if s.patient_id in held]
+        return [i for i in range(len(slides)) if i not in val], val
     patients = sorted({s.patient_id for s in slides})
     rng = np.random.default_rng(seed)
     n_val = max(1, int(round(fraction * len(patients)))) if len(patients) > 1 and fraction > 0 else 0
@@ -184,9 +210,14 @@ def _split(slides: list[_SlideData], fraction: float, seed: int) -> tuple[list[i
     return [i for i in range(len(slides)) if i not in val], val
 
 
-def _crop(s: _SlideData, rng: np.random.Generator, size: int, vessel_fraction: float):
+def _crop(s: _SlideData, rng: np.random.Generator, size: int, vessel_fraction: float, hard_fraction: float = 0.0):
+    """A seeded training crop: centred near a hard look-alike (``hard_fraction`` of the time, when the slide
+    has any), near a vessel (``vessel_fraction``), else anywhere; random rot90 / flip / stain gain."""
     h, w = s.rgb.shape[:2]
-    if s.vessels and rng.random() < vessel_fraction:
+    u = rng.random()
+    if len(s.hard_centres) and u < hard_fraction:
+        cx, cy = s.hard_centres[int(rng.integers(len(s.hard_centres)))] + rng.normal(0, size / 6, 2)
+    elif s.vessels and u < hard_fraction + vessel_fraction:
         v = s.vessels[int(rng.integers(len(s.vessels)))]
         cx, cy = v.polygon.mean(axis=0) / s.downsample + rng.normal(0, size / 4, 2)
     else:
@@ -233,10 +264,8 @@ def train_segmenter(config: SegmenterTrainConfig, progress: Callable[[str], None
     """Train, validate and save the segmenter into ``config.out``; returns that folder."""
     torch.manual_seed(config.seed)
     slides = _load_slides(config, progress)
-    train_ids, val_ids = _split(slides, config.val_fraction, config.seed)
-    if not train_ids:
-        raise CalciscopeError("no training slides left after the validation split")
     model = VesselUNet(tuple(config.widths), len(CHANNELS))
+    start_card = None
     if config.init:
         from calciscope.vessels.segment import load_segmenter
 
@@ -245,6 +274,10 @@ def train_segmenter(config: SegmenterTrainConfig, progress: Callable[[str], None
             raise CalciscopeError(f"init {config.init}: widths {start_card.widths} at {start_card.mpp} µm/px differ "
                                   f"from this config's {config.widths} at {config.mpp} µm/px")
         model.load_state_dict(start_model.state_dict())
+    train_ids, val_ids = _split(slides, config.val_fraction, config.seed,
+                                _validation_of(start_card) if config.keep_init_validation else None)
+    if not train_ids:
+        raise CalciscopeError("no training slides left after the validation split")
     card = SegmenterCard(mpp=config.mpp, widths=list(config.widths), synthetic_demo=config.synthetic_demo)
     precision = choose_precision(config.amp, channels_last=True, device=torch.device("cpu"))
     model = model.to(memory_format=torch.channels_last)
@@ -256,7 +289,8 @@ def train_segmenter(config: SegmenterTrainConfig, progress: Callable[[str], None
     model.train()
     for step in range(config.steps):
         picks = rng.choice(train_ids, config.batch_size)
-        crops = [_crop(slides[i], rng, config.crop_px, config.vessel_crop_fraction) for i in picks]
+        crops = [_crop(slides[i], rng, config.crop_px, config.vessel_crop_fraction, config.hard_crop_fraction)
+                 for i in picks]
         x = normalise(np.stack([c[0] for c in crops]), card).contiguous(memory_format=torch.channels_last)
         yw = torch.from_numpy(np.stack([c[1] for c in crops])).float()
         y, pixel_w = yw[:, :-1], yw[:, -1:]

@@ -28,7 +28,7 @@ def held_out_manifest(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def held_out_report(tmp_path_factory, held_out_manifest):
-    return evaluate_model(demo_model_dir(), held_out_manifest, tmp_path_factory.mktemp("held_out_eval"), workers=0)
+    return evaluate_model("demo", held_out_manifest, tmp_path_factory.mktemp("held_out_eval"), workers=0)
 
 
 @pytest.fixture(scope="module")

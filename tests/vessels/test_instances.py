@@ -70,6 +70,20 @@ def test_specks_and_soft_values_below_threshold_are_dropped():
     assert len(vessel_instances(prob, DOWNSAMPLE, 0.5, InstanceConfig(min_area_um2=0, threshold=0.2))) == 3
 
 
+def test_vessels_the_maps_are_unsure_of_are_dropped():
+    """Maps path: a speck grown from a few confident pixels (mean probability below min_mean_probability) goes;
+    a vessel the map is sure of stays, and with the filter off both are kept."""
+    from calciscope.vessels.instances import vessel_instances_from_maps
+
+    vessel, lumen = np.zeros((64, 64), np.float32), np.zeros((64, 64), np.float32)
+    cv2.circle(vessel, (20, 20), 7, 0.95, thickness=-1)  # a vessel: 30 µm across at 2 µm/px, mean 0.95
+    cv2.circle(vessel, (45, 45), 4, 0.35, thickness=-1)  # a speck of lymphocytes: mostly 0.35 ...
+    vessel[45, 44:47] = 0.7  # ... grown from three confident pixels
+    found = vessel_instances_from_maps(vessel, lumen, DOWNSAMPLE, 0.5)
+    assert len(found) == 1 and found[0].mean(0) == pytest.approx((20.5 * DOWNSAMPLE, 20.5 * DOWNSAMPLE), abs=1)
+    assert len(vessel_instances_from_maps(vessel, lumen, DOWNSAMPLE, 0.5, InstanceConfig(min_mean_probability=0))) == 2
+
+
 def test_bad_maps_are_refused():
     with pytest.raises(ValueError, match="H×W map"):
         vessel_instances(np.zeros((4, 4, 3)), DOWNSAMPLE, 0.5)

@@ -83,3 +83,37 @@ def test_a_manifest_without_vessel_outlines_is_refused(tmp_path, cmu_svs):
     config.write_text(yaml.safe_dump({"manifest": str(manifest), "steps": 1}))
     with pytest.raises(CalciscopeError, match="no vessel outlines for CMU-1-Small-Region.svs"):
         train_segmenter(load_config(config))
+
+
+def _slide_data(slide_id, patient_id, hard_centres=np.zeros((0, 2))):
+    from calciscope.vessels.train_segmenter import _SlideData
+
+    rgb = np.full((400, 400, 3), 230, np.uint8)
+    target = np.zeros((3, 400, 400), np.uint8)
+    return _SlideData(slide_id, patient_id, None, rgb, target, np.ones((400, 400), np.uint8),
+                      np.ones(3, np.float32), [], 0.5, 2.0, np.asarray(hard_centres, np.float64))
+
+
+def test_hard_crops_are_centred_on_the_look_alikes():
+    """hard_crop_fraction = 1: every crop holds the annotated look-alike (a dark dot drawn at the hard centre);
+    0: crops land anywhere, and most miss it."""
+    from calciscope.vessels.train_segmenter import _crop
+
+    s = _slide_data("a", "p", [[300.0, 90.0]])
+    s.rgb[86:95, 296:305] = 0  # the look-alike, 9 px across
+    rng = np.random.default_rng(0)
+    hits = [(_crop(s, rng, 96, 0.0, 1.0)[0] < 40).all(axis=2).any() for _ in range(50)]
+    rng = np.random.default_rng(0)
+    misses = [(_crop(s, rng, 96, 0.0, 0.0)[0] < 40).all(axis=2).any() for _ in range(50)]
+    assert sum(hits) >= 48 and sum(misses) <= 25
+
+
+def test_a_continued_run_keeps_its_inits_validation_patients():
+    from calciscope.vessels.train_segmenter import _split
+
+    slides = [_slide_data(f"s{i}", f"p{i // 2}") for i in range(16)]
+    fresh = [_split(slides, 0.25, seed)[1] for seed in range(4)]
+    assert len({tuple(v) for v in fresh}) > 1  # the seed moves a fresh split ...
+    kept = [_split(slides, 0.25, seed, ["s2", "s9"])[1] for seed in range(4)]
+    assert all(v == [2, 3, 8, 9] for v in kept)  # ... never a continued one: s2, s9 and their patients' slides
+    assert _split(slides, 0.25, 0, ["elsewhere"]) == _split(slides, 0.25, 0)  # an init from other slides: fresh
