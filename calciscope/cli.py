@@ -429,6 +429,37 @@ def train_vessels(
     out.print(str(folder), highlight=False, soft_wrap=True)
 
 
+@app.command("evaluate-vessels")
+def evaluate_vessels(
+    segmenter: str = typer.Option("demo", "--segmenter", help="A train-vessels folder, or 'demo' for the shipped one."),
+    data: Path = typer.Option(..., "--data", help="Manifest of slides with vessel outlines the segmenter never saw."),
+    out_dir: Path = typer.Option(..., "--out", help="Where detection.json goes."),
+    min_mean_probability: list[float] = typer.Option(
+        [], "--min-mean-probability", help="Instance filter to evaluate (repeat to compare several; "
+        "default: the shipped 0.55)."),
+):
+    """Vessel detection recall and precision (IoU 0.5), diameter and count error of a segmenter on labelled slides."""
+    import json
+
+    from calciscope.model.demo import demo_model_dir
+    from calciscope.vessels.train_segmenter import evaluate_segmenter
+
+    folder = demo_model_dir() / "vessels" if segmenter == "demo" else Path(segmenter)
+    report = evaluate_segmenter(folder, data, list(min_mean_probability) or None,
+                                lambda line: console.print(line, highlight=False))
+    table = Table(title=f"{segmenter} on {data.name}")
+    for column in ("min mean prob", "true", "found", "recall", "precision", "diameter err", "count err"):
+        table.add_column(column, justify="right")
+    for value, m in report["by_min_mean_probability"].items():
+        table.add_row(value, str(m["vessels_true"]), str(m["vessels_detected"]),
+                      *(f"{m[k]:.3f}" if m[k] is not None else "n/a"
+                        for k in ("recall", "precision", "median_diameter_error", "count_error")))
+    out.print(table)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "detection.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    out.print(str(out_dir / "detection.json"), highlight=False, soft_wrap=True)
+
+
 @app.command()
 def evaluate(
     model: str = typer.Option(..., "--model", help="A calciscope checkpoint directory, or 'demo' for the shipped model."),

@@ -32,7 +32,8 @@ from calciscope.training.engine import choose_precision, warmup_cosine
 from calciscope.vessels.frames import level0_to_mask_px
 from calciscope.vessels.instances import InstanceConfig, vessel_instances_from_maps
 from calciscope.vessels.match import match_vessels
-from calciscope.vessels.segment import CHANNELS, SegmenterCard, VesselUNet, normalise, save_segmenter, segment_slide
+from calciscope.vessels.segment import (CHANNELS, SegmenterCard, VesselMaps, VesselUNet, normalise, save_segmenter,
+                                        segment_slide)
 from calciscope.vessels.truth import Vessel, lumen_ring, read_vessels
 
 ARTIFACT_CLASS = "calcium_artifact"
@@ -242,22 +243,52 @@ def _crop(s: _SlideData, rng: np.random.Generator, size: int, vessel_fraction: f
 def evaluate_detection(model: VesselUNet, card: SegmenterCard, slides: list[_SlideData],
                        instance_config: InstanceConfig = InstanceConfig()) -> dict:
     """Recall, precision (IoU ≥ 0.5), median diameter error and count error over ``slides``, pooled."""
-    n_det = n_true = n_pairs = 0
-    errors, counts = [], []
-    for s in slides:
+    return detection_metrics(_segmented(model, card, slides), instance_config)
+
+
+def _segmented(model: VesselUNet, card: SegmenterCard, slides: list[_SlideData],
+               progress: Callable[[str], None] | None = None) -> list[tuple[_SlideData, VesselMaps]]:
+    out = []
+    for n, s in enumerate(slides, start=1):
         with open_slide(s.path) as slide:
-            maps = segment_slide(slide, model, card)
+            out.append((s, segment_slide(slide, model, card)))
+        if progress is not None:
+            progress(f"segmented {s.slide_id} ({n}/{len(slides)})")
+    return out
+
+
+def detection_metrics(segmented: list[tuple[_SlideData, VesselMaps]], instance_config: InstanceConfig) -> dict:
+    """Pooled detection figures of already segmented slides (``(slide, maps)`` pairs), and per slide."""
+    n_det = n_true = n_pairs = 0
+    errors, per_slide = [], []
+    for s, maps in segmented:
         polys = vessel_instances_from_maps(maps.probability("vessel"), maps.probability("lumen"), maps.downsample,
                                            s.slide_mpp, instance_config)
         result = match_vessels(polys, [v.polygon for v in s.vessels], s.slide_mpp)
         n_det, n_true, n_pairs = n_det + result.n_detected, n_true + result.n_true, n_pairs + len(result.pairs)
         errors += result.diameter_errors
-        counts.append((len(polys), len(s.vessels)))
-    det, true = sum(c[0] for c in counts), sum(c[1] for c in counts)
-    return {"slides": len(slides), "vessels_true": n_true, "vessels_detected": n_det,
+        per_slide.append({"slide_id": s.slide_id, "vessels_true": result.n_true, "vessels_detected": result.n_detected,
+                          "matched": len(result.pairs)})
+    return {"slides": len(segmented), "vessels_true": n_true, "vessels_detected": n_det,
             "recall": n_pairs / n_true if n_true else None, "precision": n_pairs / n_det if n_det else None,
             "median_diameter_error": float(np.median(errors)) if errors else None,
-            "count_error": (det - true) / true if true else None}
+            "count_error": (n_det - n_true) / n_true if n_true else None, "per_slide": per_slide}
+
+
+def evaluate_segmenter(segmenter: str | Path, manifest: str | Path, min_mean_probabilities: list[float] | None = None,
+                       progress: Callable[[str], None] | None = None) -> dict:
+    """``calciscope evaluate-vessels``: detection figures of a segmenter folder on a manifest of slides with vessel
+    outlines it never trained on. Each slide is segmented once; vessel instances are then drawn at every
+    ``min_mean_probability`` asked for (default: the shipped setting), so that filter can be tuned on held-out data."""
+    from calciscope.vessels.segment import load_segmenter
+
+    model, card = load_segmenter(segmenter)
+    config = SegmenterTrainConfig(manifest=str(manifest), mpp=card.mpp, widths=list(card.widths), small_vessel_weight=1)
+    segmented = _segmented(model, card, _load_slides(config, progress), progress)
+    values = min_mean_probabilities or [InstanceConfig().min_mean_probability]
+    return {"segmenter": str(segmenter), "manifest": str(manifest),
+            "by_min_mean_probability": {f"{v:g}": detection_metrics(segmented, InstanceConfig(min_mean_probability=v))
+                                        for v in values}}
 
 
 def train_segmenter(config: SegmenterTrainConfig, progress: Callable[[str], None] | None = None) -> Path:

@@ -117,3 +117,33 @@ def test_a_continued_run_keeps_its_inits_validation_patients():
     kept = [_split(slides, 0.25, seed, ["s2", "s9"])[1] for seed in range(4)]
     assert all(v == [2, 3, 8, 9] for v in kept)  # ... never a continued one: s2, s9 and their patients' slides
     assert _split(slides, 0.25, 0, ["elsewhere"]) == _split(slides, 0.25, 0)  # an init from other slides: fresh
+
+
+def test_evaluate_vessels_reports_detection_at_each_filter_setting(capsys, tmp_path, vessel_phantoms):
+    """The shipped segmenter on two unseen 2048² phantoms: one segmentation, figures per min_mean_probability."""
+    from calciscope.cli import main
+    from calciscope.vessels.truth import read_vessels
+
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("slide_id,patient_id,path\n" + "".join(
+        f"{s.slide_id},{s.patient_id},{s.path}\n" for s in vessel_phantoms))
+    with pytest.raises(SystemExit) as exit_:
+        main(["evaluate-vessels", "--data", str(manifest), "--out", str(tmp_path / "ev"),
+              "--min-mean-probability", "0", "--min-mean-probability", "0.55"])
+    assert exit_.value.code == 0
+    assert str(tmp_path / "ev" / "detection.json") in capsys.readouterr().out
+    report = json.loads((tmp_path / "ev" / "detection.json").read_text())
+    loose, shipped = report["by_min_mean_probability"]["0"], report["by_min_mean_probability"]["0.55"]
+    n_true = sum(len(read_vessels(s.vessels_path)) for s in vessel_phantoms)
+    assert loose["vessels_true"] == shipped["vessels_true"] == n_true > 10
+    assert [r["slide_id"] for r in shipped["per_slide"]] == [s.slide_id for s in vessel_phantoms]
+    assert shipped["vessels_detected"] <= loose["vessels_detected"]
+    assert shipped["recall"] >= 0.6 and shipped["precision"] >= 0.6, shipped
+    assert shipped["median_diameter_error"] <= 0.15
+
+
+def test_evaluate_vessels_names_a_missing_segmenter(tmp_path, vessel_phantoms):
+    from calciscope.vessels.train_segmenter import evaluate_segmenter
+
+    with pytest.raises(CheckpointError, match="nowhere"):
+        evaluate_segmenter(tmp_path / "nowhere", tmp_path / "manifest.csv")
