@@ -60,6 +60,10 @@ class SegmenterTrainConfig:
     hard_crop_fraction: float = 0.0
     hard_classes: list[str] = field(default_factory=lambda: [ARTIFACT_CLASS, "debris", "perivascular_infiltrate",
                                                              "fold"])
+    # out-of-focus augmentation: that share of crops gets a Gaussian blur of sigma drawn from blur_sigma_um (the
+    # phantom's blurred regions, and real scans' focus misses, hide vessels a segmenter trained on sharp crops misses)
+    blur_fraction: float = 0.0
+    blur_sigma_um: list[float] = field(default_factory=lambda: [1.0, 4.0])
     small_vessel_weight: float = 6.0  # the largest per-pixel loss weight a small vessel gets (1 = none)
     val_fraction: float = 0.2
     seed: int = 0
@@ -211,9 +215,11 @@ def _split(slides: list[_SlideData], fraction: float, seed: int,
     return [i for i in range(len(slides)) if i not in val], val
 
 
-def _crop(s: _SlideData, rng: np.random.Generator, size: int, vessel_fraction: float, hard_fraction: float = 0.0):
+def _crop(s: _SlideData, rng: np.random.Generator, size: int, vessel_fraction: float, hard_fraction: float = 0.0,
+          blur_fraction: float = 0.0, blur_sigma_px: tuple[float, float] = (1.0, 4.0)):
     """A seeded training crop: centred near a hard look-alike (``hard_fraction`` of the time, when the slide
-    has any), near a vessel (``vessel_fraction``), else anywhere; random rot90 / flip / stain gain."""
+    has any), near a vessel (``vessel_fraction``), else anywhere; random rot90 / flip / stain gain, and a Gaussian
+    blur ``blur_fraction`` of the time (no draw at all when 0, so older recipes keep their random stream)."""
     h, w = s.rgb.shape[:2]
     u = rng.random()
     if len(s.hard_centres) and u < hard_fraction:
@@ -237,6 +243,8 @@ def _crop(s: _SlideData, rng: np.random.Generator, size: int, vessel_fraction: f
         rgb, tgt = rgb[:, ::-1], tgt[:, :, ::-1]
     # stain / scanner variation: per-channel gain and offset
     rgb = np.clip(rgb.astype(np.float32) * rng.uniform(0.9, 1.1, 3) + rng.uniform(-12, 12, 3), 0, 255)
+    if blur_fraction > 0 and rng.random() < blur_fraction:
+        rgb = cv2.GaussianBlur(rgb, (0, 0), float(rng.uniform(*blur_sigma_px)))
     return rgb.astype(np.uint8), np.ascontiguousarray(tgt)
 
 
@@ -316,12 +324,13 @@ def train_segmenter(config: SegmenterTrainConfig, progress: Callable[[str], None
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.steps, max(config.steps // 20, 1)))
     pos_weight = torch.tensor(config.pos_weight, dtype=torch.float32).view(1, -1, 1, 1)
     rng = np.random.default_rng(config.seed)
+    blur_px = (config.blur_sigma_um[0] / config.mpp, config.blur_sigma_um[1] / config.mpp)
     start, losses = time.perf_counter(), []
     model.train()
     for step in range(config.steps):
         picks = rng.choice(train_ids, config.batch_size)
-        crops = [_crop(slides[i], rng, config.crop_px, config.vessel_crop_fraction, config.hard_crop_fraction)
-                 for i in picks]
+        crops = [_crop(slides[i], rng, config.crop_px, config.vessel_crop_fraction, config.hard_crop_fraction,
+                       config.blur_fraction, blur_px) for i in picks]
         x = normalise(np.stack([c[0] for c in crops]), card).contiguous(memory_format=torch.channels_last)
         yw = torch.from_numpy(np.stack([c[1] for c in crops])).float()
         y, pixel_w = yw[:, :-1], yw[:, -1:]

@@ -108,6 +108,27 @@ def test_hard_crops_are_centred_on_the_look_alikes():
     assert sum(hits) >= 48 and sum(misses) <= 25
 
 
+def test_blurred_crops_are_out_of_focus_and_sharp_ones_keep_their_random_stream():
+    """blur_fraction = 1: every crop is smoothed (a sharp checkerboard loses most of its edge contrast); 0: no
+    extra random draw, so a recipe without blur gets exactly the crops it got before blur existed."""
+    from calciscope.vessels.train_segmenter import _crop
+
+    s = _slide_data("a", "p")
+    s.rgb[:] = np.where((np.add.outer(np.arange(400), np.arange(400)) // 4) % 2 == 0, 40, 220)[..., None]
+
+    def edges(img):
+        return np.abs(np.diff(img.astype(np.float32), axis=1)).mean()
+
+    sharp = [_crop(s, np.random.default_rng(i), 96, 0.0)[0] for i in range(5)]
+    blurred = [_crop(s, np.random.default_rng(i), 96, 0.0, 0.0, 1.0, (2.0, 3.0))[0] for i in range(5)]
+    unblurred = [_crop(s, np.random.default_rng(i), 96, 0.0, 0.0, 0.0, (2.0, 3.0))[0] for i in range(5)]
+    assert all(edges(b) < 0.3 * edges(a) for a, b in zip(sharp, blurred))
+    assert all(np.array_equal(a, b) for a, b in zip(sharp, unblurred))
+    rng_a, rng_b = np.random.default_rng(7), np.random.default_rng(7)
+    _crop(s, rng_a, 96, 0.0), _crop(s, rng_b, 96, 0.0, 0.0, 0.0)
+    assert rng_a.random() == rng_b.random()
+
+
 def test_a_continued_run_keeps_its_inits_validation_patients():
     from calciscope.vessels.train_segmenter import _split
 
