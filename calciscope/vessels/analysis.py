@@ -9,8 +9,8 @@ Size bands (outer diameter = minor axis, µm): ``capillary`` < 20, ``arteriole``
 Adequacy: "small vessels in subcutaneous fat" are fat vessels below ``AdequacyConfig.small_max_um``; fewer than
 ``min_small_fat_vessels`` of them and the slide's CUA-pattern call carries status ``insufficient_sampling``, so
 "no vasculitis" is never read off a biopsy whose subcutaneous vessels were not seen.
-QC: connected regions of the segmenter's ``calcium_artifact`` map (holes, tears, knife chatter) of at least
-``min_artifact_um2``; a vessel within ``artifact_near_um`` of one is flagged ``calcium_artifact`` (calcium may
+QC: connected regions of the segmenter's ``calcium_artifact`` map (holes, tears, knife chatter) at the
+segmenter card's threshold, of at least ``min_artifact_um2``; a vessel within ``artifact_near_um`` of one is flagged ``calcium_artifact`` (calcium may
 have been lost there, so a negative call on that vessel is weaker).
 """
 
@@ -55,7 +55,7 @@ class VesselConfig:
 
     instance: InstanceConfig = field(default_factory=InstanceConfig)
     adequacy: AdequacyConfig = field(default_factory=AdequacyConfig)
-    artifact_threshold: float = 0.5
+    artifact_threshold: float | None = None  # None: the segmenter card's thresholds["calcium_artifact"]
     min_artifact_um2: float = 150.0
     artifact_near_um: float = 15.0
     batch_size: int = 64
@@ -145,7 +145,9 @@ def analyze_vessels(slide: Slide, tissue: TissueMask, segmenter: VesselUNet, seg
         probs = head.predict(features_of(vessels, labels))
         for v, p in zip(vessels, probs):
             v.probabilities = {k: float(x) for k, x in zip(labels, p)}
-    artifact_polys = _artifacts(maps, config) if "calcium_artifact" in maps.maps else []
+    artifact_threshold = (config.artifact_threshold if config.artifact_threshold is not None
+                          else seg_card.thresholds.get("calcium_artifact", 0.5))
+    artifact_polys = _artifacts(maps, artifact_threshold, config) if "calcium_artifact" in maps.maps else []
     _flag_artifacts(vessels, artifact_polys, slide.mpp, config.artifact_near_um)
     qc = {"calcium_artifact_regions": len(artifact_polys),
           "calcium_artifact_area_mm2": round(sum(float(cv2.contourArea(p.astype(np.float32))) for p in artifact_polys)
@@ -227,8 +229,8 @@ def features_of(vessels: list[VesselRecord], labels: list[str]) -> np.ndarray:
                            np.array([v.compartment == "fat" for v in vessels]))
 
 
-def _artifacts(maps: VesselMaps, config: VesselConfig) -> list[np.ndarray]:
-    mask = (maps.probability("calcium_artifact") >= config.artifact_threshold).astype(np.uint8)
+def _artifacts(maps: VesselMaps, threshold: float, config: VesselConfig) -> list[np.ndarray]:
+    mask = (maps.probability("calcium_artifact") >= threshold).astype(np.uint8)
     px_um2 = maps.mpp**2
     contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     return [mask_px_to_level0(c.reshape(-1, 2), maps.downsample) for c in contours
