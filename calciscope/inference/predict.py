@@ -304,7 +304,7 @@ class Predictor:
         """The vessel segmenter ``config.vessels`` names (see PredictConfig), and where slide scores come from."""
         from calciscope.vessels.analysis import AdequacyConfig, VesselConfig
         from calciscope.vessels.head import VesselHead
-        from calciscope.vessels.segment import load_segmenter
+        from calciscope.vessels.segment import for_inference, load_segmenter
 
         cfg = self.config
         spec = cfg.vessels
@@ -317,7 +317,10 @@ class Predictor:
         elif spec == "auto" and self.card.head != "mil":
             beside = self.model_path.parent if self.model_path.is_file() else self.model_path
             folder = beside / "vessels" if (beside / "vessels" / "segmenter.json").is_file() else None
-        self.segmenter = load_segmenter(folder) if folder is not None else None
+        self.segmenter = None
+        if folder is not None:
+            model, seg_card = load_segmenter(folder)
+            self.segmenter = (for_inference(model), seg_card)
         head = self.card.extra.get("vessel_head")
         self.vessel_head = VesselHead.from_dict(head, self.labels) if head else None
         self.segmenter_path = folder

@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import cv2
 import numpy as np
+import torch
 
 from calciscope.data.slides import Slide
 from calciscope.data.tiling import TilingConfig
@@ -32,7 +33,7 @@ from calciscope.vessels.head import VesselHead, vessel_features
 from calciscope.vessels.instances import InstanceConfig, fill_holes, vessel_instances_from_maps
 from calciscope.vessels.measure import VesselGeometry, measure_vessel
 from calciscope.vessels.sampling import vessel_grid
-from calciscope.vessels.segment import SegmenterCard, VesselMaps, VesselUNet, segment_slide
+from calciscope.vessels.segment import SegmenterCard, VesselMaps, segment_slide
 
 SIZE_BANDS = (("capillary", 0.0, 20.0), ("arteriole", 20.0, 100.0), ("artery", 100.0, float("inf")))
 COMPARTMENTS = ("fat", "dermis", "unknown")
@@ -122,7 +123,7 @@ class VesselAnalysis:
                 "vessels": [v.to_dict(thresholds) for v in self.vessels]}
 
 
-def analyze_vessels(slide: Slide, tissue: TissueMask, segmenter: VesselUNet, seg_card: SegmenterCard,
+def analyze_vessels(slide: Slide, tissue: TissueMask, segmenter: torch.nn.Module, seg_card: SegmenterCard,
                     classify: Callable[[np.ndarray], np.ndarray], tiling: TilingConfig, labels: list[str],
                     config: VesselConfig = VesselConfig(), head: VesselHead | None = None) -> VesselAnalysis:
     """Vessels of ``slide``; ``classify`` maps uint8 tiles (B, 3, H, W) to calibrated probabilities (B, L);

@@ -288,9 +288,10 @@ def evaluate_segmenter(segmenter: str | Path, manifest: str | Path, min_mean_pro
     """``calciscope evaluate-vessels``: detection figures of a segmenter folder on a manifest of slides with vessel
     outlines it never trained on. Each slide is segmented once; vessel instances are then drawn at every
     ``min_mean_probability`` asked for (default: the shipped setting), so that filter can be tuned on held-out data."""
-    from calciscope.vessels.segment import load_segmenter
+    from calciscope.vessels.segment import for_inference, load_segmenter
 
     model, card = load_segmenter(segmenter)
+    model = for_inference(model)
     config = SegmenterTrainConfig(manifest=str(manifest), mpp=card.mpp, widths=list(card.widths), small_vessel_weight=1)
     segmented = _segmented(model, card, _load_slides(config, progress), progress)
     values = min_mean_probabilities or [InstanceConfig().min_mean_probability]

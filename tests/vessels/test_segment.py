@@ -76,6 +76,20 @@ def test_segment_slide_covers_the_tissue_at_the_card_resolution(trained, clean_p
     assert np.array_equal(maps.maps["lumen"][ran], everywhere.maps["lumen"][ran])
 
 
+def test_the_inference_segmenter_draws_the_same_maps(trained, clean_phantom):
+    """BatchNorm folded and channels_last (what predict runs): the same uint8 maps, give or take one level."""
+    from calciscope.vessels.segment import for_inference
+
+    model, card = load_segmenter(trained)
+    fast = for_inference(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+    with open_slide(clean_phantom.path) as slide:
+        plain, folded = segment_slide(slide, model, card), segment_slide(slide, fast, card)
+    for channel in card.channels:
+        diff = np.abs(plain.maps[channel].astype(int) - folded.maps[channel])
+        assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, channel
+
+
 def test_a_manifest_without_vessel_outlines_is_refused(tmp_path, cmu_svs):
     manifest = tmp_path / "m.csv"
     manifest.write_text(f"path\n{cmu_svs}\n")

@@ -110,6 +110,14 @@ def test_a_biopsy_without_subcutaneous_fat_is_insufficient_not_negative(tmp_path
     assert full and all(r.cua["status"] == "scored" for r in full)
 
 
+def test_clean_phantoms_raise_no_calcium_artifact_region(scored):
+    """The demo segmenter card's calcium-artifact threshold (0.65; 17 false regions here at 0.5) keeps the QC quiet
+    on slides with no artifact drawn: no vessel is flagged on a clean slide."""
+    regions = [r.vessels.qc["calcium_artifact_regions"] for r, _, _ in scored]
+    assert sum(regions) == 0, regions
+    assert not any("calcium_artifact" in v.flags for r, _, _ in scored for v in r.vessels.vessels)
+
+
 @pytest.mark.xfail(strict=True, reason="the demo segmenter's calcium-artifact map does not separate artifacts from "
                    "the tissue around calcified vessels (17 false regions on these six clean phantoms at 0.5); its "
                    "card threshold of 0.65 keeps clean slides quiet and finds 0 of the 5 drawn here")
