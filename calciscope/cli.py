@@ -436,7 +436,7 @@ def evaluate_vessels(
     out_dir: Path = typer.Option(..., "--out", help="Where detection.json goes."),
     min_mean_probability: list[float] = typer.Option(
         [], "--min-mean-probability", help="Instance filter to evaluate (repeat to compare several; "
-        "default: the shipped 0.6)."),
+        "default: the segmenter card's)."),
 ):
     """Vessel detection recall and precision (IoU 0.5), diameter and count error of a segmenter on labelled slides."""
     import json

@@ -54,7 +54,7 @@ class AdequacyConfig:
 class VesselConfig:
     """Settings of the vessel analysis (instances, adequacy, QC); the segmenter brings its own mpp."""
 
-    instance: InstanceConfig = field(default_factory=InstanceConfig)
+    instance: InstanceConfig | None = None  # None: the segmenter card's (SegmenterCard.instance_config)
     adequacy: AdequacyConfig = field(default_factory=AdequacyConfig)
     artifact_threshold: float | None = None  # None: the segmenter card's thresholds["calcium_artifact"]
     min_artifact_um2: float = 150.0
@@ -132,12 +132,13 @@ def analyze_vessels(slide: Slide, tissue: TissueMask, segmenter: torch.nn.Module
     maps = segment_slide(slide, segmenter, seg_card, tissue)
     on_tissue = _tissue_at(tissue, maps)
     lumen_map = maps.probability("lumen") * on_tissue
+    instance = config.instance if config.instance is not None else seg_card.instance_config()
     polygons = vessel_instances_from_maps(maps.probability("vessel") * on_tissue, lumen_map, maps.downsample,
-                                          slide.mpp, config.instance)
+                                          slide.mpp, instance)
     comps = compartment_map(tissue)
     vessels = []
     for i, poly in enumerate(polygons):
-        lumen = _lumen(poly, lumen_map >= config.instance.threshold, maps.downsample)
+        lumen = _lumen(poly, lumen_map >= instance.threshold, maps.downsample)
         geometry = measure_vessel(poly, slide.mpp, lumen)
         c = poly.mean(axis=0)
         vessels.append(VesselRecord(i + 1, poly, lumen, geometry, comps.compartment_at(*c) or "unknown"))

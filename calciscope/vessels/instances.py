@@ -44,7 +44,8 @@ class InstanceConfig:
     grow_threshold: float = 0.3  # maps path: a vessel (seeded at ``threshold``) extends over pixels ≥ this
     # maps path: a vessel's mean probability (the higher of the vessel and lumen maps, over its outline) must reach
     # this; specks grown from a few confident pixels in lymphocytes, debris and folds stay well below it
-    # 0.6: with the demo segmenter, the highest min(recall, precision) on 4 unseen 4096² phantoms (synth --seed 700)
+    # a segmenter card's ``instance`` settings override these defaults; the demo's 0.6 gave the highest
+    # min(recall, precision) on 4 unseen 4096² phantoms (synth --seed 700)
     min_mean_probability: float = 0.6
 
 

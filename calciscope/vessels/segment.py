@@ -26,6 +26,7 @@ from calciscope.data.slides import Slide
 from calciscope.data.tissue import TissueMask
 from calciscope.errors import CheckpointError
 from calciscope.io import sha256_file, write_bytes_atomic
+from calciscope.vessels.instances import InstanceConfig
 
 WEIGHTS_FILE = "segmenter.safetensors"
 CARD_FILE = "segmenter.json"
@@ -82,6 +83,8 @@ class SegmenterCard:
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     std: list[float] = field(default_factory=lambda: [0.25, 0.25, 0.25])
     thresholds: dict[str, float] = field(default_factory=lambda: {c: 0.5 for c in CHANNELS})
+    # InstanceConfig settings tuned for this segmenter (e.g. {"min_mean_probability": 0.6}); the rest default
+    instance: dict = field(default_factory=dict)
     training: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
     synthetic_demo: bool = False
@@ -105,7 +108,14 @@ class SegmenterCard:
             raise CheckpointError(path, f"schema version {card.schema_version} is newer than this calciscope reads")
         if not card.mpp > 0 or not {"vessel", "lumen"} <= set(card.channels) or len(card.widths) < 2:
             raise CheckpointError(path, "needs mpp > 0, 'vessel' and 'lumen' channels and at least two widths")
+        unknown = set(card.instance) - set(InstanceConfig.__dataclass_fields__)
+        if unknown:
+            raise CheckpointError(path, f"unknown instance settings {sorted(unknown)}")
         return card
+
+    def instance_config(self) -> InstanceConfig:
+        """The instance settings this segmenter was tuned with (card ``instance``), defaults elsewhere."""
+        return InstanceConfig(**self.instance)
 
 
 def save_segmenter(directory: str | Path, model: VesselUNet, card: SegmenterCard) -> Path:

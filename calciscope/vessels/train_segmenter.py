@@ -287,17 +287,20 @@ def evaluate_segmenter(segmenter: str | Path, manifest: str | Path, min_mean_pro
                        progress: Callable[[str], None] | None = None) -> dict:
     """``calciscope evaluate-vessels``: detection figures of a segmenter folder on a manifest of slides with vessel
     outlines it never trained on. Each slide is segmented once; vessel instances are then drawn at every
-    ``min_mean_probability`` asked for (default: the shipped setting), so that filter can be tuned on held-out data."""
+    ``min_mean_probability`` asked for (default: the card's), so that filter can be tuned on held-out data; put
+    the chosen value in the card's ``instance`` settings."""
     from calciscope.vessels.segment import for_inference, load_segmenter
 
     model, card = load_segmenter(segmenter)
     model = for_inference(model)
     config = SegmenterTrainConfig(manifest=str(manifest), mpp=card.mpp, widths=list(card.widths), small_vessel_weight=1)
     segmented = _segmented(model, card, _load_slides(config, progress), progress)
-    values = min_mean_probabilities or [InstanceConfig().min_mean_probability]
+    base = card.instance_config()
+    values = min_mean_probabilities or [base.min_mean_probability]
     return {"segmenter": str(segmenter), "manifest": str(manifest),
-            "by_min_mean_probability": {f"{v:g}": detection_metrics(segmented, InstanceConfig(min_mean_probability=v))
-                                        for v in values}}
+            "by_min_mean_probability": {
+                f"{v:g}": detection_metrics(segmented, dataclasses.replace(base, min_mean_probability=v))
+                for v in values}}
 
 
 def train_segmenter(config: SegmenterTrainConfig, progress: Callable[[str], None] | None = None) -> Path:

@@ -182,3 +182,28 @@ def test_evaluate_vessels_names_a_missing_segmenter(tmp_path, vessel_phantoms):
 
     with pytest.raises(CheckpointError, match="nowhere"):
         evaluate_segmenter(tmp_path / "nowhere", tmp_path / "manifest.csv")
+
+
+def test_the_segmenter_cards_instance_settings_drive_vessel_analysis(tmp_path, clean_phantom):
+    """The instance filter a segmenter was tuned with lives in its card: a stricter one there, fewer vessels in
+    predict; an unknown setting is refused naming the card."""
+    import shutil
+
+    from calciscope.inference.predict import PredictConfig, Predictor
+    from calciscope.model.demo import demo_model_dir
+
+    strict = tmp_path / "strict"
+    shutil.copytree(demo_model_dir() / "vessels", strict)
+    card = json.loads((strict / CARD_FILE).read_text())
+    assert card["instance"] == {"min_mean_probability": 0.6}  # the demo's, tuned on unseen phantoms
+    card["instance"] = {"min_mean_probability": 0.97}
+    (strict / CARD_FILE).write_text(json.dumps(card))
+    counts = {}
+    for name, folder in (("demo", "auto"), ("strict", str(strict))):
+        predictor = Predictor("demo", PredictConfig(workers=0, saliency="none", top_k=0, vessels=folder))
+        counts[name] = len(predictor.predict(clean_phantom.path).vessels.vessels)
+    assert 0 < counts["strict"] < counts["demo"], counts
+    card["instance"] = {"min_mean_prob": 0.5}
+    (strict / CARD_FILE).write_text(json.dumps(card))
+    with pytest.raises(CheckpointError, match=f"{CARD_FILE}.*unknown instance settings"):
+        load_segmenter(strict)
