@@ -437,13 +437,18 @@ def evaluate_vessels(
     min_mean_probability: list[float] = typer.Option(
         [], "--min-mean-probability", help="Instance filter to evaluate (repeat to compare several; "
         "default: the segmenter card's)."),
+    apply: bool = typer.Option(False, "--apply", help="Write the value with the highest min(recall, precision) "
+                               "into the segmenter's card, where predict and score read it."),
 ):
     """Vessel detection recall and precision (IoU 0.5), diameter and count error of a segmenter on labelled slides."""
     import json
 
     from calciscope.model.demo import demo_model_dir
-    from calciscope.vessels.train_segmenter import evaluate_segmenter
+    from calciscope.vessels.train_segmenter import best_min_mean_probability, evaluate_segmenter, set_instance_setting
 
+    if apply and segmenter == "demo":
+        raise CalciscopeError("--apply writes into the segmenter's card: copy the demo segmenter "
+                              f"({demo_model_dir() / 'vessels'}) to a folder of your own and pass that")
     folder = demo_model_dir() / "vessels" if segmenter == "demo" else Path(segmenter)
     report = evaluate_segmenter(folder, data, list(min_mean_probability) or None,
                                 lambda line: console.print(line, highlight=False))
@@ -457,6 +462,10 @@ def evaluate_vessels(
     out.print(table)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "detection.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    if apply:
+        best = best_min_mean_probability(report)
+        card = set_instance_setting(folder, "min_mean_probability", best)
+        console.print(f"min_mean_probability {best:g} written to {card}", highlight=False, soft_wrap=True)
     out.print(str(out_dir / "detection.json"), highlight=False, soft_wrap=True)
 
 

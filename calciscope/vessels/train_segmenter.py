@@ -122,6 +122,33 @@ def read_artifact_polygons(path: Path, class_names: tuple[str, ...] = (ARTIFACT_
     return polys
 
 
+def best_min_mean_probability(report: dict) -> float:
+    """The evaluated ``min_mean_probability`` with the highest min(recall, precision) (ties: the smaller count
+    error, then the lower value): balanced detection, which also keeps the vessel count close to the truth."""
+    def key(item):
+        value, m = item
+        return (-min(m["recall"] or 0.0, m["precision"] or 0.0), abs(m["count_error"] or 0.0), float(value))
+
+    return float(min(report["by_min_mean_probability"].items(), key=key)[0])
+
+
+def set_instance_setting(segmenter: str | Path, name: str, value: float) -> Path:
+    """Write one tuned InstanceConfig setting into a segmenter folder's card (the weights, and their sha256 in
+    the card, stay as they are); returns the card's path."""
+    import json
+
+    from calciscope.io import write_json
+    from calciscope.vessels.segment import CARD_FILE, load_segmenter
+
+    if name not in InstanceConfig.__dataclass_fields__:
+        raise CalciscopeError(f"{name!r} is not an instance setting ({', '.join(InstanceConfig.__dataclass_fields__)})")
+    load_segmenter(segmenter)  # a folder that loads, before its card is touched
+    path = Path(segmenter) / CARD_FILE
+    card = json.loads(path.read_text(encoding="utf-8"))
+    card["instance"] = {**card.get("instance", {}), name: value}
+    return write_json(path, card)
+
+
 def _load_slides(config: SegmenterTrainConfig, progress: Callable[[str], None] | None) -> list[_SlideData]:
     import csv
 

@@ -155,26 +155,55 @@ def test_a_continued_run_keeps_its_inits_validation_patients():
 
 
 def test_evaluate_vessels_reports_detection_at_each_filter_setting(capsys, tmp_path, vessel_phantoms):
-    """The shipped segmenter on two unseen 2048² phantoms: one segmentation, figures per min_mean_probability."""
+    """The shipped segmenter (a copy) on two unseen 2048² phantoms: one segmentation, figures per
+    min_mean_probability; --apply writes the balanced one into the copy's card, which still loads."""
+    import shutil
+
     from calciscope.cli import main
+    from calciscope.model.demo import demo_model_dir
     from calciscope.vessels.truth import read_vessels
 
+    mine = tmp_path / "mine"
+    shutil.copytree(demo_model_dir() / "vessels", mine)
     manifest = tmp_path / "manifest.csv"
     manifest.write_text("slide_id,patient_id,path\n" + "".join(
         f"{s.slide_id},{s.patient_id},{s.path}\n" for s in vessel_phantoms))
     with pytest.raises(SystemExit) as exit_:
-        main(["evaluate-vessels", "--data", str(manifest), "--out", str(tmp_path / "ev"),
-              "--min-mean-probability", "0", "--min-mean-probability", "0.55"])
+        main(["evaluate-vessels", "--segmenter", str(mine), "--data", str(manifest), "--out", str(tmp_path / "ev"),
+              "--min-mean-probability", "0", "--min-mean-probability", "0.6", "--apply"])
     assert exit_.value.code == 0
     assert str(tmp_path / "ev" / "detection.json") in capsys.readouterr().out
     report = json.loads((tmp_path / "ev" / "detection.json").read_text())
-    loose, shipped = report["by_min_mean_probability"]["0"], report["by_min_mean_probability"]["0.55"]
+    loose, shipped = report["by_min_mean_probability"]["0"], report["by_min_mean_probability"]["0.6"]
     n_true = sum(len(read_vessels(s.vessels_path)) for s in vessel_phantoms)
     assert loose["vessels_true"] == shipped["vessels_true"] == n_true > 10
     assert [r["slide_id"] for r in shipped["per_slide"]] == [s.slide_id for s in vessel_phantoms]
     assert shipped["vessels_detected"] <= loose["vessels_detected"]
     assert shipped["recall"] >= 0.6 and shipped["precision"] >= 0.6, shipped
     assert shipped["median_diameter_error"] <= 0.15
+    balanced = max(("0", loose), ("0.6", shipped), key=lambda kv: min(kv[1]["recall"], kv[1]["precision"]))[0]
+    assert load_segmenter(mine)[1].instance == {"min_mean_probability": float(balanced)}
+
+
+def test_evaluate_vessels_will_not_write_into_the_shipped_demo(capsys, tmp_path):
+    from calciscope.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["evaluate-vessels", "--data", str(tmp_path / "m.csv"), "--out", str(tmp_path), "--apply"])
+    assert exit_.value.code != 0 and "copy the demo segmenter" in capsys.readouterr().err
+
+
+def test_the_balanced_filter_setting_is_chosen():
+    from calciscope.vessels.train_segmenter import best_min_mean_probability
+
+    def fig(recall, precision, count_error):
+        return {"recall": recall, "precision": precision, "count_error": count_error}
+
+    report = {"by_min_mean_probability": {"0": fig(0.9, 0.6, 0.4), "0.5": fig(0.85, 0.8, 0.05),
+                                          "0.6": fig(0.8, 0.85, -0.05), "0.7": fig(0.7, 0.95, -0.3)}}
+    assert best_min_mean_probability(report) == 0.5  # 0.5 and 0.6 tie on min(recall, precision): the lower
+    report["by_min_mean_probability"]["0.6"] = fig(0.8, 0.85, -0.01)
+    assert best_min_mean_probability(report) == 0.6  # ... unless the other counts closer to the truth
 
 
 def test_evaluate_vessels_names_a_missing_segmenter(tmp_path, vessel_phantoms):
