@@ -202,3 +202,16 @@ def build_backbone(name: str, weights: str | Path | None = None) -> nn.Module:
     if weights is not None:
         load_backbone_weights(trunk, name, weights)
     return trunk
+
+
+def fold_batchnorm(module: nn.Module) -> nn.Module:
+    """An eval-mode copy of ``module`` with BatchNorm folded into the convolutions before it (torch.fx): the same
+    outputs to ~1e-5, faster on CPU. A module fx cannot trace is returned as it is (in eval mode)."""
+    import copy
+
+    from torch.fx.experimental.optimization import fuse
+
+    try:
+        return fuse(copy.deepcopy(module).eval())
+    except Exception:  # noqa: BLE001 - any tracing failure just means no fusion
+        return module.eval()

@@ -331,8 +331,9 @@ def evaluate_units(model_dir: Path, data: DataBundle, units: np.ndarray, config:
 
 
 def evaluate_model(model_dir: str | Path, data_path: str | Path, out_dir: str | Path, *, workers: int = 0) -> dict:
-    """``calciscope evaluate``: ``model_dir`` is a checkpoint or ``"demo"``; the model card fixes labels, tile size and mpp; ``data_path`` is a slide manifest
-    (CSV with an ``annotations`` column) or tiles (a folder, or a CSV of tile paths)."""
+    """``calciscope evaluate``: ``model_dir`` is a checkpoint or ``"demo"``; the model card fixes labels, tile size
+    and mpp; ``data_path`` is a slide manifest (CSV with an ``annotations`` column) or tiles (a folder, or a CSV of
+    tile paths)."""
     from calciscope.model import load_card
     from calciscope.model.demo import resolve_model
     from calciscope.training.config import AggregationConfig, DataConfig, OptimConfig

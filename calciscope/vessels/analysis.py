@@ -10,8 +10,8 @@ Adequacy: "small vessels in subcutaneous fat" are fat vessels below ``AdequacyCo
 ``min_small_fat_vessels`` of them and the slide's CUA-pattern call carries status ``insufficient_sampling``, so
 "no vasculitis" is never read off a biopsy whose subcutaneous vessels were not seen.
 QC: connected regions of the segmenter's ``calcium_artifact`` map (holes, tears, knife chatter) at the
-segmenter card's threshold, of at least ``min_artifact_um2``; a vessel within ``artifact_near_um`` of one is flagged ``calcium_artifact`` (calcium may
-have been lost there, so a negative call on that vessel is weaker).
+segmenter card's threshold, of at least ``min_artifact_um2``; a vessel within ``artifact_near_um`` of one is
+flagged ``calcium_artifact`` (calcium may have been lost there, so a negative call on that vessel is weaker).
 """
 
 from __future__ import annotations

@@ -159,17 +159,11 @@ def load_segmenter(directory: str | Path) -> tuple[VesselUNet, SegmenterCard]:
 
 
 def for_inference(model: VesselUNet) -> nn.Module:
-    """The segmenter with BatchNorm folded into its convolutions (torch.fx) in channels_last: the same maps to
-    ~1e-5, about 2× faster on CPU (a 512² window batch: 1.9 s → 0.8 s on 2 cores). Untraceable: as it is."""
-    import copy
+    """The segmenter with BatchNorm folded into its convolutions, in channels_last: the same maps to ~1e-5, about
+    10 % faster inside predict on 2 CPU cores."""
+    from calciscope.model.backbones import fold_batchnorm
 
-    from torch.fx.experimental.optimization import fuse
-
-    try:
-        fused = fuse(copy.deepcopy(model).eval())
-    except Exception:  # noqa: BLE001 - any tracing failure just means no fusion
-        fused = model.eval()
-    return fused.to(memory_format=torch.channels_last)
+    return fold_batchnorm(model).to(memory_format=torch.channels_last)
 
 
 def normalise(rgb: np.ndarray, card: SegmenterCard) -> torch.Tensor:

@@ -149,7 +149,10 @@ def set_instance_setting(segmenter: str | Path, name: str, value: float) -> Path
     return write_json(path, card)
 
 
-def _load_slides(config: SegmenterTrainConfig, progress: Callable[[str], None] | None) -> list[_SlideData]:
+def _load_slides(config: SegmenterTrainConfig, progress: Callable[[str], None] | None,
+                 pixels: bool = True) -> list[_SlideData]:
+    """The manifest's slides with their vessel outlines; ``pixels=False`` (evaluation, which segments each slide
+    from the file) skips reading the slide whole and drawing the training targets."""
     import csv
 
     manifest = Path(config.manifest)
@@ -172,8 +175,13 @@ def _load_slides(config: SegmenterTrainConfig, progress: Callable[[str], None] |
         vessels = read_vessels(vessels_path)
         with open_slide(path) as slide:
             ds = config.mpp / slide.mpp
-            rgb = slide.read_downsampled(ds)
+            rgb = slide.read_downsampled(ds) if pixels else np.zeros((0, 0, 3), np.uint8)
             slide_mpp, slide_id = slide.mpp, row.get("slide_id") or slide.slide_id
+        if not pixels:
+            out.append(_SlideData(slide_id, row.get("patient_id") or slide_id, path, rgb,
+                                  np.zeros((len(CHANNELS), 0, 0), np.uint8), np.zeros((0, 0), np.uint8),
+                                  np.zeros(len(CHANNELS), np.float32), vessels, slide_mpp, ds, np.zeros((0, 2))))
+            continue
         h, w = rgb.shape[:2]
         target = np.zeros((len(CHANNELS), h, w), np.uint8)
         for v in vessels:
@@ -320,8 +328,8 @@ def evaluate_segmenter(segmenter: str | Path, manifest: str | Path, min_mean_pro
 
     model, card = load_segmenter(segmenter)
     model = for_inference(model)
-    config = SegmenterTrainConfig(manifest=str(manifest), mpp=card.mpp, widths=list(card.widths), small_vessel_weight=1)
-    segmented = _segmented(model, card, _load_slides(config, progress), progress)
+    config = SegmenterTrainConfig(manifest=str(manifest), mpp=card.mpp, widths=list(card.widths))
+    segmented = _segmented(model, card, _load_slides(config, None, pixels=False), progress)
     base = card.instance_config()
     values = min_mean_probabilities or [base.min_mean_probability]
     return {"segmenter": str(segmenter), "manifest": str(manifest),
