@@ -1,8 +1,8 @@
 """Cost of vessel analysis relative to grid-only predict, measured side by side in one run.
 
 For each phantom size: the same slide scored by ``predict`` with ``--vessels none`` (grid only) and with the demo
-segmenter (segmentation, instances, measurement, compartments, vessel tiles through the same model, adequacy, QC,
-vessels.geojson / vessels.csv and the report's vessel section), each in a fresh process so peak RSS is its own
+segmenter and vessel classifier (segmentation, instances, measurement, compartments, a crop per vessel and faint
+outline through the classifier, adequacy, QC, vessels.geojson / vessels.csv and the report's vessel section), each in a fresh process so peak RSS is its own
 (VmHWM of the main process). Prints seconds, the ratio, the vessel stage's own seconds, vessel counts and RSS.
 Warm-up: one untimed run of each in its process before the timed one (imports, first-call costs).
 

@@ -215,8 +215,12 @@ def _summary_table(results) -> Table:
 
 VESSELS_HELP = ("Vessel analysis: 'auto' (the segmenter shipped in the model folder's vessels/, as the demo "
                 "model has; skipped without one), a segmenter folder from 'train-vessels', or 'none'.")
-SAMPLING_HELP = ("Tiles the slide probabilities aggregate: 'grid' (the tissue grid), 'vessels' (tiles centred on the "
-                 "detected vessels) or 'both'; default: as the model was trained (its card).")
+VESSEL_CLASSIFIER_HELP = ("Per-vessel classifier: 'auto' (the one in the segmenter's classifier/ folder, as the demo "
+                          "has), a folder from 'train-vessel-classifier', or 'none' (vessels then get their tiles' "
+                          "highest tile-model probability).")
+SAMPLING_HELP = ("Where slide probabilities come from: 'grid' (the tissue grid's tiles), 'vessels' (the detected "
+                 "vessels: the vessel classifier's slide map, or tiles centred on them) or 'both' (grid and vessel "
+                 "tiles); default: 'vessels' with a vessel classifier, else as the model was trained (its card).")
 MIN_FAT_HELP = ("Small vessels in subcutaneous fat needed to judge the CUA pattern; fewer and the call is marked "
                 "insufficient_sampling.")
 
@@ -238,6 +242,7 @@ def predict(
     slide_mpp: Optional[float] = typer.Option(None, "--slide-mpp", help="Override the slide's level-0 µm/px."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     vessels: str = typer.Option("auto", "--vessels", help=VESSELS_HELP),
+    vessel_classifier: str = typer.Option("auto", "--vessel-classifier", help=VESSEL_CLASSIFIER_HELP),
     sampling: Optional[str] = typer.Option(None, "--sampling", help=SAMPLING_HELP),
     min_fat_vessels: int = typer.Option(3, "--min-fat-vessels", help=MIN_FAT_HELP),
 ):
@@ -247,7 +252,8 @@ def predict(
 
     config = PredictConfig(batch_size=batch_size, workers=workers, saliency=saliency, top_k=top_k,
                            aggregation=aggregation, k=k, min_tissue=min_tissue, slide_mpp=slide_mpp, device=device,
-                           runtime=runtime, vessels=vessels, sampling=sampling, min_fat_vessels=min_fat_vessels)
+                           runtime=runtime, vessels=vessels, vessel_classifier=vessel_classifier, sampling=sampling,
+                           min_fat_vessels=min_fat_vessels)
     check_writable(out_dir)
     predictor = Predictor(model, config)
     results, failures = [], 0
@@ -291,6 +297,7 @@ def score(
     slide_mpp: Optional[float] = typer.Option(None, "--slide-mpp",
                                               help="µm/px for slides whose file has none (a manifest 'mpp' wins)."),
     vessels: str = typer.Option("auto", "--vessels", help=VESSELS_HELP),
+    vessel_classifier: str = typer.Option("auto", "--vessel-classifier", help=VESSEL_CLASSIFIER_HELP),
     sampling: Optional[str] = typer.Option(None, "--sampling", help=SAMPLING_HELP),
     min_fat_vessels: int = typer.Option(3, "--min-fat-vessels", help=MIN_FAT_HELP),
 ):
@@ -298,8 +305,8 @@ def score(
     from calciscope.inference.batch import ScoreRun
 
     settings = {"batch_size": batch_size, "saliency": saliency, "top_k": top_k, "min_tissue": min_tissue,
-                "slide_mpp": slide_mpp, "runtime": runtime, "vessels": vessels, "sampling": sampling,
-                "min_fat_vessels": min_fat_vessels}
+                "slide_mpp": slide_mpp, "runtime": runtime, "vessels": vessels, "vessel_classifier": vessel_classifier,
+                "sampling": sampling, "min_fat_vessels": min_fat_vessels}
     with progress_bar("slides", per_minute=True) as update:
         outcomes = ScoreRun(source, model, out_dir, settings=settings, workers=workers, backend=backend,
                             ray_address=ray_address, progress=update).run()
@@ -429,6 +436,27 @@ def train_vessels(
     out.print(str(folder), highlight=False, soft_wrap=True)
 
 
+@app.command("train-vessel-classifier")
+def train_vessel_classifier(
+    config: Path = typer.Option(..., "--config", help="Classifier config (YAML); see configs/vessel_classifier.yaml."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Classifier folder (overrides the config's 'out')."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Training epochs (overrides the config's)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
+):
+    """Train the per-vessel classifier on slides with vessel outlines whose 'findings' say what each vessel has;
+    prints its folder. Put the folder at <segmenter>/classifier, or pass it to predict/score --vessel-classifier."""
+    import dataclasses
+
+    from calciscope.vessels.train_classifier import load_config as load_classifier_config
+    from calciscope.vessels.train_classifier import train_classifier
+
+    cfg = load_classifier_config(config)
+    cfg = dataclasses.replace(cfg, **({"out": str(out_dir)} if out_dir else {}),
+                              **({"epochs": epochs} if epochs else {}))
+    folder = train_classifier(cfg, None if quiet else (lambda line: console.print(line, highlight=False)))
+    out.print(str(folder), highlight=False, soft_wrap=True)
+
+
 @app.command("evaluate-vessels")
 def evaluate_vessels(
     segmenter: str = typer.Option("demo", "--segmenter", help="A train-vessels folder, or 'demo' for the shipped one."),
@@ -443,13 +471,13 @@ def evaluate_vessels(
     """Vessel detection recall and precision (IoU 0.5), diameter and count error of a segmenter on labelled slides."""
     import json
 
-    from calciscope.model.demo import demo_model_dir
+    from calciscope.model.demo import demo_model_dir, resolve_segmenter
     from calciscope.vessels.train_segmenter import best_min_mean_probability, evaluate_segmenter, set_instance_setting
 
     if apply and segmenter == "demo":
         raise CalciscopeError("--apply writes into the segmenter's card: copy the demo segmenter "
                               f"({demo_model_dir() / 'vessels'}) to a folder of your own and pass that")
-    folder = demo_model_dir() / "vessels" if segmenter == "demo" else Path(segmenter)
+    folder = resolve_segmenter(segmenter)
     report = evaluate_segmenter(folder, data, list(min_mean_probability) or None,
                                 lambda line: console.print(line, highlight=False))
     table = Table(title=f"{segmenter} on {data.name}")

@@ -42,11 +42,11 @@ from calciscope.model.card import ModelCard
 from calciscope.model.checkpoint import WEIGHTS_FILE, load_checkpoint
 from calciscope.model.demo import resolve_model
 from calciscope.training.engine import choose_precision, prepare_inputs
+from calciscope.vessels.analysis import VESSEL_POSITIVE  # the per-vessel call (export and report import it here)
 
 RESULT_SCHEMA_VERSION = 1
 RUNTIMES = ("torch", "onnxruntime")
 SAMPLINGS = ("grid", "vessels", "both")
-VESSEL_POSITIVE = 0.5  # calibrated per-vessel probability at which a vessel counts as positive for a finding
 QC_COLUMNS = ("blur_var", "background_fraction", "pen_fraction", "dark_fraction")
 NOTICE = ("Decision support, not a diagnosis: these scores show where a model trained on labelled slides sees the "
           "calciphylaxis pattern. The diagnosis rests with the pathologist and the clinical picture.")
@@ -77,7 +77,12 @@ class PredictConfig:
     # vessel analysis: "auto" = the segmenter shipped beside the model (model folder's vessels/, or the demo's),
     # skipped when there is none; a segmenter folder; or "none"
     vessels: str = "auto"
-    sampling: str | None = None  # grid | vessels | both: the tiles slide probabilities aggregate; None = the card's
+    # per-vessel classifier: "auto" = the one in the segmenter's classifier/ folder (the demo has one), a folder, or
+    # "none" (each vessel then gets its vessel tiles' highest tile-model probability, or the card's vessel head)
+    vessel_classifier: str = "auto"
+    # grid | vessels | both: the tiles slide probabilities aggregate; None = the card's, or, with a vessel
+    # classifier, the vessels: each finding's highest vessel probability through the classifier's slide map
+    sampling: str | None = None
     min_fat_vessels: int = 3  # small vessels in subcutaneous fat needed before the CUA pattern is judged
 
     def __post_init__(self) -> None:
@@ -166,6 +171,7 @@ class SlideResult:
     runtime: str = "torch"
     vessels: Any = None  # calciscope.vessels.analysis.VesselAnalysis, when vessel analysis ran
     sampling: str = "grid"  # which tiles the slide probabilities aggregate: grid | vessels | both
+    vessel_classifier: dict[str, Any] | None = None  # provenance of the per-vessel classifier, when one judged them
 
     @property
     def decisions(self) -> dict[str, bool]:
@@ -225,6 +231,7 @@ class SlideResult:
                 for label in self.labels
             },
             "sampling": self.sampling,
+            "vessel_classifier": self.vessel_classifier,
             "cua_pattern": self.cua,
             "vessels": None if self.vessels is None else self.vessels.to_dict({k: VESSEL_POSITIVE for k in self.labels}),
             "top_tiles": {
@@ -316,11 +323,13 @@ class Predictor:
         if folder is not None:
             model, seg_card = load_segmenter(folder)
             self.segmenter = (for_inference(model), seg_card)
+        self.vessel_classifier = self._load_vessel_classifier(folder)
         head = self.card.extra.get("vessel_head")
         self.vessel_head = VesselHead.from_dict(head, self.labels) if head else None
         self.segmenter_path = folder
         self.vessel_config = VesselConfig(adequacy=AdequacyConfig(min_small_fat_vessels=cfg.min_fat_vessels))
-        self.sampling = cfg.sampling or str(self.card.extra.get("sampling", "grid"))
+        default = "vessels" if self.vessel_classifier is not None else str(self.card.extra.get("sampling", "grid"))
+        self.sampling = cfg.sampling or default
         if self.sampling not in SAMPLINGS or self.card.head == "mil":
             self.sampling = "grid"
         if self.sampling != "grid" and self.segmenter is None:
@@ -328,6 +337,44 @@ class Predictor:
                 raise CalciscopeError(f"sampling {self.sampling!r} needs vessel analysis, and no vessel segmenter was "
                                       f"found (give one with --vessels PATH)")
             self.sampling = "grid"  # the card asks for vessel tiles, but vessel analysis is off: the grid alone
+
+    def vessel_classifier_info(self) -> dict[str, Any] | None:
+        """What result.json records of the vessel classifier: its weights' sha256, whether slide probabilities come
+        from it, and whether it is the synthetic demo."""
+        if self.vessel_classifier is None:
+            return None
+        card = self.vessel_classifier[1]
+        return {"weights_sha256": card.weights_sha256, "slide_probabilities": self.sampling == "vessels",
+                "synthetic_demo": card.synthetic_demo}
+
+    def slide_thresholds(self) -> dict[str, float]:
+        """Per-finding slide thresholds: the vessel classifier card's when slide probabilities come from it, else the
+        model card's."""
+        if self.sampling == "vessels" and self.vessel_classifier is not None:
+            card = self.vessel_classifier[1]
+            return {label: float(card.slide_thresholds.get(label, 0.5)) for label in self.labels}
+        return {label: self.card.threshold(label) for label in self.labels}
+
+    def _load_vessel_classifier(self, segmenter: Path | None):
+        """(model, card) of the vessel classifier ``config.vessel_classifier`` names, or None."""
+        from calciscope.vessels.classifier import CARD_FILE as CLASSIFIER_CARD
+        from calciscope.vessels.classifier import load_classifier
+
+        spec = self.config.vessel_classifier
+        if spec == "none" or segmenter is None:
+            if spec not in ("auto", "none"):
+                raise CalciscopeError(f"vessel classifier {spec}: it judges detected vessels, and vessel analysis is "
+                                      f"off (no segmenter; give one with --vessels PATH)")
+            return None
+        folder = segmenter / "classifier" if spec == "auto" else Path(spec)
+        if spec == "auto" and not (folder / CLASSIFIER_CARD).is_file():
+            return None
+        model, card = load_classifier(folder)
+        missing = [k for k in self.labels if k not in card.labels]
+        if missing:
+            raise CalciscopeError(f"vessel classifier {folder}: it does not judge {', '.join(missing)}, which the model "
+                                  f"{self.model_path.name} reports (its labels: {', '.join(card.labels)})")
+        return model, card
 
     def _load_torch(self, model: str | Path) -> None:
         self.model_path = resolve_model(model)
@@ -394,7 +441,7 @@ class Predictor:
             probs = self._slide_probabilities(tile_probs, vessels)
         # 6 decimals everywhere (result.json, report, terminal), so no two outputs disagree in a shown digit
         probabilities = {label: round(float(p), 6) for label, p in zip(self.labels, probs)}
-        thresholds = {label: self.card.threshold(label) for label in self.labels}
+        thresholds = self.slide_thresholds()
         cua = self._cua(probabilities, vessels)
 
         top = self._top_tiles(grid, scores, tile_probs)
@@ -406,7 +453,7 @@ class Predictor:
             top_tiles=top, saliency_maps=maps, top_tile_images=images, thumbnail=thumbnail,
             aggregation=self.aggregation, saliency_method=cfg.saliency, seconds=time.perf_counter() - start,
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), runtime=cfg.runtime,
-            vessels=vessels, sampling=self.sampling,
+            vessels=vessels, sampling=self.sampling, vessel_classifier=self.vessel_classifier_info(),
         )
 
     def _vessels(self, slide, mask):
@@ -414,14 +461,20 @@ class Predictor:
 
         model, card = self.segmenter
         return analyze_vessels(slide, mask, model, card, lambda tiles: self.score_tiles(torch.from_numpy(tiles)),
-                               self.tiling, self.labels, self.vessel_config, self.vessel_head)
+                               self.tiling, self.labels, self.vessel_config, self.vessel_head, self.vessel_classifier)
 
     def _slide_probabilities(self, tile_probs: np.ndarray, vessels) -> np.ndarray:
         """Slide probabilities: the card's aggregation and calibration over the grid tiles ("grid"), the tiles centred
         on the detected vessels ("vessels"; none found: every finding 0) or both sets together ("both"). With a
-        vessel head in the card, "vessels" is its slide map instead: the highest per-vessel probability, calibrated."""
+        vessel classifier (or else a vessel head in the card), "vessels" is its slide map instead: the highest
+        per-vessel probability, calibrated."""
         agg = self.aggregation
         vessel_tiles = vessels.tile_probs if vessels is not None else np.zeros((0, len(self.labels)), np.float32)
+        if self.sampling == "vessels" and self.vessel_classifier is not None:
+            from calciscope.vessels.classifier import slide_probabilities as from_vessels
+
+            found = np.array([[v.probabilities[k] for k in self.labels] for v in vessels.vessels], np.float64)
+            return from_vessels(found.reshape(-1, len(self.labels)), self.vessel_classifier[1], self.labels)
         if self.sampling == "vessels" and self.vessel_head is not None:
             return self.vessel_head.slide_probabilities(
                 np.array([[v.probabilities[k] for k in self.labels] for v in vessels.vessels], np.float32))

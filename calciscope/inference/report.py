@@ -112,6 +112,13 @@ def _findings_table(result: SlideResult) -> str:
                     f"<td class='{'pos' if decision else 'neg'}'>{'above threshold' if decision else 'below threshold'}"
                     f"</td></tr>")
     agg = result.aggregation
+    classifier = result.vessel_classifier or {}
+    if classifier.get("slide_probabilities"):
+        return ("<table><tr><th>finding</th><th>slide probability</th><th>threshold</th><th>at the threshold</th></tr>"
+                + "".join(rows) + "</table><p class='muted' id='slide-source'>Slide probability: the highest "
+                "calibrated probability among the detected vessels (vessel classifier), through the classifier's slide "
+                "calibration (fit on validation slides); thresholds from its card. A slide with no vessel found scores "
+                "low for every finding: see the vessel adequacy below.</p>")
     how = ("attention-weighted pooling of tile embeddings (attention-MIL head)" if agg["method"] == "attention" else
            f"mean of the top {agg['k']} tile probabilities" if agg["method"] == "topk" else
            "highest tile probability" if agg["method"] == "max" else f"{agg['quantile']:.0%} quantile of tile probabilities")
@@ -263,11 +270,17 @@ def _vessels_section(result: SlideResult, thumbnail_uri: str) -> str:
                f"{float(qc.get('calcium_artifact_area_mm2', 0.0)):.4f} mm²; "
                f"{int(qc.get('vessels_near_calcium_artifact', 0))} vessel(s) next to one (flag "
                "<code>calcium_artifact</code>: calcium may have been lost there, so a negative call is weaker).</p>")
+    classifier = result.vessel_classifier or {}
     source = {"grid": "the tissue-grid tiles only (the per-vessel calls do not change them)",
-              "vessels": "the tiles centred on the detected vessels",
+              "vessels": ("the vessels' probabilities (their highest, per finding)" if classifier else
+                          "the tiles centred on the detected vessels"),
               "both": "the tissue-grid tiles and the vessel tiles together"}.get(result.sampling, result.sampling)
-    intro = (f"<p class='muted'>Each vessel is scored on tiles centred on it; its probability for a finding is the "
-             f"highest calibrated tile probability. A vessel counts as positive for a finding at a probability ≥ "
+    how = ("Each vessel is judged by the vessel classifier on a crop centred on it and scaled to its size; its "
+           "probabilities are calibrated per finding. Faint outlines the segmenter is less sure of are listed only "
+           "when the classifier finds a lesion in them (flag <code>faint_outline</code>)." if classifier else
+           "Each vessel is scored on tiles centred on it; its probability for a finding is the highest calibrated "
+           "tile probability.")
+    intro = (f"<p class='muted'>{how} A vessel counts as positive for a finding at a probability ≥ "
              f"{VESSEL_POSITIVE:g} (a per-vessel call, not the slide thresholds above). The slide probabilities "
              f"come from {escape(source)}.</p>")
     if not analysis.vessels:

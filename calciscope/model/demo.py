@@ -11,13 +11,18 @@ Stage 2 (``configs/demo_vessels.yaml``) fine-tunes that model on grid plus vesse
 
     python -m calciscope.model.demo install runs/demo_vessels/model runs/demo_vessels/held_out/metrics.json \
         --segmenter runs/vessels
+
+``configs/vessel_classifier.yaml`` trains the per-vessel classifier that ships in ``demo/vessels/classifier/``:
+
+    python -m calciscope.model.demo install-classifier runs/vessel_classifier
+    calciscope evaluate --model demo --data data/held_out/manifest.csv --out runs/vessel_classifier/held_out
+    python -m calciscope.model.demo install-classifier runs/vessel_classifier runs/vessel_classifier/held_out/metrics.json
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-import sys
 from importlib.resources import files
 from pathlib import Path
 
@@ -38,6 +43,11 @@ def demo_model_dir() -> Path:
 def resolve_model(spec: str | Path) -> Path:
     """``"demo"`` → the shipped demo checkpoint; anything else is a checkpoint directory (or its model.json)."""
     return demo_model_dir() if str(spec) == "demo" else Path(spec)
+
+
+def resolve_segmenter(spec: str | Path) -> Path:
+    """``"demo"`` → the vessel segmenter shipped beside the demo model; anything else is a segmenter folder."""
+    return demo_model_dir() / "vessels" if str(spec) == "demo" else Path(spec)
 
 
 def install(source: str | Path, held_out: str | Path | None = None, segmenter: str | Path | None = None) -> Path:
@@ -76,14 +86,54 @@ def install(source: str | Path, held_out: str | Path | None = None, segmenter: s
     return target
 
 
+def install_classifier(source: str | Path, held_out: str | Path | None = None) -> Path:
+    """Copy a ``calciscope train-vessel-classifier`` folder to ``demo/vessels/classifier/``, after checking it loads,
+    is a synthetic demo and judges the demo model's findings. ``held_out``: a ``calciscope evaluate --model demo``
+    metrics.json on unseen phantoms, run with this classifier in place; its slide metrics go into the card as
+    ``metrics["held_out"]``."""
+    from calciscope.model.checkpoint import load_card
+    from calciscope.vessels.classifier import CARD_FILE as CLS_CARD
+    from calciscope.vessels.classifier import WEIGHTS_FILE as CLS_WEIGHTS
+    from calciscope.vessels.classifier import load_classifier
+
+    source = Path(source)
+    _, card = load_classifier(source)
+    if not card.synthetic_demo:
+        raise CalciscopeError(f"{source}: its card is not marked synthetic_demo; the demo classifier must be")
+    missing = set(load_card(demo_model_dir()).labels) - set(card.labels)
+    if missing:
+        raise CalciscopeError(f"{source}: it does not judge {sorted(missing)}, which the demo model reports")
+    target = demo_model_dir() / "vessels" / "classifier"
+    target.mkdir(parents=True, exist_ok=True)
+    if source.resolve() != target.resolve():
+        for name in (CLS_WEIGHTS, CLS_CARD):
+            shutil.copyfile(source / name, target / name)
+    if held_out is not None:
+        report = json.loads(Path(held_out).read_text())
+        if "slides_from_tiles" not in report:
+            raise CalciscopeError(f"{held_out}: its slide metrics do not come from a vessel classifier (evaluate with "
+                                  f"this classifier installed)")
+        doc = json.loads((target / CLS_CARD).read_text())
+        doc["metrics"] = {**doc["metrics"], "held_out": {"data": str(Path(held_out).parent.name),
+                                                          "slides": report["slides"]}}
+        (target / CLS_CARD).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    return target
+
+
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    seg = None
-    if "--segmenter" in args:
-        i = args.index("--segmenter")
-        seg = args[i + 1] if i + 1 < len(args) else None
-        args = args[:i] + args[i + 2 :]
-    if len(args) not in (2, 3) or args[0] != "install" or ("--segmenter" in sys.argv and seg is None):
-        sys.exit("usage: python -m calciscope.model.demo install RUN_DIR/model [HELD_OUT_METRICS.json] "
-                 "[--segmenter SEGMENTER_DIR]")
-    print(install(*args[1:], segmenter=seg))
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m calciscope.model.demo")
+    sub = parser.add_subparsers(dest="command", required=True)
+    model_parser = sub.add_parser("install", help="install a checkpoint (and its segmenter) as the demo model")
+    model_parser.add_argument("model")
+    model_parser.add_argument("held_out", nargs="?")
+    model_parser.add_argument("--segmenter")
+    classifier_parser = sub.add_parser("install-classifier", help="install a vessel classifier beside the demo")
+    classifier_parser.add_argument("classifier")
+    classifier_parser.add_argument("held_out", nargs="?")
+    args = parser.parse_args()
+    if args.command == "install":
+        print(install(args.model, args.held_out, segmenter=args.segmenter))
+    else:
+        print(install_classifier(args.classifier, args.held_out))

@@ -362,7 +362,39 @@ def evaluate_model(model_dir: str | Path, data_path: str | Path, out_dir: str | 
     )
     data = load_data(config)
     precision = choose_precision("auto", channels_last=True)
-    return evaluate_units(Path(model_dir), data, np.arange(len(data.groups)), config, precision, Path(out_dir))
+    report = evaluate_units(Path(model_dir), data, np.arange(len(data.groups)), config, precision, Path(out_dir))
+    if source == "slides":
+        report = _vessel_slides(model_dir, data_path, report, config, Path(out_dir))
+    return report
+
+
+def _vessel_slides(model_dir: Path, manifest: Path, report: dict, config: TrainConfig, out_dir: Path) -> dict:
+    """With a vessel classifier beside the model (``predict`` then takes slide probabilities from the detected
+    vessels), the slide metrics are those of ``predict`` itself on every slide of the manifest; the tile-aggregate
+    ones move to ``slides_from_tiles``. Without one, ``report`` is returned as it is."""
+    from calciscope.inference.predict import PredictConfig, Predictor
+    from calciscope.training.sources import read_manifest
+
+    predictor = Predictor(model_dir, PredictConfig(workers=0, saliency="none", top_k=0))
+    if predictor.vessel_classifier is None or predictor.sampling != "vessels":
+        return report
+    records = read_manifest(manifest, predictor.labels, need_labels=True)
+    results = [predictor.predict(r.path) for r in records]
+    y = np.stack([r.labels for r in records]).astype(int)
+    probs = np.array([[res.probabilities[k] for k in predictor.labels] for res in results])
+    slides = metrics.multilabel_metrics(y, probs, predictor.labels, thresholds=predictor.slide_thresholds())
+    slides["n_slides"] = len(records)
+    slides["source"] = "predict: highest vessel-classifier probability per finding, through its slide map"
+    rule = CUARule.from_dict(config.cua_rule)
+    if set(rule.labels) <= set(predictor.labels):
+        truth = cua_score(y.astype(np.float64), rule, labels=predictor.labels)
+        slides["cua_pattern"] = metrics.binary_metrics((truth > 0.5).astype(int),
+                                                       np.array([res.cua["score"] for res in results]))
+    report = {**report, "slides_from_tiles": report.get("slides"), "slides": slides}
+    metrics.plot_reliability(y, probs, predictor.labels, out_dir / "reliability_slides.png", n_bins=10,
+                             title="Reliability, slides (vessel classifier)")
+    write_json(out_dir / "metrics.json", report)
+    return report
 
 
 def _metric_report(y, probs, data: DataBundle, dataset, positions, config: TrainConfig, card: ModelCard) -> dict:

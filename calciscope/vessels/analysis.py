@@ -1,9 +1,11 @@
 """Vessel analysis of one slide: find every vessel, measure it, place it, judge it, and count what was seen.
 
     segmenter (calciscope.vessels.segment) → wall map → instances (vessels.instances) → outline, lumen,
-    diameters, wall thickness (vessels.measure) → dermis or subcutaneous fat (vessels.compartment) → tiles
-    centred on the vessel (vessels.sampling) → the tile model's calibrated probabilities, max over the vessel's
-    tiles → per-vessel findings; plus sampling adequacy and calcium-artifact QC.
+    diameters, wall thickness (vessels.measure) → dermis or subcutaneous fat (vessels.compartment)
+    [``detect_vessels``] → per-vessel findings: the vessel classifier's calibrated probabilities on a crop scaled
+    to the vessel (vessels.classifier), or, without one, the tile model's on tiles centred on the vessel
+    (vessels.sampling), max over the vessel's tiles (or the card's vessel head); plus sampling adequacy and
+    calcium-artifact QC.
 
 Size bands (outer diameter = minor axis, µm): ``capillary`` < 20, ``arteriole`` 20–100, ``artery`` ≥ 100.
 Adequacy: "small vessels in subcutaneous fat" are fat vessels below ``AdequacyConfig.small_max_um``; fewer than
@@ -17,7 +19,7 @@ flagged ``calcium_artifact`` (calcium may have been lost there, so a negative ca
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import cv2
@@ -27,14 +29,17 @@ import torch
 from calciscope.data.slides import Slide
 from calciscope.data.tiling import TilingConfig
 from calciscope.data.tissue import TissueMask
+from calciscope.vessels.classifier import VESSEL, ClassifierCard, classify_vessels
 from calciscope.vessels.compartment import compartment_map
 from calciscope.vessels.frames import level0_to_mask_px, mask_px_to_level0
 from calciscope.vessels.head import VesselHead, vessel_features
 from calciscope.vessels.instances import InstanceConfig, fill_holes, vessel_instances_from_maps
+from calciscope.vessels.match import iou_matrix
 from calciscope.vessels.measure import VesselGeometry, measure_vessel
 from calciscope.vessels.sampling import vessel_grid
 from calciscope.vessels.segment import SegmenterCard, VesselMaps, segment_slide
 
+VESSEL_POSITIVE = 0.5  # calibrated per-vessel probability at which a vessel counts as positive for a finding
 SIZE_BANDS = (("capillary", 0.0, 20.0), ("arteriole", 20.0, 100.0), ("artery", 100.0, float("inf")))
 COMPARTMENTS = ("fat", "dermis", "unknown")
 _SHIFT = 4
@@ -73,6 +78,7 @@ class VesselRecord:
     compartment: str  # fat | dermis | unknown
     probabilities: dict[str, float] = field(default_factory=dict)  # calibrated per-vessel (the vessel head's)
     tile_probabilities: dict[str, float] = field(default_factory=dict)  # highest of its tiles, per finding
+    vessel_probability: float | None = None  # the vessel classifier's, when it judges vessel-ness
     n_tiles: int = 0
     flags: list[str] = field(default_factory=list)
 
@@ -94,6 +100,8 @@ class VesselRecord:
                "area_um2": round(g.area_um2, 1), "compartment": self.compartment, "size_band": self.size_band,
                "n_tiles": self.n_tiles, "probabilities": {k: round(v, 6) for k, v in self.probabilities.items()},
                "flags": list(self.flags)}
+        if self.vessel_probability is not None:
+            out["vessel_probability"] = round(self.vessel_probability, 6)
         if thresholds:
             out["positive"] = [k for k, v in self.probabilities.items() if v >= thresholds.get(k, 0.5)]
         return out
@@ -123,27 +131,65 @@ class VesselAnalysis:
                 "vessels": [v.to_dict(thresholds) for v in self.vessels]}
 
 
-def analyze_vessels(slide: Slide, tissue: TissueMask, segmenter: torch.nn.Module, seg_card: SegmenterCard,
-                    classify: Callable[[np.ndarray], np.ndarray], tiling: TilingConfig, labels: list[str],
-                    config: VesselConfig = VesselConfig(), head: VesselHead | None = None) -> VesselAnalysis:
-    """Vessels of ``slide``; ``classify`` maps uint8 tiles (B, 3, H, W) to calibrated probabilities (B, L);
-    ``head`` (calciscope.vessels.head) turns tile scores and shape into per-vessel probabilities."""
-    start = time.perf_counter()
+def detect_vessels(slide: Slide, tissue: TissueMask, segmenter: torch.nn.Module, seg_card: SegmenterCard,
+                   config: VesselConfig = VesselConfig(), candidates_at: float | None = None
+                   ) -> tuple[list[VesselRecord], list[VesselRecord], VesselMaps]:
+    """(vessels, candidates, the segmenter's maps) of ``slide``: outlined, measured and placed, no findings yet.
+
+    Vessels pass the instance settings' ``min_mean_probability``; with ``candidates_at`` below it, the outlines that
+    pass only that lower filter come back as candidates (a calcified or occluded vessel can look unlike the vessels
+    the segmenter is sure of; the vessel classifier decides whether one is kept). Candidates number on after the
+    vessels."""
     maps = segment_slide(slide, segmenter, seg_card, tissue)
     on_tissue = _tissue_at(tissue, maps)
     lumen_map = maps.probability("lumen") * on_tissue
+    vessel_map = maps.probability("vessel") * on_tissue
     instance = config.instance if config.instance is not None else seg_card.instance_config()
-    polygons = vessel_instances_from_maps(maps.probability("vessel") * on_tissue, lumen_map, maps.downsample,
-                                          slide.mpp, instance)
+    polygons = vessel_instances_from_maps(vessel_map, lumen_map, maps.downsample, slide.mpp, instance)
+    faint: list[np.ndarray] = []
+    if candidates_at is not None and candidates_at < instance.min_mean_probability:
+        lenient = vessel_instances_from_maps(vessel_map, lumen_map, maps.downsample, slide.mpp,
+                                             replace(instance, min_mean_probability=candidates_at))
+        iou = iou_matrix(lenient, polygons) if polygons and lenient else np.zeros((len(lenient), 1))
+        faint = [p for p, row in zip(lenient, iou) if row.max() < 0.5]
     comps = compartment_map(tissue)
-    vessels = []
-    for i, poly in enumerate(polygons):
+    records = []
+    for i, poly in enumerate(polygons + faint):
         lumen = _lumen(poly, lumen_map >= instance.threshold, maps.downsample)
         geometry = measure_vessel(poly, slide.mpp, lumen)
         c = poly.mean(axis=0)
-        vessels.append(VesselRecord(i + 1, poly, lumen, geometry, comps.compartment_at(*c) or "unknown"))
-    tile_probs = _classify(slide, vessels, classify, tiling, labels, config.batch_size)
-    if head is not None and vessels:
+        records.append(VesselRecord(i + 1, poly, lumen, geometry, comps.compartment_at(*c) or "unknown"))
+    return records[: len(polygons)], records[len(polygons) :], maps
+
+
+def analyze_vessels(slide: Slide, tissue: TissueMask, segmenter: torch.nn.Module, seg_card: SegmenterCard,
+                    classify: Callable[[np.ndarray], np.ndarray], tiling: TilingConfig, labels: list[str],
+                    config: VesselConfig = VesselConfig(), head: VesselHead | None = None,
+                    classifier: tuple[torch.nn.Module, ClassifierCard] | None = None) -> VesselAnalysis:
+    """Vessels of ``slide`` with their findings. With a vessel ``classifier`` (calciscope.vessels.classifier: model
+    and card), each vessel's probabilities are its calibrated outputs and the tile model does not see vessel
+    tiles; otherwise ``classify`` maps uint8 tiles (B, 3, H, W) to calibrated probabilities (B, L) and each vessel
+    gets its tiles' highest, or ``head`` (calciscope.vessels.head) turns tile scores and shape into them."""
+    start = time.perf_counter()
+    candidates_at = classifier[1].candidate_min_mean_probability if classifier is not None else None
+    vessels, candidates, maps = detect_vessels(slide, tissue, segmenter, seg_card, config, candidates_at)
+    if classifier is not None:
+        model, card = classifier
+        everything = vessels + candidates
+        probs = classify_vessels(slide, [v.polygon for v in everything],
+                                 np.array([v.geometry.outer_diameter_um for v in everything]),
+                                 np.array([v.compartment == "fat" for v in everything]), model, card,
+                                 config.batch_size)
+        outputs = card.outputs
+        for v, p in zip(everything, probs):
+            v.probabilities = {k: float(p[outputs.index(k)]) for k in labels}
+            if VESSEL in outputs:
+                v.vessel_probability = float(p[outputs.index(VESSEL)])
+        vessels = listed_vessels(vessels, candidates, card.vessel_threshold)
+        tile_probs = np.zeros((0, len(labels)), np.float32)
+    else:
+        tile_probs = _classify(slide, vessels, classify, tiling, labels, config.batch_size)
+    if head is not None and classifier is None and vessels:
         probs = head.predict(features_of(vessels, labels))
         for v, p in zip(vessels, probs):
             v.probabilities = {k: float(x) for k, x in zip(labels, p)}
@@ -157,6 +203,33 @@ def analyze_vessels(slide: Slide, tissue: TissueMask, segmenter: torch.nn.Module
           "vessels_near_calcium_artifact": sum("calcium_artifact" in v.flags for v in vessels)}
     return VesselAnalysis(vessels, adequacy(vessels, config.adequacy), qc, artifact_polys, list(labels),
                           time.perf_counter() - start, maps, tile_probs)
+
+
+def listed_vessels(vessels: list[VesselRecord], candidates: list[VesselRecord],
+                   vessel_threshold: float | None = None) -> list[VesselRecord]:
+    """The vessels a slide's result lists, renumbered from 1, once the classifier has judged them all.
+
+    A vessel (it passed the segmenter's filter) is listed, unless the card has a vessel threshold: then only when
+    its vessel probability reaches it or it has a lesion (some finding at or above VESSEL_POSITIVE). A candidate
+    (faint outline) is listed when the classifier calls it a vessel (vessel probability at or above the vessel
+    threshold, or VESSEL_POSITIVE without one; a classifier without that output always does) and, without a vessel
+    threshold, finds a lesion in it. Listed candidates are flagged ``faint_outline``."""
+    listed = [v for v in vessels if vessel_threshold is None or is_lesioned(v) or _is_vessel(v, vessel_threshold)]
+    faint = [v for v in candidates if _is_vessel(v, VESSEL_POSITIVE if vessel_threshold is None else vessel_threshold)
+             and (vessel_threshold is not None or is_lesioned(v))]
+    for v in faint:
+        v.flags.append("faint_outline")
+    for i, v in enumerate(listed + faint, start=1):
+        v.vessel_id = i
+    return listed + faint
+
+
+def is_lesioned(v: VesselRecord) -> bool:
+    return any(p >= VESSEL_POSITIVE for p in v.probabilities.values())
+
+
+def _is_vessel(v: VesselRecord, threshold: float) -> bool:
+    return v.vessel_probability is None or v.vessel_probability >= threshold
 
 
 def adequacy(vessels: list[VesselRecord], config: AdequacyConfig = AdequacyConfig()) -> dict[str, Any]:
@@ -175,12 +248,13 @@ def adequacy(vessels: list[VesselRecord], config: AdequacyConfig = AdequacyConfi
 
 
 def _tissue_at(tissue: TissueMask, maps: VesselMaps, grow_um: float = 40.0) -> np.ndarray:
-    """Where vessels are looked for, on the segmenter's maps (float 0/1): the tissue mask with its holes filled
-    (the mask leaves out dark calcified walls and pale lumina) and grown by ``grow_um``; glass, pen on glass and
-    the slide border stay out."""
+    """Where vessels are looked for, on the segmenter's maps (float 0/1): the tissue mask plus pen ink (ink lies on
+    the coverslip, and vessels under it are still there to read) with holes filled (the mask leaves out dark
+    calcified walls and pale lumina), grown by ``grow_um``; glass and the slide border stay out."""
     h, w = next(iter(maps.maps.values())).shape
     k = max(int(round(2 * grow_um / tissue.mask_mpp)), 1) | 1
-    mask = cv2.dilate(fill_holes(tissue.tissue).astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k)))
+    mask = cv2.dilate(fill_holes(tissue.tissue | tissue.pen).astype(np.uint8),
+                      cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k)))
     return cv2.resize(mask, (w, h), interpolation=cv2.INTER_NEAREST).astype(np.float32)
 
 

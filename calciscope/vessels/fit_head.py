@@ -36,7 +36,9 @@ def collect(model: str | Path, manifest: str | Path, vessels: str = "auto",
     from calciscope.inference.predict import PredictConfig, Predictor
     from calciscope.training.sources import read_manifest
 
-    predictor = Predictor(model, PredictConfig(workers=0, saliency="none", top_k=0, vessels=vessels))
+    # the head is fit on tile-model scores: no vessel classifier (it would take their place)
+    predictor = Predictor(model, PredictConfig(workers=0, saliency="none", top_k=0, vessels=vessels,
+                                               vessel_classifier="none"))
     if predictor.segmenter is None:
         raise CalciscopeError(f"{model}: no vessel segmenter (put one in the model folder's vessels/ or pass --vessels)")
     labels = predictor.labels

@@ -12,9 +12,8 @@ does not depend on where the windows fall. Maps are uint8 (probability × 255) t
 
 from __future__ import annotations
 
-import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +24,8 @@ from calciscope import __version__
 from calciscope.data.slides import Slide
 from calciscope.data.tissue import TissueMask
 from calciscope.errors import CheckpointError
-from calciscope.io import sha256_file, write_bytes_atomic
 from calciscope.vessels.instances import InstanceConfig
+from calciscope.vessels.store import load_net, read_card, save_net
 
 WEIGHTS_FILE = "segmenter.safetensors"
 CARD_FILE = "segmenter.json"
@@ -94,18 +93,7 @@ class SegmenterCard:
 
     @classmethod
     def from_file(cls, path: Path) -> SegmenterCard:
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            if not isinstance(data, dict):
-                raise ValueError("not a JSON object")
-            unknown = set(data) - set(cls.__dataclass_fields__)
-            if unknown:
-                raise ValueError(f"unknown keys {sorted(unknown)}")
-            card = cls(**data)
-        except (OSError, ValueError, TypeError) as exc:
-            raise CheckpointError(path, f"not a segmenter card: {exc}") from None
-        if card.schema_version > SCHEMA_VERSION:
-            raise CheckpointError(path, f"schema version {card.schema_version} is newer than this calciscope reads")
+        card = read_card(cls, path, "segmenter", SCHEMA_VERSION)
         if not card.mpp > 0 or not {"vessel", "lumen"} <= set(card.channels) or len(card.widths) < 2:
             raise CheckpointError(path, "needs mpp > 0, 'vessel' and 'lumen' channels and at least two widths")
         unknown = set(card.instance) - set(InstanceConfig.__dataclass_fields__)
@@ -120,42 +108,14 @@ class SegmenterCard:
 
 def save_segmenter(directory: str | Path, model: VesselUNet, card: SegmenterCard) -> Path:
     """Write ``segmenter.safetensors`` then ``segmenter.json`` (with the weights' sha256) into ``directory``."""
-    from safetensors.torch import save
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    blob = save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-                metadata={"format": "pt", "calciscope_segmenter": json.dumps(card.channels)})
-    write_bytes_atomic(directory / WEIGHTS_FILE, blob)
-    card = SegmenterCard(**{**asdict(card), "widths": list(model.widths),
-                            "weights_sha256": hashlib.sha256(blob).hexdigest()})
-    write_bytes_atomic(directory / CARD_FILE, (json.dumps(asdict(card), indent=2) + "\n").encode("utf-8"))
-    return directory
+    return save_net(directory, WEIGHTS_FILE, CARD_FILE, model, card,
+                    {"calciscope_segmenter": json.dumps(card.channels)}, widths=list(model.widths))
 
 
 def load_segmenter(directory: str | Path) -> tuple[VesselUNet, SegmenterCard]:
     """Model (eval mode, CPU) and card from a segmenter folder; checks the sha256, key set and shapes first."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    directory = Path(directory)
-    weights, card_path = directory / WEIGHTS_FILE, directory / CARD_FILE
-    for p in (card_path, weights):
-        if not p.is_file():
-            raise CheckpointError(p, "missing: a vessel segmenter folder holds segmenter.safetensors and segmenter.json")
-    card = SegmenterCard.from_file(card_path)
-    if card.weights_sha256 and sha256_file(weights) != card.weights_sha256:
-        raise CheckpointError(weights, "sha256 differs from the one in segmenter.json (corrupt or replaced file)")
-    model = VesselUNet(tuple(card.widths), len(card.channels))
-    try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError) as exc:
-        raise CheckpointError(weights, f"unreadable safetensors file: {exc}") from None
-    expected = model.state_dict()
-    if set(state) != set(expected) or any(state[k].shape != expected[k].shape for k in expected):
-        raise CheckpointError(weights, "tensors do not match the architecture its segmenter.json describes")
-    model.load_state_dict(state)
-    return model.eval(), card
+    return load_net(directory, WEIGHTS_FILE, CARD_FILE, SegmenterCard.from_file,
+                    lambda card: VesselUNet(tuple(card.widths), len(card.channels)), "vessel segmenter")
 
 
 def for_inference(model: VesselUNet) -> nn.Module:

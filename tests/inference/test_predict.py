@@ -66,11 +66,24 @@ def test_result_json_agrees_with_the_file_the_tiles_and_the_card(predicted, phan
     probs = np.array([[float(r[f"p_{label}"]) for label in LABELS] for r in rows])
     assert probs.min() >= 0 and probs.max() <= 1
     agg = doc["aggregation"]
-    slide = slide_probabilities(probs, card, method=agg["method"], k=agg["k"], quantile=agg["quantile"])
+    thresholds = card.thresholds
+    if doc["sampling"] == "vessels":  # the demo's vessel classifier: the highest vessel probability, its slide map
+        from calciscope.vessels.classifier import load_classifier
+        from calciscope.vessels.classifier import slide_probabilities as from_vessels
+
+        _, classifier = load_classifier(demo_model_dir() / "vessels" / "classifier")
+        assert doc["vessel_classifier"] == {"weights_sha256": classifier.weights_sha256, "slide_probabilities": True,
+                                            "synthetic_demo": True}
+        assert len(doc["vessels"]["vessels"]) == len(result.vessels.vessels)
+        vessels = np.array([[v.probabilities[k] for k in LABELS] for v in result.vessels.vessels])
+        slide = from_vessels(vessels, classifier, LABELS)
+        thresholds = {k: classifier.slide_thresholds.get(k, 0.5) for k in LABELS}
+    else:
+        slide = slide_probabilities(probs, card, method=agg["method"], k=agg["k"], quantile=agg["quantile"])
     for j, label in enumerate(LABELS):
         finding = doc["findings"][label]
         assert finding["probability"] == pytest.approx(slide[j], abs=1e-5)
-        assert finding["threshold"] == pytest.approx(card.thresholds[label], abs=1e-6)
+        assert finding["threshold"] == pytest.approx(thresholds[label], abs=1e-6)
         assert finding["decision"] == ("positive" if finding["probability"] >= finding["threshold"] else "negative")
         top = doc["top_tiles"]["by_finding"][label]
         assert [t["rank"] for t in top] == [1, 2, 3]

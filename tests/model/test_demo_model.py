@@ -28,26 +28,25 @@ def held_out_manifest(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def held_out_report(tmp_path_factory, held_out_manifest):
+    """``calciscope evaluate --model demo``: tile metrics of the tile model, and slide metrics of ``predict`` itself
+    (the demo's vessel classifier gives its slide probabilities)."""
     return evaluate_model("demo", held_out_manifest, tmp_path_factory.mktemp("held_out_eval"), workers=0)
 
 
-@pytest.fixture(scope="module")
-def held_out_predictions(held_out_manifest):
-    """Slide probabilities and CUA scores of ``predict`` (the whole pipeline: detected vessels included), with
-    each slide's labels."""
+def test_the_demo_scores_slides_from_its_vessels_and_evaluate_reports_what_predict_gives(held_out_report,
+                                                                                       held_out_manifest):
     import csv
-
-    import numpy as np
 
     from calciscope.inference.predict import PredictConfig, Predictor
 
-    predictor = Predictor("demo", PredictConfig(workers=0, saliency="none", top_k=0))
-    rows = list(csv.DictReader(open(held_out_manifest)))
-    results = [predictor.predict(held_out_manifest.parent / row["path"]) for row in rows]
-    probs = np.array([[r.probabilities[k] for k in predictor.labels] for r in results])
-    truth = np.array([[int(row[k]) for k in predictor.labels] for row in rows])
-    cua = np.array([r.cua["score"] for r in results])
-    return predictor.labels, probs, truth, cua, np.array([int(row["cua_pattern"]) for row in rows])
+    slides = held_out_report["slides"]
+    assert slides["source"].startswith("predict") and slides["n_slides"] == 24
+    assert "slides_from_tiles" in held_out_report  # the tile-aggregate figures are kept beside them
+    row = next(csv.DictReader(open(held_out_manifest)))
+    result = Predictor("demo", PredictConfig(workers=0, saliency="none", top_k=0)).predict(
+        held_out_manifest.parent / row["path"])
+    assert result.sampling == "vessels" and result.vessel_classifier["slide_probabilities"]
+    assert result.to_dict()["vessel_classifier"]["synthetic_demo"] is True
 
 
 def test_demo_model_finds_lesion_tiles_on_unseen_phantoms_and_is_calibrated(held_out_report):
@@ -57,10 +56,18 @@ def test_demo_model_finds_lesion_tiles_on_unseen_phantoms_and_is_calibrated(held
         assert m["ece"] <= 0.05, (finding, m["ece"])  # measured 0.005-0.032 after prior correction + temperature
 
 
-@pytest.mark.xfail(strict=True, reason="the demo model's slide-level AUROC on unseen phantoms is 0.75-0.90, "
-                   "CUA-pattern 0.81 (one or two lesion tiles among ~40 per slide, some missed outright); the 0.95 "
-                   "bar needs a stronger tile model")
-def test_demo_model_reaches_the_slide_level_bar_on_unseen_phantoms(held_out_report):
+def test_demo_model_reaches_the_slide_level_bar_for_each_finding_on_unseen_phantoms(held_out_report):
+    """Slide probabilities of ``predict`` (the demo's vessel classifier: each finding's highest vessel probability,
+    calibrated). Measured: medial 0.972, small-vessel 0.965, thrombosis 0.965, vasculitis 0.993 (the grid tiles
+    alone: 0.75-0.90)."""
     slides = held_out_report["slides"]
-    assert all(m["auroc"] >= 0.95 for m in slides["per_label"].values())
-    assert slides["cua_pattern"]["auroc"] >= 0.95
+    aurocs = {k: m["auroc"] for k, m in slides["per_label"].items()}
+    assert min(aurocs.values()) >= 0.95, aurocs
+
+
+@pytest.mark.xfail(strict=True, reason="the CUA-pattern score (calcification x thrombosis x no vasculitis) reaches "
+                   "AUROC 0.898 here, below 0.95: it multiplies the findings' misses, and the segmenter misses "
+                   "thrombosed or inflamed venules of 10-16 µm (one CUA slide's only thrombus, two vasculitis slides' "
+                   "only inflamed vessel)")
+def test_demo_model_reaches_the_cua_pattern_bar_on_unseen_phantoms(held_out_report):
+    assert held_out_report["slides"]["cua_pattern"]["auroc"] >= 0.95

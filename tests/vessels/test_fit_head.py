@@ -34,7 +34,8 @@ def test_fit_vessel_head_writes_the_head_that_predict_applies(tmp_path, annotate
     assert head["slide_calibration"] and set(head["slide_calibration"]) <= set(card["labels"])
 
     slide = annotated.parent / "phantom_0001.tiff"
-    with_head = Predictor(model, PredictConfig(workers=0, saliency="none", top_k=0, sampling="vessels"))
+    with_head = Predictor(model, PredictConfig(workers=0, saliency="none", top_k=0, sampling="vessels",
+                                               vessel_classifier="none"))  # (a vessel classifier takes precedence)
     result = with_head.predict(slide)
     vessels = result.vessels.vessels
     assert vessels and any(abs(v.probabilities[k] - v.tile_probabilities[k]) > 1e-3 for v in vessels
