@@ -89,8 +89,8 @@ def install(source: str | Path, held_out: str | Path | None = None, segmenter: s
 def install_classifier(source: str | Path, held_out: str | Path | None = None) -> Path:
     """Copy a ``calciscope train-vessel-classifier`` folder to ``demo/vessels/classifier/``, after checking it loads,
     is a synthetic demo and judges the demo model's findings. ``held_out``: a ``calciscope evaluate --model demo``
-    metrics.json on unseen phantoms, run with this classifier in place; its slide metrics go into the card as
-    ``metrics["held_out"]``."""
+    metrics.json on unseen phantoms, run with this classifier in place; its slide (and vessel) metrics go into the
+    card as ``metrics["held_out"]``."""
     from calciscope.model.checkpoint import load_card
     from calciscope.vessels.classifier import CARD_FILE as CLS_CARD
     from calciscope.vessels.classifier import WEIGHTS_FILE as CLS_WEIGHTS
@@ -115,7 +115,9 @@ def install_classifier(source: str | Path, held_out: str | Path | None = None) -
                                   f"this classifier installed)")
         doc = json.loads((target / CLS_CARD).read_text())
         doc["metrics"] = {**doc["metrics"], "held_out": {"data": str(Path(held_out).parent.name),
-                                                          "slides": report["slides"]}}
+                                                          "slides": report["slides"],
+                                                          **({"vessels": report["vessels"]} if "vessels" in report
+                                                             else {})}}
         (target / CLS_CARD).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
     return target
 

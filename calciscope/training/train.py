@@ -371,7 +371,8 @@ def evaluate_model(model_dir: str | Path, data_path: str | Path, out_dir: str | 
 def _vessel_slides(model_dir: Path, manifest: Path, report: dict, config: TrainConfig, out_dir: Path) -> dict:
     """With a vessel classifier beside the model (``predict`` then takes slide probabilities from the detected
     vessels), the slide metrics are those of ``predict`` itself on every slide of the manifest; the tile-aggregate
-    ones move to ``slides_from_tiles``. Without one, ``report`` is returned as it is."""
+    ones move to ``slides_from_tiles``; slides with vessel outlines add ``vessels`` (detection of the listed vessels
+    and per-vessel metrics of the matched ones). Without one, ``report`` is returned as it is."""
     from calciscope.inference.predict import PredictConfig, Predictor
     from calciscope.training.sources import read_manifest
 
@@ -391,10 +392,38 @@ def _vessel_slides(model_dir: Path, manifest: Path, report: dict, config: TrainC
         slides["cua_pattern"] = metrics.binary_metrics((truth > 0.5).astype(int),
                                                        np.array([res.cua["score"] for res in results]))
     report = {**report, "slides_from_tiles": report.get("slides"), "slides": slides}
+    vessels = _listed_vessel_metrics(records, results, predictor.labels)
+    if vessels is not None:
+        report["vessels"] = vessels
     metrics.plot_reliability(y, probs, predictor.labels, out_dir / "reliability_slides.png", n_bins=10,
                              title="Reliability, slides (vessel classifier)")
     write_json(out_dir / "metrics.json", report)
     return report
+
+
+def _listed_vessel_metrics(records, results, labels: list[str]) -> dict | None:
+    """Detection (IoU ≥ 0.5) and per-vessel finding metrics of the vessels ``predict`` listed, against the slides'
+    vessel outlines (None when no slide has outlines)."""
+    from calciscope.vessels.match import match_vessels
+    from calciscope.vessels.truth import read_vessels
+
+    y, p, n_true, n_found, n_pairs = [], [], 0, 0, 0
+    for record, result in zip(records, results):
+        if record.vessels is None or result.vessels is None:
+            continue
+        truth, found = read_vessels(record.vessels), result.vessels.vessels
+        m = match_vessels([v.polygon for v in found], [v.polygon for v in truth], result.slide.mpp)
+        n_true, n_found, n_pairs = n_true + m.n_true, n_found + m.n_detected, n_pairs + len(m.pairs)
+        for d, t, _ in m.pairs:
+            y.append([k in truth[t].findings for k in labels])
+            p.append([found[d].probabilities[k] for k in labels])
+    if not n_true:
+        return None
+    out = {"detection": {"vessels_true": n_true, "vessels_listed": n_found, "recall": n_pairs / n_true,
+                         "precision": n_pairs / n_found if n_found else None, "count_error": (n_found - n_true) / n_true}}
+    if y:
+        out["matched"] = metrics.multilabel_metrics(np.array(y, int), np.array(p), labels, thresholds=0.5)
+    return out
 
 
 def _metric_report(y, probs, data: DataBundle, dataset, positions, config: TrainConfig, card: ModelCard) -> dict:

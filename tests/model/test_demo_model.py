@@ -42,6 +42,9 @@ def test_the_demo_scores_slides_from_its_vessels_and_evaluate_reports_what_predi
     slides = held_out_report["slides"]
     assert slides["source"].startswith("predict") and slides["n_slides"] == 24
     assert "slides_from_tiles" in held_out_report  # the tile-aggregate figures are kept beside them
+    vessels = held_out_report["vessels"]  # the listed vessels against the phantoms' outlines
+    assert vessels["detection"]["vessels_true"] >= 100 and vessels["detection"]["recall"] >= 0.7
+    assert min(m["auroc"] for m in vessels["matched"]["per_label"].values()) >= 0.95
     row = next(csv.DictReader(open(held_out_manifest)))
     result = Predictor("demo", PredictConfig(workers=0, saliency="none", top_k=0)).predict(
         held_out_manifest.parent / row["path"])

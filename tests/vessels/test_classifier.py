@@ -234,3 +234,15 @@ def test_vessels_under_pen_ink_are_looked_for_but_glass_is_not():
     assert region[2 * 70, 2 * 70] == 1  # under ink
     assert region[2 * 20, 2 * 20] == 1  # tissue
     assert region[2 * 95, 2 * 5] == 0  # glass far from both
+
+
+def test_a_classifier_config_without_manifests_or_with_an_unknown_key_is_refused_naming_the_file(tmp_path):
+    from calciscope.vessels.train_classifier import load_config
+
+    bad = tmp_path / "c.yaml"
+    bad.write_text("out: x\n")
+    with pytest.raises(CalciscopeError, match=r"c\.yaml: 'manifests' .* is required"):
+        load_config(bad)
+    bad.write_text("manifests: [m.csv]\nepoch: 3\n")
+    with pytest.raises(CalciscopeError, match=r"c\.yaml.*unknown key\(s\) \['epoch'\]"):
+        load_config(bad)
