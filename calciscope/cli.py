@@ -452,7 +452,7 @@ def train_vessel_classifier(
 
     cfg = load_classifier_config(config)
     cfg = dataclasses.replace(cfg, **({"out": str(out_dir)} if out_dir else {}),
-                              **({"epochs": epochs} if epochs else {}))
+                              **({"epochs": epochs} if epochs is not None else {}))
     folder = train_classifier(cfg, None if quiet else (lambda line: console.print(line, highlight=False)))
     out.print(str(folder), highlight=False, soft_wrap=True)
 

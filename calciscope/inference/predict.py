@@ -330,6 +330,10 @@ class Predictor:
         self.vessel_config = VesselConfig(adequacy=AdequacyConfig(min_small_fat_vessels=cfg.min_fat_vessels))
         default = "vessels" if self.vessel_classifier is not None else str(self.card.extra.get("sampling", "grid"))
         self.sampling = cfg.sampling or default
+        if self.sampling == "both" and self.vessel_classifier is not None:
+            raise CalciscopeError("sampling 'both' aggregates grid and vessel tiles, and a vessel classifier judges the "
+                                  "vessels instead of their tiles: use sampling 'vessels' or 'grid', or "
+                                  "--vessel-classifier none")
         if self.sampling not in SAMPLINGS or self.card.head == "mil":
             self.sampling = "grid"
         if self.sampling != "grid" and self.segmenter is None:

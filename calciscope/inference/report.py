@@ -116,9 +116,9 @@ def _findings_table(result: SlideResult) -> str:
     if classifier.get("slide_probabilities"):
         return ("<table><tr><th>finding</th><th>slide probability</th><th>threshold</th><th>at the threshold</th></tr>"
                 + "".join(rows) + "</table><p class='muted' id='slide-source'>Slide probability: the highest "
-                "calibrated probability among the detected vessels (vessel classifier), through the classifier's slide "
-                "calibration (fit on validation slides); thresholds from its card. A slide with no vessel found scores "
-                "low for every finding: see the vessel adequacy below.</p>")
+                "calibrated probability among the detected vessels (vessel classifier), through the classifier's "
+                "slide calibration (fit on validation slides); thresholds from its card (0.5 unless it sets them). "
+                "A slide with no vessel found scores low for every finding: see the vessel adequacy below.</p>")
     how = ("attention-weighted pooling of tile embeddings (attention-MIL head)" if agg["method"] == "attention" else
            f"mean of the top {agg['k']} tile probabilities" if agg["method"] == "topk" else
            "highest tile probability" if agg["method"] == "max" else f"{agg['quantile']:.0%} quantile of tile probabilities")
@@ -277,7 +277,7 @@ def _vessels_section(result: SlideResult, thumbnail_uri: str) -> str:
               "both": "the tissue-grid tiles and the vessel tiles together"}.get(result.sampling, result.sampling)
     how = ("Each vessel is judged by the vessel classifier on a crop centred on it and scaled to its size; its "
            "probabilities are calibrated per finding. Faint outlines the segmenter is less sure of are listed only "
-           "when the classifier finds a lesion in them (flag <code>faint_outline</code>)." if classifier else
+           "when the classifier calls them vessels and finds a lesion in them (flag <code>faint_outline</code>)." if classifier else
            "Each vessel is scored on tiles centred on it; its probability for a finding is the highest calibrated "
            "tile probability.")
     intro = (f"<p class='muted'>{how} A vessel counts as positive for a finding at a probability ≥ "

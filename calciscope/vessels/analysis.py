@@ -181,11 +181,13 @@ def analyze_vessels(slide: Slide, tissue: TissueMask, segmenter: torch.nn.Module
                                  np.array([v.compartment == "fat" for v in everything]), model, card,
                                  config.batch_size)
         outputs = card.outputs
+        lesioned = {}  # over every finding the classifier judges, as its training validated the listing
         for v, p in zip(everything, probs):
             v.probabilities = {k: float(p[outputs.index(k)]) for k in labels}
+            lesioned[id(v)] = bool((p[: len(card.labels)] >= VESSEL_POSITIVE).any())
             if VESSEL in outputs:
                 v.vessel_probability = float(p[outputs.index(VESSEL)])
-        vessels = listed_vessels(vessels, candidates, card.vessel_threshold)
+        vessels = listed_vessels(vessels, candidates, card.vessel_threshold, lambda v: lesioned[id(v)])
         tile_probs = np.zeros((0, len(labels)), np.float32)
     else:
         tile_probs = _classify(slide, vessels, classify, tiling, labels, config.batch_size)
@@ -205,18 +207,20 @@ def analyze_vessels(slide: Slide, tissue: TissueMask, segmenter: torch.nn.Module
                           time.perf_counter() - start, maps, tile_probs)
 
 
-def listed_vessels(vessels: list[VesselRecord], candidates: list[VesselRecord],
-                   vessel_threshold: float | None = None) -> list[VesselRecord]:
+def listed_vessels(vessels: list[VesselRecord], candidates: list[VesselRecord], vessel_threshold: float | None = None,
+                   lesioned: Callable[[VesselRecord], bool] | None = None) -> list[VesselRecord]:
     """The vessels a slide's result lists, renumbered from 1, once the classifier has judged them all.
 
     A vessel (it passed the segmenter's filter) is listed, unless the card has a vessel threshold: then only when
     its vessel probability reaches it or it has a lesion (some finding at or above VESSEL_POSITIVE). A candidate
     (faint outline) is listed when the classifier calls it a vessel (vessel probability at or above the vessel
     threshold, or VESSEL_POSITIVE without one; a classifier without that output always does) and, without a vessel
-    threshold, finds a lesion in it. Listed candidates are flagged ``faint_outline``."""
-    listed = [v for v in vessels if vessel_threshold is None or is_lesioned(v) or _is_vessel(v, vessel_threshold)]
+    threshold, finds a lesion in it (``lesioned``, default: some finding of ``probabilities`` at or above
+    VESSEL_POSITIVE). Listed candidates are flagged ``faint_outline``."""
+    lesion = lesioned or is_lesioned
+    listed = [v for v in vessels if vessel_threshold is None or lesion(v) or _is_vessel(v, vessel_threshold)]
     faint = [v for v in candidates if _is_vessel(v, VESSEL_POSITIVE if vessel_threshold is None else vessel_threshold)
-             and (vessel_threshold is not None or is_lesioned(v))]
+             and (vessel_threshold is not None or lesion(v))]
     for v in faint:
         v.flags.append("faint_outline")
     for i, v in enumerate(listed + faint, start=1):

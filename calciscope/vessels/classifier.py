@@ -111,7 +111,8 @@ class ClassifierCard:
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     std: list[float] = field(default_factory=lambda: [0.25, 0.25, 0.25])
     temperature: dict[str, float] = field(default_factory=dict)  # per finding; logits are divided by it
-    thresholds: dict[str, float] = field(default_factory=dict)  # per-vessel, on calibrated probabilities
+    # per-vessel Youden thresholds on validation, for reference (per-vessel calls use VESSEL_POSITIVE, 0.5)
+    thresholds: dict[str, float] = field(default_factory=dict)
     # {label: {"a", "b"}}: logistic map from a slide's highest calibrated vessel probability to a slide probability
     slide_calibration: dict[str, dict[str, float]] = field(default_factory=dict)
     slide_thresholds: dict[str, float] = field(default_factory=dict)  # on calibrated slide probabilities; else 0.5
@@ -119,8 +120,9 @@ class ClassifierCard:
     # calciscope.vessels.analysis.listed_vessels); None: no candidates
     candidate_min_mean_probability: float | None = None
     vessel_output: bool = False  # a "vessel" output after the findings: is the outline a vessel at all
-    # with it: an outline is listed when its vessel probability reaches this or a finding reaches 0.5 (chosen on
-    # validation slides for the highest min(detection recall, precision)); None: the segmenter's filter decides
+    # with it: a vessel is listed when its vessel probability reaches this or a finding reaches 0.5, a faint outline
+    # when its vessel probability reaches this (chosen on validation slides for the highest min(detection recall,
+    # precision)); None: the segmenter's vessels, and faint outlines with vessel probability ≥ 0.5 and a lesion
     vessel_threshold: float | None = None
     metrics: dict = field(default_factory=dict)
     training: dict = field(default_factory=dict)

@@ -47,7 +47,8 @@ VESSEL_THRESHOLD_MARGIN = 0.01
 
 @dataclass
 class ClassifierTrainConfig:
-    """``calciscope train-vessel-classifier`` settings (YAML keys of the same names; paths relative to the YAML)."""
+    """``calciscope train-vessel-classifier`` settings (YAML keys of the same names; ``manifests`` and ``segmenter``
+    relative to the YAML file, ``out`` to the working directory, as in the other training configs)."""
 
     manifests: list[str] = field(default_factory=list)
     out: str = "runs/vessel_classifier"
@@ -87,6 +88,7 @@ class _Vessels:
     targets: np.ndarray  # (N, L + 1) float32: the findings, then "is a vessel"
     candidate: np.ndarray  # (N,) bool: a faint outline (see ClassifierTrainConfig.candidate_min_mean_probability)
     n_outlines: int  # annotated vessels on the slide
+    ambiguous: np.ndarray  # (N,) bool: a validation detection overlapping an outline without matching it (IoU 0.1-0.5)
 
 
 def load_config(path: str | Path) -> ClassifierTrainConfig:
@@ -109,6 +111,8 @@ def _check(config: ClassifierTrainConfig) -> CropConfig:
               (0 <= config.scale_jitter < 1, f"scale_jitter must be in [0, 1), got {config.scale_jitter}"),
               (0 <= config.shift_jitter < 0.5, f"shift_jitter must be in [0, 0.5), got {config.shift_jitter}"),
               (config.epochs >= 1 and config.batch_size >= 1, "epochs and batch_size must be at least 1"),
+              (len(config.widths) >= 2, f"widths needs at least two entries, got {config.widths}"),
+              (crop.context > 0, f"crop.context must be positive, got {crop.context}"),
               (crop.crop_px % 2 ** (len(config.widths) - 1) == 0,
                f"crop.crop_px must be a multiple of {2 ** (len(config.widths) - 1)}"),
               (0 < crop.min_side_um <= crop.max_side_um, "crop: need 0 < min_side_um <= max_side_um")]
@@ -136,17 +140,20 @@ def _slides(config: ClassifierTrainConfig):
 
 def _extract(path: Path, outlines_path: Path, labels: list[str], crop: CropConfig, segmenter, copies: int,
              rng: np.random.Generator | None, config: ClassifierTrainConfig) -> tuple[_Vessels, np.ndarray]:
-    """Crops of one slide: the outlines (only when ``rng``: training) and the segmenter's detections labelled by
-    their matched outline. Returns them and the slide's labels as its outlines give them."""
+    """Crops of one slide: the outlines (training, i.e. with ``rng``; or without a segmenter) and the segmenter's
+    detections labelled by their matched outline. Validation (no ``rng``) keeps the detections that overlap an
+    outline without matching it too, flagged ``ambiguous`` (inference lists them; their findings are their
+    outline's, and they are no vessel match). Returns them and the slide's labels as its outlines give them."""
     from calciscope.vessels.analysis import VesselConfig, detect_vessels  # (imports torch-heavy modules late)
 
     truth = read_vessels(outlines_path)
     truth_y = np.array([[k in v.findings for k in labels] + [1] for v in truth], np.float32).reshape(-1, len(labels) + 1)
-    items: list[tuple[np.ndarray, float, bool, np.ndarray, bool]] = []  # (polygon, outer µm, fat, targets, faint)
+    # (polygon, outer µm, fat, targets, faint, ambiguous)
+    items: list[tuple[np.ndarray, float, bool, np.ndarray, bool, bool]] = []
     with open_slide(path) as slide:
         mpp = slide.mpp
-        if rng is not None:
-            items += [(v.polygon, shape_of(v.polygon, mpp).minor_um, v.compartment == "fat", y, False)
+        if rng is not None or segmenter is None:
+            items += [(v.polygon, shape_of(v.polygon, mpp).minor_um, v.compartment == "fat", y, False, False)
                       for v, y in zip(truth, truth_y)]
         if segmenter is not None:
             model, card = segmenter
@@ -156,16 +163,19 @@ def _extract(path: Path, outlines_path: Path, labels: list[str], crop: CropConfi
             iou = iou_matrix([v.polygon for v in found], [v.polygon for v in truth])
             for d, v in enumerate(found):
                 best = int(iou[d].argmax()) if len(truth) else -1
+                ambiguous = False
                 if best >= 0 and iou[d, best] >= 0.5:
                     y = truth_y[best]
                 elif best < 0 or iou[d, best] < 0.1:
                     y = np.zeros(len(labels) + 1, np.float32)
+                elif rng is None:
+                    y, ambiguous = np.r_[truth_y[best][:-1], 0.0].astype(np.float32), True
                 else:
                     continue
                 items.append((v.polygon, v.geometry.outer_diameter_um, v.compartment == "fat", y,
-                              d >= len(found) - len(faint)))
-        crops, extras, targets, candidate = [], [], [], []
-        for poly, outer, fat, y, is_faint in items:
+                              d >= len(found) - len(faint), ambiguous))
+        crops, extras, targets, candidate, unsure = [], [], [], [], []
+        for poly, outer, fat, y, is_faint, ambiguous in items:
             for _ in range(copies if rng is not None else 1):
                 scale, shift = 1.0, (0.0, 0.0)
                 if rng is not None:
@@ -175,11 +185,12 @@ def _extract(path: Path, outlines_path: Path, labels: list[str], crop: CropConfi
                 extras.append(vessel_extras([outer * (scale if rng is not None else 1.0)], [fat])[0])
                 targets.append(y)
                 candidate.append(is_faint)
+                unsure.append(ambiguous)
     shape = (0, crop.crop_px, crop.crop_px, 3)
     out = _Vessels(np.stack(crops) if crops else np.zeros(shape, np.uint8),
                    np.stack(extras) if extras else np.zeros((0, 2), np.float32),
                    np.stack(targets) if targets else np.zeros((0, len(labels) + 1), np.float32),
-                   np.array(candidate, bool), len(truth))
+                   np.array(candidate, bool), len(truth), np.array(unsure, bool))
     return out, truth_y[:, :-1].max(axis=0) if len(truth_y) else np.zeros(len(labels), np.float32)
 
 
@@ -244,11 +255,12 @@ def validate(model: VesselClassifier, card: ClassifierCard, val: list[_Vessels],
     vx = np.concatenate([d.crops for d in val])
     vy = np.concatenate([d.targets for d in val])[:, :columns]
     logits = classifier_logits(model, card, vx, np.concatenate([d.extras for d in val]))
-    card.temperature = {k: float(t) for k, t in zip(card.outputs, fit_temperature(logits, vy))}
+    sure = ~np.concatenate([d.ambiguous for d in val])  # per-vessel figures: detections with a clear target
+    card.temperature = {k: float(t) for k, t in zip(card.outputs, fit_temperature(logits[sure], vy[sure]))}
     probs = calibrated(logits, card)
-    card.thresholds = {k: (float(metrics.choose_threshold(vy[:, j], probs[:, j]))
-                           if 0 < vy[:, j].sum() < len(vy) else 0.5) for j, k in enumerate(labels)}
-    out = {"vessels": metrics.multilabel_metrics(vy, probs, card.outputs, thresholds=card.thresholds)}
+    card.thresholds = {k: (float(metrics.choose_threshold(vy[sure, j], probs[sure, j]))
+                           if 0 < vy[sure, j].sum() < sure.sum() else 0.5) for j, k in enumerate(labels)}
+    out = {"vessels": metrics.multilabel_metrics(vy[sure], probs[sure], card.outputs, thresholds=card.thresholds)}
     candidate = np.concatenate([d.candidate for d in val])
     if judge:
         card.vessel_threshold, out["detection"] = _vessel_threshold(
@@ -309,6 +321,9 @@ def train_classifier(config: ClassifierTrainConfig, progress: Callable[[str], No
     if (positives[: len(labels)] == 0).any():
         missing = [k for k, p in zip(labels, positives) if p == 0]
         raise CalciscopeError(f"no training vessel has {', '.join(missing)}: the classifier cannot learn it")
+    if not val or not sum(len(d.targets) for d in val):
+        raise CalciscopeError("no validation vessels: the classifier's temperatures and slide map are fit on "
+                              "validation slides, so val_fraction must leave at least one patient with vessels")
     pos_weight = torch.tensor(np.minimum((len(y) - positives) / np.maximum(positives, 1), config.max_pos_weight),
                               dtype=torch.float32)
 
@@ -340,8 +355,7 @@ def train_classifier(config: ClassifierTrainConfig, progress: Callable[[str], No
     window = max(1, min(100, steps // 5))
     report: dict = {"train_loss_start": float(np.mean(losses[:window])), "train_loss_end": float(np.mean(losses[-window:])),
                     "train_vessels": {"crops": int(len(y)), "positive_crops": {k: int(p) for k, p in zip(labels, positives)}}}
-    if val and sum(len(d.targets) for d in val):
-        report["validation"] = validate(model, card, val, np.stack(val_slide_y), judge)
+    report["validation"] = validate(model, card, val, np.stack(val_slide_y), judge)
     card.metrics = report
     card.training = {"description": config.description,
                      "manifests": [str(Path(m).parent.name) + "/" + Path(m).name for m in config.manifests],

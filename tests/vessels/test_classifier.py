@@ -246,3 +246,12 @@ def test_a_classifier_config_without_manifests_or_with_an_unknown_key_is_refused
     bad.write_text("manifests: [m.csv]\nepoch: 3\n")
     with pytest.raises(CalciscopeError, match=r"c\.yaml.*unknown key\(s\) \['epoch'\]"):
         load_config(bad)
+
+
+def test_sampling_both_is_refused_with_a_vessel_classifier():
+    """'both' aggregates grid and vessel tiles, and a classifier judges vessels instead of their tiles."""
+    from calciscope.inference.predict import PredictConfig, Predictor
+
+    with pytest.raises(CalciscopeError, match="sampling 'both'.*--vessel-classifier none"):
+        Predictor("demo", PredictConfig(workers=0, sampling="both"))
+    assert Predictor("demo", PredictConfig(workers=0, sampling="both", vessel_classifier="none")).sampling == "both"
