@@ -73,6 +73,14 @@ def apply_slide_calibration(slide_scores: np.ndarray, calibration: Mapping[str, 
     return out
 
 
+def slide_from_vessels(vessel_probs: np.ndarray, calibration: Mapping[str, Mapping[str, float]],
+                       labels: Sequence[str]) -> np.ndarray:
+    """(L,) slide probabilities from (N, L) calibrated per-vessel probabilities: the highest per finding (0 without
+    vessels), through ``calibration`` (see ``apply_slide_calibration``)."""
+    top = np.asarray(vessel_probs, np.float64).max(axis=0) if len(vessel_probs) else np.zeros(len(labels))
+    return apply_slide_calibration(top, calibration, labels)
+
+
 def slide_probabilities(tile_probs: np.ndarray, card, *, method: str | None = None, k: int | None = None,
                         quantile: float | None = None) -> np.ndarray:
     """(N, L) calibrated tile probabilities of a tile model → (L,) slide probabilities, as the card prescribes.

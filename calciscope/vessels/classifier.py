@@ -176,8 +176,9 @@ def to_input(crops: np.ndarray, card: ClassifierCard) -> torch.Tensor:
 
 def calibrated(logits: np.ndarray, card: ClassifierCard) -> np.ndarray:
     """(N, outputs) probabilities: logits divided by each output's temperature (1 when the card has none)."""
-    t = np.array([card.temperature.get(k, 1.0) for k in card.outputs], np.float64)
-    return 1 / (1 + np.exp(-np.asarray(logits, np.float64) / t))
+    from calciscope.training.calibration import apply_temperature
+
+    return apply_temperature(logits, card.temperature, card.outputs)
 
 
 @torch.inference_mode()
@@ -204,8 +205,7 @@ def classify_vessels(slide: Slide, polygons: list[np.ndarray], outer_um: np.ndar
 def slide_probabilities(vessel_probs: np.ndarray, card: ClassifierCard, labels: list[str] | None = None) -> np.ndarray:
     """(L,) slide probabilities from (N, L) calibrated vessel probabilities (columns ``labels``, default the card's):
     the highest per finding (0 without vessels), through the card's ``slide_calibration``."""
-    from calciscope.inference.aggregate import apply_slide_calibration
+    from calciscope.inference.aggregate import slide_from_vessels
 
-    labels = list(card.labels if labels is None else labels)
-    top = np.asarray(vessel_probs, np.float64).max(axis=0) if len(vessel_probs) else np.zeros(len(labels))
-    return apply_slide_calibration(top, card.slide_calibration, labels).astype(np.float32)
+    return slide_from_vessels(vessel_probs, card.slide_calibration,
+                              list(card.labels if labels is None else labels)).astype(np.float32)

@@ -47,10 +47,9 @@ class VesselHead:
     def slide_probabilities(self, vessel_probs: np.ndarray) -> np.ndarray:
         """(L,) slide probabilities from (N, L) vessel probabilities: the highest per finding (0 without vessels),
         through ``slide_calibration``."""
-        from calciscope.inference.aggregate import apply_slide_calibration
+        from calciscope.inference.aggregate import slide_from_vessels
 
-        top = np.asarray(vessel_probs, np.float64).max(axis=0) if len(vessel_probs) else np.zeros(len(self.labels))
-        return apply_slide_calibration(top, self.slide_calibration, self.labels)
+        return slide_from_vessels(vessel_probs, self.slide_calibration, self.labels)
 
     def predict(self, features: np.ndarray) -> np.ndarray:
         """(N, L) probabilities for (N, F) features."""
