@@ -218,6 +218,9 @@ VESSELS_HELP = ("Vessel analysis: 'auto' (the segmenter shipped in the model fol
 VESSEL_CLASSIFIER_HELP = ("Per-vessel classifier: 'auto' (the one in the segmenter's classifier/ folder, as the demo "
                           "has), a folder from 'train-vessel-classifier', or 'none' (vessels then get their tiles' "
                           "highest tile-model probability).")
+ARTIFACT_CLASSIFIER_HELP = ("Calcium-artifact classifier: 'auto' (the one in the segmenter's artifact_classifier/ "
+                            "folder, as the demo has), a folder from 'train-vessel-classifier' with judge_artifacts, "
+                            "or 'none'. It flags vessels where calcium was lost in sectioning (holes, tears, chatter).")
 SAMPLING_HELP = ("Where slide probabilities come from: 'grid' (the tissue grid's tiles), 'vessels' (the detected "
                  "vessels: the vessel classifier's slide map, or tiles centred on them) or 'both' (grid and vessel "
                  "tiles); default: 'vessels' with a vessel classifier, else as the model was trained (its card).")
@@ -243,6 +246,7 @@ def predict(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     vessels: str = typer.Option("auto", "--vessels", help=VESSELS_HELP),
     vessel_classifier: str = typer.Option("auto", "--vessel-classifier", help=VESSEL_CLASSIFIER_HELP),
+    artifact_classifier: str = typer.Option("auto", "--artifact-classifier", help=ARTIFACT_CLASSIFIER_HELP),
     sampling: Optional[str] = typer.Option(None, "--sampling", help=SAMPLING_HELP),
     min_fat_vessels: int = typer.Option(3, "--min-fat-vessels", help=MIN_FAT_HELP),
 ):
@@ -252,8 +256,8 @@ def predict(
 
     config = PredictConfig(batch_size=batch_size, workers=workers, saliency=saliency, top_k=top_k,
                            aggregation=aggregation, k=k, min_tissue=min_tissue, slide_mpp=slide_mpp, device=device,
-                           runtime=runtime, vessels=vessels, vessel_classifier=vessel_classifier, sampling=sampling,
-                           min_fat_vessels=min_fat_vessels)
+                           runtime=runtime, vessels=vessels, vessel_classifier=vessel_classifier,
+                           artifact_classifier=artifact_classifier, sampling=sampling, min_fat_vessels=min_fat_vessels)
     check_writable(out_dir)
     predictor = Predictor(model, config)
     results, failures = [], 0
@@ -298,6 +302,7 @@ def score(
                                               help="µm/px for slides whose file has none (a manifest 'mpp' wins)."),
     vessels: str = typer.Option("auto", "--vessels", help=VESSELS_HELP),
     vessel_classifier: str = typer.Option("auto", "--vessel-classifier", help=VESSEL_CLASSIFIER_HELP),
+    artifact_classifier: str = typer.Option("auto", "--artifact-classifier", help=ARTIFACT_CLASSIFIER_HELP),
     sampling: Optional[str] = typer.Option(None, "--sampling", help=SAMPLING_HELP),
     min_fat_vessels: int = typer.Option(3, "--min-fat-vessels", help=MIN_FAT_HELP),
 ):
@@ -306,7 +311,7 @@ def score(
 
     settings = {"batch_size": batch_size, "saliency": saliency, "top_k": top_k, "min_tissue": min_tissue,
                 "slide_mpp": slide_mpp, "runtime": runtime, "vessels": vessels, "vessel_classifier": vessel_classifier,
-                "sampling": sampling, "min_fat_vessels": min_fat_vessels}
+                "artifact_classifier": artifact_classifier, "sampling": sampling, "min_fat_vessels": min_fat_vessels}
     with progress_bar("slides", per_minute=True) as update:
         outcomes = ScoreRun(source, model, out_dir, settings=settings, workers=workers, backend=backend,
                             ray_address=ray_address, progress=update).run()
@@ -444,7 +449,9 @@ def train_vessel_classifier(
     quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
 ):
     """Train the per-vessel classifier on slides with vessel outlines whose 'findings' say what each vessel has;
-    prints its folder. Put the folder at <segmenter>/classifier, or pass it to predict/score --vessel-classifier."""
+    prints its folder. Put the folder at <segmenter>/classifier, or pass it to predict/score --vessel-classifier; one
+    trained for calcium artifacts only (labels: [], judge_artifacts: true) goes to <segmenter>/artifact_classifier
+    or --artifact-classifier."""
     import dataclasses
 
     from calciscope.vessels.train_classifier import load_config as load_classifier_config

@@ -80,6 +80,10 @@ class PredictConfig:
     # per-vessel classifier: "auto" = the one in the segmenter's classifier/ folder (the demo has one), a folder, or
     # "none" (each vessel then gets its vessel tiles' highest tile-model probability, or the card's vessel head)
     vessel_classifier: str = "auto"
+    # calcium-artifact classifier: "auto" = the one in the segmenter's artifact_classifier/ folder (the demo has one),
+    # a folder, or "none"; it flags the listed vessels where calcium was lost in sectioning (a vessel classifier with
+    # its own calcium_artifact output does this when there is none)
+    artifact_classifier: str = "auto"
     # grid | vessels | both: the tiles slide probabilities aggregate; None = the card's, or, with a vessel
     # classifier, the vessels: each finding's highest vessel probability through the classifier's slide map
     sampling: str | None = None
@@ -324,6 +328,7 @@ class Predictor:
             model, seg_card = load_segmenter(folder)
             self.segmenter = (for_inference(model), seg_card)
         self.vessel_classifier = self._load_vessel_classifier(folder)
+        self.artifact_classifier = self._load_artifact_classifier(folder)
         head = self.card.extra.get("vessel_head")
         self.vessel_head = VesselHead.from_dict(head, self.labels) if head else None
         self.segmenter_path = folder
@@ -359,25 +364,44 @@ class Predictor:
             return {label: float(card.slide_thresholds.get(label, 0.5)) for label in self.labels}
         return {label: self.card.threshold(label) for label in self.labels}
 
-    def _load_vessel_classifier(self, segmenter: Path | None):
-        """(model, card) of the vessel classifier ``config.vessel_classifier`` names, or None."""
+    def _classifier_folder(self, segmenter: Path | None, spec: str, subfolder: str, what: str):
+        """(model, card) of the classifier ``spec`` names ("auto": ``<segmenter>/<subfolder>/`` when present, a
+        folder, or "none"), or None."""
         from calciscope.vessels.classifier import CARD_FILE as CLASSIFIER_CARD
         from calciscope.vessels.classifier import load_classifier
 
-        spec = self.config.vessel_classifier
         if spec == "none" or segmenter is None:
             if spec not in ("auto", "none"):
-                raise CalciscopeError(f"vessel classifier {spec}: it judges detected vessels, and vessel analysis is "
-                                      f"off (no segmenter; give one with --vessels PATH)")
+                raise CalciscopeError(f"{what} {spec}: it judges detected vessels, and vessel analysis is off (no "
+                                      f"segmenter; give one with --vessels PATH)")
             return None
-        folder = segmenter / "classifier" if spec == "auto" else Path(spec)
+        folder = segmenter / subfolder if spec == "auto" else Path(spec)
         if spec == "auto" and not (folder / CLASSIFIER_CARD).is_file():
             return None
-        model, card = load_classifier(folder)
+        return load_classifier(folder), folder
+
+    def _load_vessel_classifier(self, segmenter: Path | None):
+        """(model, card) of the vessel classifier ``config.vessel_classifier`` names, or None."""
+        found = self._classifier_folder(segmenter, self.config.vessel_classifier, "classifier", "vessel classifier")
+        if found is None:
+            return None
+        (model, card), folder = found
         missing = [k for k in self.labels if k not in card.labels]
         if missing:
             raise CalciscopeError(f"vessel classifier {folder}: it does not judge {', '.join(missing)}, which the model "
                                   f"{self.model_path.name} reports (its labels: {', '.join(card.labels)})")
+        return model, card
+
+    def _load_artifact_classifier(self, segmenter: Path | None):
+        """(model, card) of the calcium-artifact classifier ``config.artifact_classifier`` names, or None."""
+        found = self._classifier_folder(segmenter, self.config.artifact_classifier, "artifact_classifier",
+                                        "artifact classifier")
+        if found is None:
+            return None
+        (model, card), folder = found
+        if not card.artifact_output:
+            raise CalciscopeError(f"artifact classifier {folder}: it has no calcium_artifact output (train it with "
+                                  f"judge_artifacts: true)")
         return model, card
 
     def _load_torch(self, model: str | Path) -> None:
@@ -465,7 +489,8 @@ class Predictor:
 
         model, card = self.segmenter
         return analyze_vessels(slide, mask, model, card, lambda tiles: self.score_tiles(torch.from_numpy(tiles)),
-                               self.tiling, self.labels, self.vessel_config, self.vessel_head, self.vessel_classifier)
+                               self.tiling, self.labels, self.vessel_config, self.vessel_head, self.vessel_classifier,
+                               self.artifact_classifier)
 
     def _slide_probabilities(self, tile_probs: np.ndarray, vessels) -> np.ndarray:
         """Slide probabilities: the card's aggregation and calibration over the grid tiles ("grid"), the tiles centred

@@ -266,10 +266,13 @@ def _vessels_section(result: SlideResult, thumbnail_uri: str) -> str:
     labels = result.labels
     positive = [bool(_positive(v.probabilities)) for v in analysis.vessels]
     qc = analysis.qc
-    qc_text = (f"<p class='muted'>Calcium-artifact QC: {int(qc.get('calcium_artifact_regions', 0))} region(s), "
+    how = ("judged on each vessel by a classifier, or next to a region of the segmenter's artifact map"
+           if qc.get("calcium_artifact_judge") else "next to a region of the segmenter's artifact map")
+    qc_text = (f"<p class='muted'>Calcium-artifact QC (holes, tears, knife chatter): "
+               f"{int(qc.get('calcium_artifact_regions', 0))} region(s), "
                f"{float(qc.get('calcium_artifact_area_mm2', 0.0)):.4f} mm²; "
-               f"{int(qc.get('vessels_near_calcium_artifact', 0))} vessel(s) next to one (flag "
-               "<code>calcium_artifact</code>: calcium may have been lost there, so a negative call is weaker).</p>")
+               f"{int(qc.get('vessels_near_calcium_artifact', 0))} vessel(s) flagged <code>calcium_artifact</code> "
+               f"({how}): calcium may have been lost there, so a negative call is weaker.</p>")
     classifier = result.vessel_classifier or {}
     source = {"grid": "the tissue-grid tiles only (the per-vessel calls do not change them)",
               "vessels": ("the vessels' probabilities (their highest, per finding)" if classifier else

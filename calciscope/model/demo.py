@@ -17,6 +17,10 @@ Stage 2 (``configs/demo_vessels.yaml``) fine-tunes that model on grid plus vesse
     python -m calciscope.model.demo install-classifier runs/vessel_classifier
     calciscope evaluate --model demo --data data/held_out/manifest.csv --out runs/vessel_classifier/held_out
     python -m calciscope.model.demo install-classifier runs/vessel_classifier runs/vessel_classifier/held_out/metrics.json
+
+``configs/artifact_classifier.yaml`` trains the calcium-artifact classifier in ``demo/vessels/artifact_classifier/``:
+
+    python -m calciscope.model.demo install-artifact-classifier runs/artifact_classifier
 """
 
 from __future__ import annotations
@@ -86,6 +90,18 @@ def install(source: str | Path, held_out: str | Path | None = None, segmenter: s
     return target
 
 
+def _copy_classifier(source: Path, subfolder: str) -> Path:
+    """Copy a classifier folder's weights and card to ``demo/vessels/<subfolder>/``; returns that folder."""
+    from calciscope.vessels.classifier import CARD_FILE, WEIGHTS_FILE
+
+    target = demo_model_dir() / "vessels" / subfolder
+    target.mkdir(parents=True, exist_ok=True)
+    if source.resolve() != target.resolve():
+        for name in (WEIGHTS_FILE, CARD_FILE):
+            shutil.copyfile(source / name, target / name)
+    return target
+
+
 def install_classifier(source: str | Path, held_out: str | Path | None = None) -> Path:
     """Copy a ``calciscope train-vessel-classifier`` folder to ``demo/vessels/classifier/``, after checking it loads,
     is a synthetic demo and judges the demo model's findings. ``held_out``: a ``calciscope evaluate --model demo``
@@ -93,7 +109,6 @@ def install_classifier(source: str | Path, held_out: str | Path | None = None) -
     card as ``metrics["held_out"]``."""
     from calciscope.model.checkpoint import load_card
     from calciscope.vessels.classifier import CARD_FILE as CLS_CARD
-    from calciscope.vessels.classifier import WEIGHTS_FILE as CLS_WEIGHTS
     from calciscope.vessels.classifier import load_classifier
 
     source = Path(source)
@@ -103,11 +118,7 @@ def install_classifier(source: str | Path, held_out: str | Path | None = None) -
     missing = set(load_card(demo_model_dir()).labels) - set(card.labels)
     if missing:
         raise CalciscopeError(f"{source}: it does not judge {sorted(missing)}, which the demo model reports")
-    target = demo_model_dir() / "vessels" / "classifier"
-    target.mkdir(parents=True, exist_ok=True)
-    if source.resolve() != target.resolve():
-        for name in (CLS_WEIGHTS, CLS_CARD):
-            shutil.copyfile(source / name, target / name)
+    target = _copy_classifier(source, "classifier")
     if held_out is not None:
         report = json.loads(Path(held_out).read_text())
         if "slides_from_tiles" not in report:
@@ -118,6 +129,26 @@ def install_classifier(source: str | Path, held_out: str | Path | None = None) -
                                                           "slides": report["slides"],
                                                           **({"vessels": report["vessels"]} if "vessels" in report
                                                              else {})}}
+        (target / CLS_CARD).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    return target
+
+
+def install_artifact_classifier(source: str | Path, measured: dict | None = None) -> Path:
+    """Copy a calcium-artifact classifier (``train-vessel-classifier`` with ``judge_artifacts``) to
+    ``demo/vessels/artifact_classifier/`` after checking it loads, is a synthetic demo and has that output;
+    ``measured`` (figures on unseen phantoms) goes into its card as ``metrics["held_out"]``."""
+    from calciscope.vessels.classifier import CARD_FILE as CLS_CARD
+    from calciscope.vessels.classifier import load_classifier
+
+    source = Path(source)
+    _, card = load_classifier(source)
+    if not card.synthetic_demo or not card.artifact_output:
+        raise CalciscopeError(f"{source}: the demo artifact classifier must be marked synthetic_demo and have a "
+                              f"calcium_artifact output")
+    target = _copy_classifier(source, "artifact_classifier")
+    if measured is not None:
+        doc = json.loads((target / CLS_CARD).read_text())
+        doc["metrics"] = {**doc["metrics"], "held_out": measured}
         (target / CLS_CARD).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
     return target
 
@@ -134,8 +165,15 @@ if __name__ == "__main__":
     classifier_parser = sub.add_parser("install-classifier", help="install a vessel classifier beside the demo")
     classifier_parser.add_argument("classifier")
     classifier_parser.add_argument("held_out", nargs="?")
+    artifact_parser = sub.add_parser("install-artifact-classifier",
+                                     help="install a calcium-artifact classifier beside the demo")
+    artifact_parser.add_argument("classifier")
+    artifact_parser.add_argument("measured", nargs="?", help="JSON of its figures on unseen phantoms")
     args = parser.parse_args()
     if args.command == "install":
         print(install(args.model, args.held_out, segmenter=args.segmenter))
-    else:
+    elif args.command == "install-classifier":
         print(install_classifier(args.classifier, args.held_out))
+    else:
+        print(install_artifact_classifier(args.classifier,
+                                          json.loads(Path(args.measured).read_text()) if args.measured else None))

@@ -11,9 +11,13 @@ Size bands (outer diameter = minor axis, µm): ``capillary`` < 20, ``arteriole``
 Adequacy: "small vessels in subcutaneous fat" are fat vessels below ``AdequacyConfig.small_max_um``; fewer than
 ``min_small_fat_vessels`` of them and the slide's CUA-pattern call carries status ``insufficient_sampling``, so
 "no vasculitis" is never read off a biopsy whose subcutaneous vessels were not seen.
-QC: connected regions of the segmenter's ``calcium_artifact`` map (holes, tears, knife chatter) at the
-segmenter card's threshold, of at least ``min_artifact_um2``; a vessel within ``artifact_near_um`` of one is
-flagged ``calcium_artifact`` (calcium may have been lost there, so a negative call on that vessel is weaker).
+QC: calcium lost in sectioning (holes where a deposit fell out, tears it dragged, knife chatter). A vessel is
+flagged ``calcium_artifact`` (calcium may have been lost there, so a negative call on that vessel is weaker) when
+the vessel classifier judges artifacts (its card's ``artifact_output``) and gives it a calcium-artifact probability
+of at least the card's ``artifact_threshold``, or when it lies within ``artifact_near_um`` of a connected region of
+the segmenter's ``calcium_artifact`` map (at the segmenter card's threshold, of at least ``min_artifact_um2``).
+Artifact regions are those map regions plus, for each vessel flagged by the classifier and by no map region, the
+vessel's surroundings: its outline grown by ``artifact_near_um`` (where to look, not a traced artifact).
 """
 
 from __future__ import annotations
@@ -29,12 +33,12 @@ import torch
 from calciscope.data.slides import Slide
 from calciscope.data.tiling import TilingConfig
 from calciscope.data.tissue import TissueMask
-from calciscope.vessels.classifier import VESSEL, ClassifierCard, classify_vessels
+from calciscope.vessels.classifier import ARTIFACT, VESSEL, ClassifierCard, classify_vessels
 from calciscope.vessels.compartment import compartment_map
 from calciscope.vessels.frames import level0_to_mask_px, mask_px_to_level0
 from calciscope.vessels.head import VesselHead, vessel_features
 from calciscope.vessels.instances import InstanceConfig, fill_holes, vessel_instances_from_maps
-from calciscope.vessels.match import iou_matrix
+from calciscope.vessels.match import iou_matrix, polygon_distance
 from calciscope.vessels.measure import VesselGeometry, measure_vessel
 from calciscope.vessels.sampling import vessel_grid
 from calciscope.vessels.segment import SegmenterCard, VesselMaps, segment_slide
@@ -79,6 +83,7 @@ class VesselRecord:
     probabilities: dict[str, float] = field(default_factory=dict)  # calibrated per-vessel (the vessel head's)
     tile_probabilities: dict[str, float] = field(default_factory=dict)  # highest of its tiles, per finding
     vessel_probability: float | None = None  # the vessel classifier's, when it judges vessel-ness
+    artifact_probability: float | None = None  # the vessel classifier's calcium-artifact one, when it judges those
     n_tiles: int = 0
     flags: list[str] = field(default_factory=list)
 
@@ -102,6 +107,8 @@ class VesselRecord:
                "flags": list(self.flags)}
         if self.vessel_probability is not None:
             out["vessel_probability"] = round(self.vessel_probability, 6)
+        if self.artifact_probability is not None:
+            out["calcium_artifact_probability"] = round(self.artifact_probability, 6)
         if thresholds:
             out["positive"] = [k for k, v in self.probabilities.items() if v >= thresholds.get(k, 0.5)]
         return out
@@ -165,11 +172,14 @@ def detect_vessels(slide: Slide, tissue: TissueMask, segmenter: torch.nn.Module,
 def analyze_vessels(slide: Slide, tissue: TissueMask, segmenter: torch.nn.Module, seg_card: SegmenterCard,
                     classify: Callable[[np.ndarray], np.ndarray], tiling: TilingConfig, labels: list[str],
                     config: VesselConfig = VesselConfig(), head: VesselHead | None = None,
-                    classifier: tuple[torch.nn.Module, ClassifierCard] | None = None) -> VesselAnalysis:
+                    classifier: tuple[torch.nn.Module, ClassifierCard] | None = None,
+                    artifact_classifier: tuple[torch.nn.Module, ClassifierCard] | None = None) -> VesselAnalysis:
     """Vessels of ``slide`` with their findings. With a vessel ``classifier`` (calciscope.vessels.classifier: model
     and card), each vessel's probabilities are its calibrated outputs and the tile model does not see vessel
     tiles; otherwise ``classify`` maps uint8 tiles (B, 3, H, W) to calibrated probabilities (B, L) and each vessel
-    gets its tiles' highest, or ``head`` (calciscope.vessels.head) turns tile scores and shape into them."""
+    gets its tiles' highest, or ``head`` (calciscope.vessels.head) turns tile scores and shape into them. An
+    ``artifact_classifier`` (a classifier card with a calcium_artifact output) judges the listed vessels for calcium
+    artifacts; without one, ``classifier`` does when its card has that output."""
     start = time.perf_counter()
     candidates_at = classifier[1].candidate_min_mean_probability if classifier is not None else None
     vessels, candidates, maps = detect_vessels(slide, tissue, segmenter, seg_card, config, candidates_at)
@@ -187,6 +197,8 @@ def analyze_vessels(slide: Slide, tissue: TissueMask, segmenter: torch.nn.Module
             lesioned[id(v)] = bool((p[: len(card.labels)] >= VESSEL_POSITIVE).any())
             if VESSEL in outputs:
                 v.vessel_probability = float(p[outputs.index(VESSEL)])
+            if ARTIFACT in outputs:
+                v.artifact_probability = float(p[outputs.index(ARTIFACT)])
         vessels = listed_vessels(vessels, candidates, card.vessel_threshold, lambda v: lesioned[id(v)])
         tile_probs = np.zeros((0, len(labels)), np.float32)
     else:
@@ -199,10 +211,24 @@ def analyze_vessels(slide: Slide, tissue: TissueMask, segmenter: torch.nn.Module
                           else seg_card.thresholds.get("calcium_artifact", 0.5))
     artifact_polys = _artifacts(maps, artifact_threshold, config) if "calcium_artifact" in maps.maps else []
     _flag_artifacts(vessels, artifact_polys, slide.mpp, config.artifact_near_um)
+    judge = artifact_classifier or (classifier if classifier is not None and classifier[1].artifact_output else None)
+    if artifact_classifier is not None and vessels:
+        model, card = artifact_classifier
+        probs = classify_vessels(slide, [v.polygon for v in vessels],
+                                 np.array([v.geometry.outer_diameter_um for v in vessels]),
+                                 np.array([v.compartment == "fat" for v in vessels]), model, card, config.batch_size)
+        for v, p in zip(vessels, probs):
+            v.artifact_probability = float(p[card.outputs.index(ARTIFACT)])
+    if judge is not None:
+        artifact_polys += flag_judged_artifacts(vessels, judge[1].artifact_threshold, maps.downsample,
+                                                config.artifact_near_um / slide.mpp)
     qc = {"calcium_artifact_regions": len(artifact_polys),
           "calcium_artifact_area_mm2": round(sum(float(cv2.contourArea(p.astype(np.float32))) for p in artifact_polys)
                                              * (slide.mpp / 1000) ** 2, 6),
-          "vessels_near_calcium_artifact": sum("calcium_artifact" in v.flags for v in vessels)}
+          "vessels_near_calcium_artifact": sum("calcium_artifact" in v.flags for v in vessels),
+          "calcium_artifact_judge": None if judge is None else {
+              "weights_sha256": judge[1].weights_sha256, "threshold": judge[1].artifact_threshold,
+              "classifier": "artifact classifier" if judge is artifact_classifier else "vessel classifier"}}
     return VesselAnalysis(vessels, adequacy(vessels, config.adequacy), qc, artifact_polys, list(labels),
                           time.perf_counter() - start, maps, tile_probs)
 
@@ -317,20 +343,38 @@ def _artifacts(maps: VesselMaps, threshold: float, config: VesselConfig) -> list
             if len(c) >= 3 and cv2.contourArea(c) * px_um2 >= config.min_artifact_um2]
 
 
+def flag_judged_artifacts(vessels: list[VesselRecord], threshold: float, downsample: float,
+                          grow_px: float) -> list[np.ndarray]:
+    """Flag ``calcium_artifact`` each vessel whose classifier artifact probability reaches ``threshold``; return the
+    surroundings (outline grown by ``grow_px`` level-0 px) of those a segmenter artifact region had not flagged."""
+    regions = []
+    for v in vessels:
+        if v.artifact_probability is None or v.artifact_probability < threshold or "calcium_artifact" in v.flags:
+            continue
+        v.flags.append("calcium_artifact")
+        regions.append(surroundings(v.polygon, downsample, grow_px))
+    return regions
+
+
+def surroundings(polygon: np.ndarray, downsample: float, grow_px: float) -> np.ndarray:
+    """A level-0 outline grown by ``grow_px`` (level-0 px), traced on a grid of ``downsample`` level-0 px."""
+    margin = grow_px / downsample + 2
+    origin = np.floor(polygon.min(axis=0) / downsample - margin)
+    local = level0_to_mask_px(polygon, downsample, origin * downsample)
+    h, w = (np.ceil(local.max(axis=0)) + margin + 1).astype(int)[::-1]
+    mask = np.zeros((h, w), np.uint8)
+    cv2.fillPoly(mask, [np.round(local).astype(np.int32)], 1)
+    k = max(int(round(2 * grow_px / downsample)), 1) | 1
+    mask = cv2.dilate(mask, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k)))
+    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    return mask_px_to_level0(max(contours, key=cv2.contourArea).reshape(-1, 2), downsample, origin * downsample)
+
+
 def _flag_artifacts(vessels: list[VesselRecord], artifacts: list[np.ndarray], mpp: float, near_um: float) -> None:
     if not artifacts:
         return
     for v in vessels:
         for a in artifacts:
-            if _polygon_distance(v.polygon, a) * mpp <= near_um:
+            if polygon_distance(v.polygon, a) * mpp <= near_um:
                 v.flags.append("calcium_artifact")
                 break
-
-
-def _polygon_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """0 when the outlines overlap, else the smallest vertex-to-outline distance (level-0 px)."""
-    a32, b32 = a.astype(np.float32), b.astype(np.float32)
-    da = [cv2.pointPolygonTest(b32, (float(x), float(y)), True) for x, y in a[:: max(1, len(a) // 64)]]
-    db = [cv2.pointPolygonTest(a32, (float(x), float(y)), True) for x, y in b[:: max(1, len(b) // 64)]]
-    best = max(max(da), max(db))  # positive inside
-    return 0.0 if best >= 0 else -best

@@ -34,6 +34,9 @@ CARD_FILE = "classifier.json"
 SCHEMA_VERSION = 1
 N_EXTRA = 2  # standardised log outer diameter, in subcutaneous fat (0/1)
 VESSEL = "vessel"  # the extra output of a classifier that also judges whether an outline is a vessel at all
+# the extra output of a classifier that also judges whether calcium was lost at the vessel in sectioning (a hole where
+# the deposit fell out, a tear it dragged, knife chatter): the vessel is flagged, a negative call there is weaker
+ARTIFACT = "calcium_artifact"
 
 
 @dataclass(frozen=True)
@@ -124,6 +127,8 @@ class ClassifierCard:
     # when its vessel probability reaches this (chosen on validation slides for the highest min(detection recall,
     # precision)); None: the segmenter's vessels, and faint outlines with vessel probability ≥ 0.5 and a lesion
     vessel_threshold: float | None = None
+    artifact_output: bool = False  # a "calcium_artifact" output after the findings (before "vessel")
+    artifact_threshold: float = 0.5  # a vessel is flagged calcium_artifact at this calibrated probability
     metrics: dict = field(default_factory=dict)
     training: dict = field(default_factory=dict)
     synthetic_demo: bool = False
@@ -137,8 +142,9 @@ class ClassifierCard:
 
     @property
     def outputs(self) -> list[str]:
-        """The model's output columns: the findings, then ``VESSEL`` when it judges vessel-ness too."""
-        return list(self.labels) + ([VESSEL] if self.vessel_output else [])
+        """The model's output columns: the findings, then ``ARTIFACT`` and ``VESSEL`` when it judges those too."""
+        return (list(self.labels) + ([ARTIFACT] if self.artifact_output else [])
+                + ([VESSEL] if self.vessel_output else []))
 
     @classmethod
     def from_file(cls, path: Path) -> ClassifierCard:
@@ -147,9 +153,10 @@ class ClassifierCard:
             crop = card.crop_config
         except TypeError as exc:
             raise CheckpointError(path, f"not a vessel classifier card: crop: {exc}") from None
-        if not card.labels or len(card.widths) < 2 or crop.crop_px < 2 ** (len(card.widths) - 1) \
+        if not (card.labels or card.artifact_output) or len(card.widths) < 2 or crop.crop_px < 2 ** (len(card.widths) - 1) \
                 or not 0 < crop.min_side_um <= crop.max_side_um or crop.context <= 0:
-            raise CheckpointError(path, "needs labels, at least two widths and a crop of positive size")
+            raise CheckpointError(path, "needs labels (or an artifact output), at least two widths and a crop of "
+                                        "positive size")
         return card
 
 

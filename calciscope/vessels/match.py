@@ -103,3 +103,12 @@ def _fill(poly: np.ndarray, lo: np.ndarray, step: float, shape: tuple[int, int])
 def _box(poly: np.ndarray) -> tuple[float, float, float, float]:
     p = np.asarray(poly, np.float64)
     return (*p.min(0), *p.max(0))
+
+
+def polygon_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """0 when the outlines overlap, else the smallest vertex-to-outline distance (level-0 px)."""
+    a32, b32 = a.astype(np.float32), b.astype(np.float32)
+    da = [cv2.pointPolygonTest(b32, (float(x), float(y)), True) for x, y in a[:: max(1, len(a) // 64)]]
+    db = [cv2.pointPolygonTest(a32, (float(x), float(y)), True) for x, y in b[:: max(1, len(b) // 64)]]
+    best = max(max(da), max(db))  # positive inside
+    return 0.0 if best >= 0 else -best

@@ -9,6 +9,10 @@ cuff or debris taken for a vessel must score low); the rest are left out. Detect
 (``candidate_min_mean_probability``) that inference shows the classifier too. Each training vessel gives ``copies``
 crops with its scale and centre jittered; flips, rot90 and HED stain jitter are drawn per step.
 
+With ``judge_artifacts``, a ``calcium_artifact`` output learns which vessels lost calcium in sectioning: a vessel is
+positive when a ``calcium_artifact`` region of the slide's artifact annotations (the row's ``artifacts`` column or
+``<slide>.artifacts.geojson``; a slide without the file has none) comes within ``ARTIFACT_TOUCH_UM`` of its outline.
+
 Patients are split into train and validation. Validation judges exactly what inference sees (the segmenter's
 detections, one crop each): per-vessel AUROC, AUPRC, ECE; it fits each finding's temperature and threshold
 (Youden) and the slide-level map from the highest vessel probability to a slide probability (``fit_platt``).
@@ -31,11 +35,11 @@ from calciscope.data.synthetic import FINDINGS
 from calciscope.data.tissue import TissueConfig, detect_tissue
 from calciscope.errors import CalciscopeError
 from calciscope.training.config import from_dict, read_yaml_mapping
-from calciscope.vessels.classifier import (ClassifierCard, CropConfig, VesselClassifier, calibrated,
+from calciscope.vessels.classifier import (ARTIFACT, VESSEL, ClassifierCard, CropConfig, VesselClassifier, calibrated,
                                            classifier_logits, crop_geometry, read_crop, save_classifier, to_input,
                                            vessel_extras)
 from calciscope.vessels.analysis import VESSEL_POSITIVE
-from calciscope.vessels.match import iou_matrix
+from calciscope.vessels.match import iou_matrix, polygon_distance
 from calciscope.vessels.measure import shape_of
 from calciscope.vessels.truth import read_vessels
 
@@ -43,6 +47,8 @@ from calciscope.vessels.truth import read_vessels
 # a vessel threshold must beat the segmenter's own filter by this much min(recall, precision) on validation: the
 # demo's first run chose 0.05 for +0.003 on its validation slides, and lost 0.07 precision on unseen phantoms
 VESSEL_THRESHOLD_MARGIN = 0.01
+# a vessel is a calcium-artifact vessel when an annotated artifact region (hole, tear, chatter) comes this close
+ARTIFACT_TOUCH_UM = 5.0
 
 
 @dataclass
@@ -73,6 +79,10 @@ class ClassifierTrainConfig:
     # with a segmenter: a "vessel" output too (outline or matched detection 1, a detection overlapping no outline 0),
     # and validation picks the vessel threshold that lists outlines with the highest min(recall, precision)
     judge_vessels: bool = True
+    # a "calcium_artifact" output too (see the module docstring); needs artifact annotations on some training slides
+    judge_artifacts: bool = False
+    # its flag threshold: the lowest (from 0.5) that flags at most this share of the validation vessels without one
+    artifact_max_false_rate: float = 0.01
     val_fraction: float = 0.2
     seed: int = 0
     synthetic_demo: bool = False
@@ -85,7 +95,7 @@ class _Vessels:
 
     crops: np.ndarray  # (N, H, W, 3) uint8
     extras: np.ndarray  # (N, N_EXTRA) float32
-    targets: np.ndarray  # (N, L + 1) float32: the findings, then "is a vessel"
+    targets: np.ndarray  # (N, L + 2) float32: the findings, then "calcium artifact", then "is a vessel"
     candidate: np.ndarray  # (N,) bool: a faint outline (see ClassifierTrainConfig.candidate_min_mean_probability)
     n_outlines: int  # annotated vessels on the slide
     ambiguous: np.ndarray  # (N,) bool: a validation detection overlapping an outline without matching it (IoU 0.1-0.5)
@@ -110,6 +120,8 @@ def _check(config: ClassifierTrainConfig) -> CropConfig:
     checks = [(config.copies >= 1, f"copies must be at least 1, got {config.copies}"),
               (0 <= config.scale_jitter < 1, f"scale_jitter must be in [0, 1), got {config.scale_jitter}"),
               (0 <= config.shift_jitter < 0.5, f"shift_jitter must be in [0, 0.5), got {config.shift_jitter}"),
+              (0 <= config.artifact_max_false_rate < 1,
+               f"artifact_max_false_rate must be in [0, 1), got {config.artifact_max_false_rate}"),
               (config.epochs >= 1 and config.batch_size >= 1, "epochs and batch_size must be at least 1"),
               (len(config.widths) >= 2, f"widths needs at least two entries, got {config.widths}"),
               (crop.context > 0, f"crop.context must be positive, got {crop.context}"),
@@ -125,29 +137,51 @@ def _check(config: ClassifierTrainConfig) -> CropConfig:
 def _slides(config: ClassifierTrainConfig):
     """Every manifest row as (key, patient, slide path, vessel outline path, slide labels or None); keys and
     patients carry the manifest's folder name, so two manifests written by ``synth`` do not collide."""
+    import csv
+
     from calciscope.training.sources import read_manifest
+    from calciscope.vessels.train_segmenter import sidecar
 
     rows = []
     for manifest in config.manifests:
         tag = Path(manifest).parent.name
-        for r in read_manifest(manifest, config.labels):
+        with open(manifest, newline="", encoding="utf-8") as f:
+            raw = list(csv.DictReader(f))
+        for r, row in zip(read_manifest(manifest, config.labels), raw):
             if r.vessels is None:
                 raise CalciscopeError(f"{manifest}: no vessel outlines for {r.path.name} (a 'vessels' column or "
                                       f"{r.path.stem}.vessels.geojson beside the slide)")
-            rows.append((f"{tag}/{r.slide_id}", f"{tag}/{r.patient_id}", r.path, r.vessels, r.labels))
+            artifacts = sidecar(r.path, row.get("artifacts"), ".artifacts.geojson", Path(manifest).parent)
+            if artifacts is not None and not artifacts.is_file():
+                raise CalciscopeError(f"{manifest}: artifact annotation file {artifacts} does not exist")
+            rows.append((f"{tag}/{r.slide_id}", f"{tag}/{r.patient_id}", r.path, r.vessels, r.labels, artifacts))
     return rows
 
 
+def _touches(polygon: np.ndarray, regions: list[np.ndarray], mpp: float) -> bool:
+    """Whether one of ``regions`` (level-0 outlines) comes within ARTIFACT_TOUCH_UM of ``polygon``."""
+    near = ARTIFACT_TOUCH_UM / mpp
+    lo, hi = polygon.min(axis=0) - near, polygon.max(axis=0) + near
+    return any((r.max(axis=0) >= lo).all() and (r.min(axis=0) <= hi).all() and polygon_distance(polygon, r) <= near
+               for r in regions)
+
+
 def _extract(path: Path, outlines_path: Path, labels: list[str], crop: CropConfig, segmenter, copies: int,
-             rng: np.random.Generator | None, config: ClassifierTrainConfig) -> tuple[_Vessels, np.ndarray]:
+             rng: np.random.Generator | None, config: ClassifierTrainConfig,
+             artifacts_path: Path | None = None) -> tuple[_Vessels, np.ndarray]:
     """Crops of one slide: the outlines (training, i.e. with ``rng``; or without a segmenter) and the segmenter's
     detections labelled by their matched outline. Validation (no ``rng``) keeps the detections that overlap an
     outline without matching it too, flagged ``ambiguous`` (inference lists them; their findings are their
-    outline's, and they are no vessel match). Returns them and the slide's labels as its outlines give them."""
+    outline's, and they are no vessel match). Every crop's calcium-artifact target is its own outline's, from the
+    ``calcium_artifact`` regions of ``artifacts_path``. Returns them and the slide's labels as its outlines give
+    them."""
     from calciscope.vessels.analysis import VesselConfig, detect_vessels  # (imports torch-heavy modules late)
+    from calciscope.vessels.train_segmenter import read_artifact_polygons
 
     truth = read_vessels(outlines_path)
-    truth_y = np.array([[k in v.findings for k in labels] + [1] for v in truth], np.float32).reshape(-1, len(labels) + 1)
+    regions = read_artifact_polygons(artifacts_path) if artifacts_path is not None else []
+    truth_y = np.array([[k in v.findings for k in labels] + [0, 1] for v in truth], np.float32)
+    truth_y = truth_y.reshape(-1, len(labels) + 2)
     # (polygon, outer µm, fat, targets, faint, ambiguous)
     items: list[tuple[np.ndarray, float, bool, np.ndarray, bool, bool]] = []
     with open_slide(path) as slide:
@@ -167,7 +201,7 @@ def _extract(path: Path, outlines_path: Path, labels: list[str], crop: CropConfi
                 if best >= 0 and iou[d, best] >= 0.5:
                     y = truth_y[best]
                 elif best < 0 or iou[d, best] < 0.1:
-                    y = np.zeros(len(labels) + 1, np.float32)
+                    y = np.zeros(len(labels) + 2, np.float32)
                 elif rng is None:
                     y, ambiguous = np.r_[truth_y[best][:-1], 0.0].astype(np.float32), True
                 else:
@@ -176,6 +210,8 @@ def _extract(path: Path, outlines_path: Path, labels: list[str], crop: CropConfi
                               d >= len(found) - len(faint), ambiguous))
         crops, extras, targets, candidate, unsure = [], [], [], [], []
         for poly, outer, fat, y, is_faint, ambiguous in items:
+            y = y.copy()
+            y[len(labels)] = float(bool(regions) and _touches(poly, regions, mpp))
             for _ in range(copies if rng is not None else 1):
                 scale, shift = 1.0, (0.0, 0.0)
                 if rng is not None:
@@ -189,9 +225,9 @@ def _extract(path: Path, outlines_path: Path, labels: list[str], crop: CropConfi
     shape = (0, crop.crop_px, crop.crop_px, 3)
     out = _Vessels(np.stack(crops) if crops else np.zeros(shape, np.uint8),
                    np.stack(extras) if extras else np.zeros((0, 2), np.float32),
-                   np.stack(targets) if targets else np.zeros((0, len(labels) + 1), np.float32),
+                   np.stack(targets) if targets else np.zeros((0, len(labels) + 2), np.float32),
                    np.array(candidate, bool), len(truth), np.array(unsure, bool))
-    return out, truth_y[:, :-1].max(axis=0) if len(truth_y) else np.zeros(len(labels), np.float32)
+    return out, truth_y[:, : len(labels)].max(axis=0) if len(truth_y) else np.zeros(len(labels), np.float32)
 
 
 def _augment(crops: np.ndarray, rng: np.random.Generator, hed_jitter: float) -> np.ndarray:
@@ -242,18 +278,38 @@ def _listed(probs: np.ndarray, candidate: np.ndarray, n_labels: int, vessel_outp
     return (~candidate & (lesion | (p_vessel >= vessel_threshold))) | (candidate & (p_vessel >= vessel_threshold))
 
 
+def _columns(card: ClassifierCard) -> list[int]:
+    """The target columns (findings, calcium artifact, vessel) that ``card``'s outputs predict, in output order."""
+    n = len(card.labels)
+    return list(range(n)) + ([n] if card.artifact_output else []) + ([n + 1] if card.vessel_output else [])
+
+
+def _artifact_threshold(probs: np.ndarray, y: np.ndarray, max_false_rate: float) -> tuple[float, dict]:
+    """The lowest threshold from 0.5 (grid of 0.01) at which at most ``max_false_rate`` of the vessels without a
+    calcium artifact are flagged, with the share of those with one that it flags (validation vessels)."""
+    negatives, positives = probs[y < 0.5], probs[y >= 0.5]
+    grid = np.round(np.arange(0.5, 1.0, 0.01), 2)
+    ok = [t for t in grid if (negatives >= t).mean() <= max_false_rate] if len(negatives) else [0.5]
+    t = float(ok[0]) if ok else float(grid[-1])
+    return t, {"threshold": t, "max_false_rate": max_false_rate, "vessels_with": int(len(positives)),
+               "flagged_with": float((positives >= t).mean()) if len(positives) else None,
+               "vessels_without": int(len(negatives)),
+               "flagged_without": float((negatives >= t).mean()) if len(negatives) else None}
+
+
 def validate(model: VesselClassifier, card: ClassifierCard, val: list[_Vessels], slide_y: np.ndarray,
-             judge: bool) -> dict:
-    """Fit ``card``'s temperatures, per-vessel thresholds, vessel threshold (with ``judge``) and slide map on the
-    validation slides' detections (``val``, one entry per slide; ``slide_y`` their (S, L) labels) and return the
-    validation metrics: per vessel, detection (with ``judge``) and per slide."""
+             judge: bool, artifact_max_false_rate: float = 0.01) -> dict:
+    """Fit ``card``'s temperatures, per-vessel thresholds, vessel threshold (with ``judge``), artifact threshold (with
+    an artifact output) and slide map on the validation slides' detections (``val``, one entry per slide;
+    ``slide_y`` their (S, L) labels) and return the validation metrics: per vessel, calcium artifacts, detection
+    (with ``judge``) and per slide."""
     from calciscope.inference.aggregate import apply_slide_calibration
     from calciscope.training import metrics
     from calciscope.training.calibration import fit_platt, fit_temperature
 
-    labels, columns = card.labels, len(card.outputs)
+    labels = card.labels
     vx = np.concatenate([d.crops for d in val])
-    vy = np.concatenate([d.targets for d in val])[:, :columns]
+    vy = np.concatenate([d.targets for d in val])[:, _columns(card)]
     logits = classifier_logits(model, card, vx, np.concatenate([d.extras for d in val]))
     sure = ~np.concatenate([d.ambiguous for d in val])  # per-vessel figures: detections with a clear target
     card.temperature = {k: float(t) for k, t in zip(card.outputs, fit_temperature(logits[sure], vy[sure]))}
@@ -262,6 +318,10 @@ def validate(model: VesselClassifier, card: ClassifierCard, val: list[_Vessels],
                            if 0 < vy[sure, j].sum() < sure.sum() else 0.5) for j, k in enumerate(labels)}
     out = {"vessels": metrics.multilabel_metrics(vy[sure], probs[sure], card.outputs, thresholds=card.thresholds)}
     candidate = np.concatenate([d.candidate for d in val])
+    if card.artifact_output:
+        j = card.outputs.index(ARTIFACT)
+        card.artifact_threshold, out["calcium_artifact"] = _artifact_threshold(probs[sure, j], vy[sure, j],
+                                                                               artifact_max_false_rate)
     if judge:
         card.vessel_threshold, out["detection"] = _vessel_threshold(
             lambda t: _listed(probs, candidate, len(labels), True, t), vy[:, -1], sum(d.n_outlines for d in val))
@@ -274,9 +334,10 @@ def validate(model: VesselClassifier, card: ClassifierCard, val: list[_Vessels],
     for j, k in enumerate(labels):
         a, b = fit_platt(top[:, j], slide_y[:, j])
         card.slide_calibration[k] = {"a": a, "b": b}
-    out["slides"] = metrics.multilabel_metrics(slide_y, apply_slide_calibration(top, card.slide_calibration, labels),
-                                               labels, thresholds=0.5)
-    out["slides"]["n_slides"] = int(len(slide_y))
+    if labels:  # (an artifact-only classifier judges no finding)
+        out["slides"] = metrics.multilabel_metrics(slide_y, apply_slide_calibration(top, card.slide_calibration,
+                                                                                    labels), labels, thresholds=0.5)
+        out["slides"]["n_slides"] = int(len(slide_y))
     return out
 
 
@@ -301,10 +362,10 @@ def train_classifier(config: ClassifierTrainConfig, progress: Callable[[str], No
         raise CalciscopeError("no training slides left after the validation split")
     start = time.perf_counter()
     train, val, val_slide_y = [], [], []
-    for n, (key, _, path, outlines, slide_y) in enumerate(rows, start=1):
+    for n, (key, _, path, outlines, slide_y, artifacts) in enumerate(rows, start=1):
         is_val = n - 1 in val_ids
         data, from_outlines = _extract(path, outlines, labels, crop, segmenter, config.copies,
-                                       None if is_val else rng, config)
+                                       None if is_val else rng, config, artifacts if config.judge_artifacts else None)
         if is_val:
             val.append(data)
             val_slide_y.append(slide_y if slide_y is not None else from_outlines)
@@ -313,24 +374,25 @@ def train_classifier(config: ClassifierTrainConfig, progress: Callable[[str], No
         if progress is not None:
             progress(f"cut {len(data.targets)} vessel crops from {key} ({n}/{len(rows)})")
     judge = bool(config.judge_vessels and segmenter is not None)
-    columns = len(labels) + int(judge)
+    card = ClassifierCard(labels=labels, crop=dataclasses.asdict(crop), widths=list(config.widths),
+                          hidden=config.hidden, synthetic_demo=config.synthetic_demo,
+                          candidate_min_mean_probability=config.candidate_min_mean_probability if segmenter else None,
+                          vessel_output=judge, artifact_output=config.judge_artifacts)
     x = np.concatenate([d.crops for d in train])
     e = np.concatenate([d.extras for d in train])
-    y = np.ascontiguousarray(np.concatenate([d.targets for d in train])[:, :columns])
+    y = np.ascontiguousarray(np.concatenate([d.targets for d in train])[:, _columns(card)])
     positives = y.sum(axis=0)
-    if (positives[: len(labels)] == 0).any():
-        missing = [k for k, p in zip(labels, positives) if p == 0]
-        raise CalciscopeError(f"no training vessel has {', '.join(missing)}: the classifier cannot learn it")
+    missing = [k for k, p in zip(card.outputs, positives) if p == 0 and k != VESSEL]
+    if missing:
+        raise CalciscopeError(f"no training vessel has {', '.join(missing)}: the classifier cannot learn it"
+                              + (" (judge_artifacts needs calcium_artifact regions in the slides' artifact "
+                                 "annotations)" if ARTIFACT in missing else ""))
     if not val or not sum(len(d.targets) for d in val):
         raise CalciscopeError("no validation vessels: the classifier's temperatures and slide map are fit on "
                               "validation slides, so val_fraction must leave at least one patient with vessels")
     pos_weight = torch.tensor(np.minimum((len(y) - positives) / np.maximum(positives, 1), config.max_pos_weight),
                               dtype=torch.float32)
 
-    card = ClassifierCard(labels=labels, crop=dataclasses.asdict(crop), widths=list(config.widths),
-                          hidden=config.hidden, synthetic_demo=config.synthetic_demo,
-                          candidate_min_mean_probability=config.candidate_min_mean_probability if segmenter else None,
-                          vessel_output=judge)
     model = VesselClassifier(len(card.outputs), tuple(config.widths), config.hidden, config.dropout)
     model = model.to(memory_format=torch.channels_last)
     steps = max(1, config.epochs * len(x) // config.batch_size)
@@ -353,9 +415,10 @@ def train_classifier(config: ClassifierTrainConfig, progress: Callable[[str], No
             progress(f"step {step + 1}/{steps} loss {np.mean(losses[-100:]):.4f} ({rate:.0f} crops/s)")
     model.eval()
     window = max(1, min(100, steps // 5))
+    positive_crops = {k: int(p) for k, p in zip(card.outputs, positives)}
     report: dict = {"train_loss_start": float(np.mean(losses[:window])), "train_loss_end": float(np.mean(losses[-window:])),
-                    "train_vessels": {"crops": int(len(y)), "positive_crops": {k: int(p) for k, p in zip(labels, positives)}}}
-    report["validation"] = validate(model, card, val, np.stack(val_slide_y), judge)
+                    "train_vessels": {"crops": int(len(y)), "positive_crops": positive_crops}}
+    report["validation"] = validate(model, card, val, np.stack(val_slide_y), judge, config.artifact_max_false_rate)
     card.metrics = report
     card.training = {"description": config.description,
                      "manifests": [str(Path(m).parent.name) + "/" + Path(m).name for m in config.manifests],

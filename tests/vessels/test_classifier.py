@@ -50,11 +50,11 @@ def test_read_crop_shows_the_vessel_in_the_middle(vessel_phantoms):
     assert np.abs(image[16:48, 16:48].astype(int) - far[16:48, 16:48].astype(int)).mean() > 10
 
 
-def _tiny(tmp_path, labels=LABELS, **card):
+def _tiny(tmp_path, labels=LABELS, name="classifier", **card):
     torch.manual_seed(0)
-    model = VesselClassifier(len(labels), (8, 16)).eval()
-    folder = save_classifier(tmp_path / "classifier", model,
-                             ClassifierCard(labels=list(labels), widths=[8, 16], crop={"crop_px": 32}, **card))
+    card = ClassifierCard(labels=list(labels), widths=[8, 16], **({"crop": {"crop_px": 32}} | card))
+    model = VesselClassifier(len(card.outputs), (8, 16)).eval()
+    folder = save_classifier(tmp_path / name, model, card)
     return model, folder
 
 
@@ -86,13 +86,15 @@ def _copy_demo_vessels(tmp_path):
 
 def test_predict_takes_vessel_probabilities_and_slide_probabilities_from_the_classifier(tmp_path, vessel_phantoms):
     """Each vessel's probabilities are the classifier's on that vessel's crop; the slide's, each finding's highest
-    vessel probability through the classifier's slide map; with ``vessel_classifier="none"`` neither."""
+    vessel probability through the classifier's slide map; a vessel at the card's artifact threshold is flagged
+    calcium_artifact; with ``vessel_classifier="none"`` none of this."""
     from calciscope.inference.predict import PredictConfig, Predictor
     from calciscope.vessels.classifier import slide_probabilities
 
     seg = _copy_demo_vessels(tmp_path)
     shutil.rmtree(seg / "classifier", ignore_errors=True)
-    model, folder = _tiny(seg, slide_calibration={k: {"a": 2.0, "b": -1.0} for k in LABELS})
+    model, folder = _tiny(seg, slide_calibration={k: {"a": 2.0, "b": -1.0} for k in LABELS}, artifact_output=True,
+                          artifact_threshold=0.0)
     pos = vessel_phantoms[0]
     predictor = Predictor("demo", PredictConfig(workers=0, saliency="none", top_k=0, vessels=str(seg)))
     assert predictor.vessel_classifier is not None and predictor.sampling == "vessels"
@@ -105,8 +107,13 @@ def test_predict_takes_vessel_probabilities_and_slide_probabilities_from_the_cla
                                     np.array([v.geometry.outer_diameter_um for v in found]),
                                     np.array([v.compartment == "fat" for v in found]), model, card)
     got = np.array([[v.probabilities[k] for k in LABELS] for v in found])
-    np.testing.assert_allclose(got, expected, atol=1e-5)
-    slide_expected = slide_probabilities(expected, card)
+    np.testing.assert_allclose(got, expected[:, :4], atol=1e-5)
+    np.testing.assert_allclose([v.artifact_probability for v in found], expected[:, 4], atol=1e-5)
+    assert all("calcium_artifact" in v.flags for v in found)  # threshold 0: every vessel
+    assert result.vessels.qc["vessels_near_calcium_artifact"] == len(found)
+    assert len(result.vessels.artifact_polygons) == result.vessels.qc["calcium_artifact_regions"] >= 1
+    assert result.vessels.qc["calcium_artifact_judge"]["classifier"] == "vessel classifier"
+    slide_expected = slide_probabilities(expected[:, :4], card)
     assert [result.probabilities[k] for k in LABELS] == pytest.approx(slide_expected.tolist(), abs=1e-5)
     assert result.thresholds == {k: 0.5 for k in LABELS}  # the classifier card has no slide thresholds
 
@@ -115,6 +122,42 @@ def test_predict_takes_vessel_probabilities_and_slide_probabilities_from_the_cla
     assert plain.vessel_classifier is None and plain.sampling == "grid"
     other = plain.predict(pos.path).vessels.vessels
     assert [v.probabilities == v.tile_probabilities for v in other] == [True] * len(other)
+    assert not any(v.artifact_probability is not None or "calcium_artifact" in v.flags for v in other)
+
+
+def test_an_artifact_classifier_beside_the_segmenter_flags_the_listed_vessels(tmp_path, vessel_phantoms):
+    """``<segmenter>/artifact_classifier/`` (a classifier with only a calcium_artifact output) judges every listed
+    vessel on its own crop; at or above its card's threshold a vessel is flagged; ``artifact_classifier="none"``
+    turns it off; a folder without that output is refused."""
+    from calciscope.inference.predict import PredictConfig, Predictor
+
+    seg = _copy_demo_vessels(tmp_path)
+    model, folder = _tiny(seg, labels=[], name="artifact_classifier", artifact_output=True,
+                          artifact_threshold=0.465,
+                          crop={"crop_px": 32, "context": 3.0})
+    pos = vessel_phantoms[0]
+    result = Predictor("demo", PredictConfig(workers=0, saliency="none", top_k=0, vessels=str(seg))).predict(pos.path)
+    found = result.vessels.vessels
+    _, card = load_classifier(folder)
+    assert card.outputs == ["calcium_artifact"]
+    with open_slide(pos.path) as slide:
+        expected = classify_vessels(slide, [v.polygon for v in found],
+                                    np.array([v.geometry.outer_diameter_um for v in found]),
+                                    np.array([v.compartment == "fat" for v in found]), model, card)[:, 0]
+    np.testing.assert_allclose([v.artifact_probability for v in found], expected, atol=1e-5)
+    assert 0 < (expected >= 0.465).sum() < len(found)  # the threshold splits this untrained net's outputs here
+    assert [("calcium_artifact" in v.flags) for v in found] == [bool(p >= 0.465) for p in expected]
+    judge = result.vessels.qc["calcium_artifact_judge"]
+    assert judge["classifier"] == "artifact classifier" and judge["threshold"] == 0.465
+    assert judge["weights_sha256"] == card.weights_sha256
+
+    off = Predictor("demo", PredictConfig(workers=0, saliency="none", top_k=0, vessels=str(seg),
+                                          artifact_classifier="none")).predict(pos.path)
+    assert off.vessels.qc["calcium_artifact_judge"] is None
+    assert not any(v.artifact_probability is not None for v in off.vessels.vessels)
+    _, plain = _tiny(tmp_path, labels=LABELS, name="plain")
+    with pytest.raises(CalciscopeError, match="plain: it has no calcium_artifact output"):
+        Predictor("demo", PredictConfig(workers=0, vessels=str(seg), artifact_classifier=str(plain)))
 
 
 def test_a_classifier_without_the_models_findings_or_without_vessel_analysis_is_refused(tmp_path):
@@ -130,7 +173,8 @@ def test_a_classifier_without_the_models_findings_or_without_vessel_analysis_is_
 
 @pytest.fixture(scope="module")
 def training_manifest(tmp_path_factory):
-    """Four 2048² phantoms, two patients with every finding and two with none (the recipe's shape, in small)."""
+    """Four 2048² phantoms, two patients with every finding and two with none (the recipe's shape, in small); every
+    calcified vessel of the former has a calcium artifact (hole, tear or chatter) drawn."""
     import csv
 
     from calciscope.data.synthetic import generate_slide
@@ -141,7 +185,8 @@ def training_manifest(tmp_path_factory):
         w.writerow(["slide_id", "patient_id", "path", *LABELS])
         for seed in (9301, 9302, 9303, 9304):
             labels = {k: seed % 2 for k in LABELS}
-            slide = generate_slide(root, f"c{seed}", labels, size_px=2048, seed=seed, artifacts=False)
+            slide = generate_slide(root, f"c{seed}", labels, size_px=2048, seed=seed, artifacts=False,
+                                   calcium_artifacts=float(seed % 2))
             w.writerow([slide.slide_id, slide.slide_id, slide.path.name, *labels.values()])
     return root / "manifest.csv"
 
@@ -150,23 +195,38 @@ def test_training_cuts_crops_learns_calibrates_and_writes_a_loadable_card(tmp_pa
     from calciscope.vessels.train_classifier import ClassifierTrainConfig, train_classifier
 
     config = ClassifierTrainConfig(manifests=[str(training_manifest)], out=str(tmp_path / "run"), segmenter="demo",
-                                   widths=[8, 16, 32], crop={"crop_px": 32}, copies=2, epochs=6, batch_size=32,
-                                   val_fraction=0.5, seed=3)
+                                   widths=[8, 16, 32], crop={"crop_px": 32}, copies=2, epochs=12, batch_size=32,
+                                   val_fraction=0.5, seed=3, judge_artifacts=True)
     folder = train_classifier(config)
     model, card = load_classifier(folder)
     m = card.metrics
     assert m["train_loss_end"] < m["train_loss_start"], m
-    assert set(card.temperature) == {*LABELS, "vessel"} and set(card.slide_calibration) == set(LABELS)
+    assert set(card.temperature) == {*LABELS, "calcium_artifact", "vessel"}
+    assert set(card.slide_calibration) == set(LABELS)
     val = m["validation"]["vessels"]["per_label"]
     assert all(val[k]["n"] >= 5 for k in LABELS)  # validation judged the segmenter's detections
+    # vessels touching a drawn hole, tear or chatter patch are the calcium-artifact positives, in training and
+    # validation alike (only the artifact phantoms have them)
+    assert m["train_vessels"]["positive_crops"]["calcium_artifact"] >= 4 and val["calcium_artifact"]["n_positive"] >= 1
     assert len(card.training["slides"]["validation"]) == 2 and card.training["segmenter"] == "demo"
     # it judges vessel-ness too: the threshold listing outlines best on validation, with the figures
     detection = m["validation"]["detection"]
-    assert card.outputs == LABELS + ["vessel"] and card.vessel_threshold == detection["vessel_threshold"]
+    assert card.outputs == LABELS + ["calcium_artifact", "vessel"]
+    assert card.vessel_threshold == detection["vessel_threshold"]
     alone = detection["segmenter_alone"]
     assert min(detection["recall"], detection["precision"]) >= min(alone["recall"], alone["precision"])
     assert (card.vessel_threshold is None) == (detection == {**detection, **alone})  # it falls back when no better
     assert m["validation"]["slides"]["n_slides"] == 2
+
+
+def _write_rows(path, rows):
+    import csv
+
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path
 
 
 def test_a_training_set_without_a_finding_is_refused_naming_it(tmp_path, training_manifest):
@@ -175,15 +235,57 @@ def test_a_training_set_without_a_finding_is_refused_naming_it(tmp_path, trainin
     from calciscope.vessels.train_classifier import ClassifierTrainConfig, train_classifier
 
     rows = [r for r in csv.DictReader(open(training_manifest)) if r["thrombosis"] == "0"]
-    manifest = training_manifest.parent / "negatives.csv"
-    with open(manifest, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    manifest = _write_rows(training_manifest.parent / "negatives.csv", rows)
     config = ClassifierTrainConfig(manifests=[str(manifest)], out=str(tmp_path / "run"), segmenter=None,
                                    widths=[8, 16], crop={"crop_px": 32}, epochs=1, val_fraction=0.0)
     with pytest.raises(CalciscopeError, match="no training vessel has medial_calcification"):
         train_classifier(config)
+
+
+def test_calcium_artifacts_cannot_be_learned_from_slides_without_them(tmp_path, training_manifest):
+    """The artifact annotations come from the manifest's ``artifacts`` column (or the sidecar file); none with a
+    calcium_artifact region: refused, naming the output and what it needs."""
+    import csv
+
+    from calciscope.vessels.train_classifier import ClassifierTrainConfig, train_classifier
+
+    empty = training_manifest.parent / "no_artifacts.geojson"
+    empty.write_text(json.dumps({"type": "FeatureCollection", "features": []}))
+    rows = [r | {"artifacts": empty.name} for r in csv.DictReader(open(training_manifest))]
+    manifest = _write_rows(training_manifest.parent / "no_artifacts.csv", rows)
+    config = ClassifierTrainConfig(manifests=[str(manifest)], out=str(tmp_path / "run"), segmenter=None,
+                                   widths=[8, 16], crop={"crop_px": 32}, epochs=1, val_fraction=0.0,
+                                   judge_artifacts=True)
+    with pytest.raises(CalciscopeError, match="no training vessel has calcium_artifact: .*artifact annotations"):
+        train_classifier(config)
+    rows[0]["artifacts"] = "missing.geojson"
+    _write_rows(manifest, rows)
+    with pytest.raises(CalciscopeError, match="missing.geojson does not exist"):
+        train_classifier(config)
+
+
+def test_vessels_the_classifier_judges_calcium_artifacts_at_are_flagged_and_outlined():
+    """At or above the card's artifact threshold a vessel is flagged, and its surroundings (its outline grown by the
+    flag distance) become an artifact region; one a segmenter artifact region already flagged gets no second one."""
+    from calciscope.vessels.analysis import VesselRecord, flag_judged_artifacts
+    from calciscope.vessels.match import polygon_distance
+    from calciscope.vessels.measure import measure_vessel
+
+    def vessel(i, cx, p, flags=()):
+        poly = _circle(cx, 500, 40)
+        return VesselRecord(i, poly, None, measure_vessel(poly, 0.5, None), "fat", artifact_probability=p,
+                            flags=list(flags))
+
+    vessels = [vessel(1, 200, 0.9), vessel(2, 600, 0.2), vessel(3, 1000, 0.7, ["calcium_artifact"]),
+               vessel(4, 1400, 0.5)]
+    regions = flag_judged_artifacts(vessels, 0.5, 2.0, 30.0)
+    assert [v.flags for v in vessels] == [["calcium_artifact"], [], ["calcium_artifact"], ["calcium_artifact"]]
+    assert len(regions) == 2
+    for region, v in zip(regions, (vessels[0], vessels[3])):
+        radius = np.hypot(*(region - v.polygon.mean(axis=0)).T)
+        assert radius.min() >= 40 + 30 - 3 and radius.max() <= 40 + 30 + 3  # 40 px vessel, grown 30 px
+        assert polygon_distance(v.polygon, region) == 0.0
+    assert flag_judged_artifacts([vessel(5, 0, None)], 0.5, 2.0, 30.0) == []  # a classifier without that output
 
 
 def test_which_outlines_are_listed_after_the_classifier_judged_them():
