@@ -81,6 +81,7 @@ def _copy_demo_vessels(tmp_path):
 
     target = tmp_path / "vessels"
     shutil.copytree(resolve_segmenter("demo"), target)
+    shutil.rmtree(target / "artifact_classifier")  # (tests that want one put their own there)
     return target
 
 
