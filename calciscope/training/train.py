@@ -372,7 +372,8 @@ def _vessel_slides(model_dir: Path, manifest: Path, report: dict, config: TrainC
     """With a vessel classifier beside the model (``predict`` then takes slide probabilities from the detected
     vessels), the slide metrics are those of ``predict`` itself on every slide of the manifest; the tile-aggregate
     ones move to ``slides_from_tiles``; slides with vessel outlines add ``vessels`` (detection of the listed vessels
-    and per-vessel metrics of the matched ones). Without one, ``report`` is returned as it is."""
+    and per-vessel metrics of the matched ones; with calcium-artifact annotations, ``vessels.calcium_artifacts``, see
+    ``_artifact_qc_metrics``). Without one, ``report`` is returned as it is."""
     from calciscope.inference.predict import PredictConfig, Predictor
     from calciscope.training.sources import read_manifest
 
@@ -423,6 +424,47 @@ def _listed_vessel_metrics(records, results, labels: list[str]) -> dict | None:
                          "precision": n_pairs / n_found if n_found else None, "count_error": (n_found - n_true) / n_true}}
     if y:
         out["matched"] = metrics.multilabel_metrics(np.array(y, int), np.array(p), labels, thresholds=0.5)
+    artifacts = _artifact_qc_metrics(records, results)
+    if artifacts is not None:
+        out["calcium_artifacts"] = artifacts
+    return out
+
+
+def _artifact_qc_metrics(records, results) -> dict | None:
+    """The calcium-artifact QC of ``predict`` against the calcium_artifact regions of the slides' artifact annotations
+    (``<slide>.artifacts.geojson``, as ``calciscope synth --calcium-artifacts`` writes them): regions found (an
+    artifact region of the result overlaps them), and the matched vessels flagged, with and without a drawn region
+    within ARTIFACT_TOUCH_UM (training's definition), with the per-vessel AUROC of the artifact probability. None
+    when no slide has such a file."""
+    from calciscope.vessels.match import match_vessels, polygon_distance
+    from calciscope.vessels.train_classifier import ARTIFACT_TOUCH_UM, near_artifact
+    from calciscope.vessels.train_segmenter import read_artifact_polygons
+    from calciscope.vessels.truth import read_vessels
+
+    drawn = found = 0
+    touching, flagged, prob = [], [], []
+    seen = False
+    for record, result in zip(records, results):
+        path = record.path.with_name(record.path.stem + ".artifacts.geojson")
+        if record.vessels is None or result.vessels is None or not path.is_file():
+            continue
+        seen = True
+        regions, mpp = read_artifact_polygons(path), result.slide.mpp
+        drawn += len(regions)
+        found += sum(any(polygon_distance(r, d) == 0 for d in result.vessels.artifact_polygons) for r in regions)
+        truth, listed = read_vessels(record.vessels), result.vessels.vessels
+        for d, t, _ in match_vessels([v.polygon for v in listed], [v.polygon for v in truth], mpp).pairs:
+            touching.append(bool(regions) and near_artifact(truth[t].polygon, regions, mpp))
+            flagged.append("calcium_artifact" in listed[d].flags)
+            prob.append(listed[d].artifact_probability)
+    if not seen:
+        return None
+    touching, flagged = np.array(touching, bool), np.array(flagged, bool)
+    out = {"drawn": drawn, "found": found, "touch_um": ARTIFACT_TOUCH_UM,
+           "matched_vessels_with": int(touching.sum()), "flagged_with": int(flagged[touching].sum()),
+           "matched_vessels_without": int((~touching).sum()), "flagged_without": int(flagged[~touching].sum())}
+    if 0 < touching.sum() < len(touching) and all(q is not None for q in prob):
+        out["auroc"] = float(metrics.binary_metrics(touching.astype(int), np.array(prob, float))["auroc"])
     return out
 
 

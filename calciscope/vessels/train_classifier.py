@@ -158,7 +158,7 @@ def _slides(config: ClassifierTrainConfig):
     return rows
 
 
-def _touches(polygon: np.ndarray, regions: list[np.ndarray], mpp: float) -> bool:
+def near_artifact(polygon: np.ndarray, regions: list[np.ndarray], mpp: float) -> bool:
     """Whether one of ``regions`` (level-0 outlines) comes within ARTIFACT_TOUCH_UM of ``polygon``."""
     near = ARTIFACT_TOUCH_UM / mpp
     lo, hi = polygon.min(axis=0) - near, polygon.max(axis=0) + near
@@ -211,7 +211,7 @@ def _extract(path: Path, outlines_path: Path, labels: list[str], crop: CropConfi
         crops, extras, targets, candidate, unsure = [], [], [], [], []
         for poly, outer, fat, y, is_faint, ambiguous in items:
             y = y.copy()
-            y[len(labels)] = float(bool(regions) and _touches(poly, regions, mpp))
+            y[len(labels)] = float(bool(regions) and near_artifact(poly, regions, mpp))
             for _ in range(copies if rng is not None else 1):
                 scale, shift = 1.0, (0.0, 0.0)
                 if rng is not None:

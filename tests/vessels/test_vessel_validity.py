@@ -170,3 +170,28 @@ def _overlap(a: np.ndarray, b: np.ndarray, grow: float = 0.0) -> bool:
         k = int(2 * grow) | 1
         mb = cv2.dilate(mb, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k)))
     return bool((ma & mb).any())
+
+
+def test_evaluate_reports_the_calcium_artifact_qc_against_the_drawn_artifacts(tmp_path, predictor):
+    """``calciscope evaluate`` (its vessel block) counts the drawn calcium artifacts predict found and the matched
+    vessels it flagged, with and without one within 5 µm; a slide without the annotation file is left out."""
+    from calciscope.data.synthetic import generate_slide
+    from calciscope.training.sources import SlideRecord
+    from calciscope.training.train import _artifact_qc_metrics
+    from calciscope.vessels.train_segmenter import read_artifact_polygons
+
+    records, results = [], []
+    for seed in (8111, 8112):
+        slide = generate_slide(tmp_path, f"e{seed}", ALL, size_px=2048, seed=seed, artifacts=False,
+                               calcium_artifacts=1.0)
+        records.append(SlideRecord(slide.slide_id, slide.slide_id, slide.path, None, None, None, slide.vessels_path))
+        results.append(predictor.predict(slide.path))
+    qc = _artifact_qc_metrics(records, results)
+    assert qc["drawn"] == sum(len(read_artifact_polygons(r.path.with_name(r.path.stem + ".artifacts.geojson")))
+                              for r in records) >= 3
+    assert 1 <= qc["found"] <= qc["drawn"] and qc["matched_vessels_with"] >= 2
+    flags = sum("calcium_artifact" in v.flags for res in results for v in res.vessels.vessels)
+    assert 1 <= qc["flagged_with"] + qc["flagged_without"] <= flags  # matched vessels only
+    assert qc["flagged_with"] <= qc["matched_vessels_with"] and 0.5 <= qc["auroc"] <= 1.0
+    records[0].path.with_name(records[0].path.stem + ".artifacts.geojson").unlink()
+    assert _artifact_qc_metrics(records[:1], results[:1]) is None
