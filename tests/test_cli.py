@@ -149,3 +149,24 @@ def test_debug_shows_the_traceback(tmp_path):
     )
     assert result.returncode != 0
     assert "Traceback" in result.stderr and "SlideError" in result.stderr and "nope.svs" in result.stderr
+
+
+def test_predict_flags_calcium_artifacts_with_the_demo_artifact_classifier_unless_told_not_to(capsys, tmp_path):
+    """``--artifact-classifier`` reaches predict: by default the demo's (in its segmenter's artifact_classifier/)
+    judges every listed vessel; ``none`` turns it off."""
+    from calciscope.data.synthetic import generate_slide
+
+    slide = generate_slide(tmp_path, "arts", {"medial_calcification": 1, "small_vessel_calcification": 1},
+                           size_px=2048, seed=8117, artifacts=False, calcium_artifacts=1.0)
+    docs = {}
+    for choice in ("auto", "none"):
+        out = tmp_path / choice
+        code, _, stderr = run_cli(capsys, "predict", slide.path, "--out", out, "--workers", "0", "--saliency", "none",
+                                  "--top-k", "0", "--artifact-classifier", choice)
+        assert code == 0, stderr
+        docs[choice] = json.loads((out / "arts" / "result.json").read_text())["vessels"]
+    judge = docs["auto"]["qc"]["calcium_artifact_judge"]
+    assert judge["classifier"] == "artifact classifier" and judge["threshold"] == 0.88
+    assert docs["auto"]["vessels"] and all("calcium_artifact_probability" in v for v in docs["auto"]["vessels"])
+    assert docs["none"]["qc"]["calcium_artifact_judge"] is None
+    assert not any("calcium_artifact_probability" in v for v in docs["none"]["vessels"])

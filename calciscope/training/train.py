@@ -409,11 +409,13 @@ def _listed_vessel_metrics(records, results, labels: list[str]) -> dict | None:
     from calciscope.vessels.truth import read_vessels
 
     y, p, n_true, n_found, n_pairs = [], [], 0, 0, 0
+    matched = []  # (record, result, true vessels, matched pairs) per slide with outlines
     for record, result in zip(records, results):
         if record.vessels is None or result.vessels is None:
             continue
         truth, found = read_vessels(record.vessels), result.vessels.vessels
         m = match_vessels([v.polygon for v in found], [v.polygon for v in truth], result.slide.mpp)
+        matched.append((record, result, truth, m.pairs))
         n_true, n_found, n_pairs = n_true + m.n_true, n_found + m.n_detected, n_pairs + len(m.pairs)
         for d, t, _ in m.pairs:
             y.append([k in truth[t].findings for k in labels])
@@ -424,36 +426,36 @@ def _listed_vessel_metrics(records, results, labels: list[str]) -> dict | None:
                          "precision": n_pairs / n_found if n_found else None, "count_error": (n_found - n_true) / n_true}}
     if y:
         out["matched"] = metrics.multilabel_metrics(np.array(y, int), np.array(p), labels, thresholds=0.5)
-    artifacts = _artifact_qc_metrics(records, results)
+    artifacts = _artifact_qc_metrics(matched)
     if artifacts is not None:
         out["calcium_artifacts"] = artifacts
     return out
 
 
-def _artifact_qc_metrics(records, results) -> dict | None:
+def _artifact_qc_metrics(matched) -> dict | None:
     """The calcium-artifact QC of ``predict`` against the calcium_artifact regions of the slides' artifact annotations
     (``<slide>.artifacts.geojson``, as ``calciscope synth --calcium-artifacts`` writes them): regions found (an
     artifact region of the result overlaps them), and the matched vessels flagged, with and without a drawn region
-    within ARTIFACT_TOUCH_UM (training's definition), with the per-vessel AUROC of the artifact probability. None
-    when no slide has such a file."""
-    from calciscope.vessels.match import match_vessels, polygon_distance
+    within ARTIFACT_TOUCH_UM (training's definition), with the per-vessel AUROC of the artifact probability.
+    ``matched``: (record, result, true vessels, matched (listed, true, IoU) pairs) per slide with outlines. None when
+    no slide has such a file."""
+    from calciscope.vessels.match import polygon_distance
     from calciscope.vessels.train_classifier import ARTIFACT_TOUCH_UM, near_artifact
     from calciscope.vessels.train_segmenter import read_artifact_polygons
-    from calciscope.vessels.truth import read_vessels
 
     drawn = found = 0
     touching, flagged, prob = [], [], []
     seen = False
-    for record, result in zip(records, results):
+    for record, result, truth, pairs in matched:
         path = record.path.with_name(record.path.stem + ".artifacts.geojson")
-        if record.vessels is None or result.vessels is None or not path.is_file():
+        if not path.is_file():
             continue
         seen = True
         regions, mpp = read_artifact_polygons(path), result.slide.mpp
         drawn += len(regions)
         found += sum(any(polygon_distance(r, d) == 0 for d in result.vessels.artifact_polygons) for r in regions)
-        truth, listed = read_vessels(record.vessels), result.vessels.vessels
-        for d, t, _ in match_vessels([v.polygon for v in listed], [v.polygon for v in truth], mpp).pairs:
+        listed = result.vessels.vessels
+        for d, t, _ in pairs:
             touching.append(bool(regions) and near_artifact(truth[t].polygon, regions, mpp))
             flagged.append("calcium_artifact" in listed[d].flags)
             prob.append(listed[d].artifact_probability)

@@ -13,9 +13,10 @@ Adequacy: "small vessels in subcutaneous fat" are fat vessels below ``AdequacyCo
 "no vasculitis" is never read off a biopsy whose subcutaneous vessels were not seen.
 QC: calcium lost in sectioning (holes where a deposit fell out, tears it dragged, knife chatter). A vessel is
 flagged ``calcium_artifact`` (calcium may have been lost there, so a negative call on that vessel is weaker) when
-the vessel classifier judges artifacts (its card's ``artifact_output``) and gives it a calcium-artifact probability
-of at least the card's ``artifact_threshold``, or when it lies within ``artifact_near_um`` of a connected region of
-the segmenter's ``calcium_artifact`` map (at the segmenter card's threshold, of at least ``min_artifact_um2``).
+the calcium-artifact classifier (or, without one, a vessel classifier whose card has ``artifact_output``) gives it
+a calcium-artifact probability of at least that card's ``artifact_threshold``, or when it lies within
+``artifact_near_um`` of a connected region of the segmenter's ``calcium_artifact`` map (at the segmenter card's
+threshold, of at least ``min_artifact_um2``).
 Artifact regions are those map regions plus, for each vessel flagged by the classifier and by no map region, the
 vessel's surroundings: its outline grown by ``artifact_near_um`` (where to look, not a traced artifact).
 """
@@ -186,10 +187,7 @@ def analyze_vessels(slide: Slide, tissue: TissueMask, segmenter: torch.nn.Module
     if classifier is not None:
         model, card = classifier
         everything = vessels + candidates
-        probs = classify_vessels(slide, [v.polygon for v in everything],
-                                 np.array([v.geometry.outer_diameter_um for v in everything]),
-                                 np.array([v.compartment == "fat" for v in everything]), model, card,
-                                 config.batch_size)
+        probs = _judge(slide, everything, classifier, config.batch_size)
         outputs = card.outputs
         lesioned = {}  # over every finding the classifier judges, as its training validated the listing
         for v, p in zip(everything, probs):
@@ -213,12 +211,9 @@ def analyze_vessels(slide: Slide, tissue: TissueMask, segmenter: torch.nn.Module
     _flag_artifacts(vessels, artifact_polys, slide.mpp, config.artifact_near_um)
     judge = artifact_classifier or (classifier if classifier is not None and classifier[1].artifact_output else None)
     if artifact_classifier is not None and vessels:
-        model, card = artifact_classifier
-        probs = classify_vessels(slide, [v.polygon for v in vessels],
-                                 np.array([v.geometry.outer_diameter_um for v in vessels]),
-                                 np.array([v.compartment == "fat" for v in vessels]), model, card, config.batch_size)
-        for v, p in zip(vessels, probs):
-            v.artifact_probability = float(p[card.outputs.index(ARTIFACT)])
+        column = artifact_classifier[1].outputs.index(ARTIFACT)
+        for v, p in zip(vessels, _judge(slide, vessels, artifact_classifier, config.batch_size)):
+            v.artifact_probability = float(p[column])
     if judge is not None:
         artifact_polys += flag_judged_artifacts(vessels, judge[1].artifact_threshold, maps.downsample,
                                                 config.artifact_near_um / slide.mpp)
@@ -231,6 +226,15 @@ def analyze_vessels(slide: Slide, tissue: TissueMask, segmenter: torch.nn.Module
               "classifier": "artifact classifier" if judge is artifact_classifier else "vessel classifier"}}
     return VesselAnalysis(vessels, adequacy(vessels, config.adequacy), qc, artifact_polys, list(labels),
                           time.perf_counter() - start, maps, tile_probs)
+
+
+def _judge(slide: Slide, vessels: list[VesselRecord], classifier: tuple[torch.nn.Module, ClassifierCard],
+           batch_size: int) -> np.ndarray:
+    """(N, outputs) calibrated probabilities of a vessel classifier on ``vessels``' crops, calibres and compartments."""
+    model, card = classifier
+    return classify_vessels(slide, [v.polygon for v in vessels],
+                            np.array([v.geometry.outer_diameter_um for v in vessels]),
+                            np.array([v.compartment == "fat" for v in vessels]), model, card, batch_size)
 
 
 def listed_vessels(vessels: list[VesselRecord], candidates: list[VesselRecord], vessel_threshold: float | None = None,

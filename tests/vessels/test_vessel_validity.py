@@ -177,7 +177,7 @@ def test_evaluate_reports_the_calcium_artifact_qc_against_the_drawn_artifacts(tm
     vessels it flagged, with and without one within 5 µm; a slide without the annotation file is left out."""
     from calciscope.data.synthetic import generate_slide
     from calciscope.training.sources import SlideRecord
-    from calciscope.training.train import _artifact_qc_metrics
+    from calciscope.training.train import _listed_vessel_metrics
     from calciscope.vessels.train_segmenter import read_artifact_polygons
 
     records, results = [], []
@@ -186,7 +186,7 @@ def test_evaluate_reports_the_calcium_artifact_qc_against_the_drawn_artifacts(tm
                                calcium_artifacts=1.0)
         records.append(SlideRecord(slide.slide_id, slide.slide_id, slide.path, None, None, None, slide.vessels_path))
         results.append(predictor.predict(slide.path))
-    qc = _artifact_qc_metrics(records, results)
+    qc = _listed_vessel_metrics(records, results, predictor.labels)["calcium_artifacts"]
     assert qc["drawn"] == sum(len(read_artifact_polygons(r.path.with_name(r.path.stem + ".artifacts.geojson")))
                               for r in records) >= 3
     assert 1 <= qc["found"] <= qc["drawn"] and qc["matched_vessels_with"] >= 2
@@ -194,4 +194,4 @@ def test_evaluate_reports_the_calcium_artifact_qc_against_the_drawn_artifacts(tm
     assert 1 <= qc["flagged_with"] + qc["flagged_without"] <= flags  # matched vessels only
     assert qc["flagged_with"] <= qc["matched_vessels_with"] and 0.5 <= qc["auroc"] <= 1.0
     records[0].path.with_name(records[0].path.stem + ".artifacts.geojson").unlink()
-    assert _artifact_qc_metrics(records[:1], results[:1]) is None
+    assert "calcium_artifacts" not in _listed_vessel_metrics(records[:1], results[:1], predictor.labels)
