@@ -35,6 +35,7 @@ class SlideRecord:
     labels: np.ndarray | None  # (L,) slide-level 0/1, when the manifest has the label columns
     split: str | None
     vessels: Path | None = None  # vessel outlines (GeoJSON, class "vessel"): column ``vessels`` or the sidecar
+    artifacts: Path | None = None  # artifact annotations (GeoJSON): column ``artifacts`` or the sidecar
 
 
 def read_manifest(path: str | Path, labels: Sequence[str], *, need_annotations: bool = False,
@@ -79,14 +80,24 @@ def read_manifest(path: str | Path, labels: Sequence[str], *, need_annotations: 
             if not np.isin(values, (0, 1)).all():
                 raise CalciscopeError(f"{where}: label values must be 0 or 1")
         split = (row.get("split") or "").strip() or None
-        vessels = _resolve(path.parent, row["vessels"]) if row.get("vessels") else None
-        if vessels is not None and not vessels.is_file():
-            raise CalciscopeError(f"{where}: vessel outline file {vessels} does not exist")
-        if vessels is None and slide_path.with_name(slide_path.stem + ".vessels.geojson").is_file():
-            vessels = slide_path.with_name(slide_path.stem + ".vessels.geojson")
+        vessels = _sidecar(where, path.parent, row.get("vessels"), slide_path, ".vessels.geojson", "vessel outline")
+        artifacts = _sidecar(where, path.parent, row.get("artifacts"), slide_path, ".artifacts.geojson",
+                             "artifact annotation")
         records.append(SlideRecord(slide_id, row.get("patient_id") or slide_id, slide_path, annotations, values, split,
-                                   vessels))
+                                   vessels, artifacts))
     return records
+
+
+def _sidecar(where: str, base: Path, value: str | None, slide_path: Path, suffix: str, what: str) -> Path | None:
+    """The row's file when the column names one (it must exist), else ``<slide stem><suffix>`` beside the slide
+    when that exists, else None."""
+    if value:
+        p = _resolve(base, value)
+        if not p.is_file():
+            raise CalciscopeError(f"{where}: {what} file {p} does not exist")
+        return p
+    p = slide_path.with_name(slide_path.stem + suffix)
+    return p if p.is_file() else None
 
 
 def _resolve(base: Path, value: str) -> Path:

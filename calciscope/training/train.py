@@ -434,7 +434,8 @@ def _listed_vessel_metrics(records, results, labels: list[str]) -> dict | None:
 
 def _artifact_qc_metrics(matched) -> dict | None:
     """The calcium-artifact QC of ``predict`` against the calcium_artifact regions of the slides' artifact annotations
-    (``<slide>.artifacts.geojson``, as ``calciscope synth --calcium-artifacts`` writes them): regions found (an
+    (the manifest's ``artifacts`` column or ``<slide>.artifacts.geojson``, as ``calciscope synth
+    --calcium-artifacts`` writes them): regions found (an
     artifact region of the result overlaps them), and the matched vessels flagged, with and without a drawn region
     within ARTIFACT_TOUCH_UM (training's definition), with the per-vessel AUROC of the artifact probability.
     ``matched``: (record, result, true vessels, matched (listed, true, IoU) pairs) per slide with outlines. None when
@@ -447,11 +448,10 @@ def _artifact_qc_metrics(matched) -> dict | None:
     touching, flagged, prob = [], [], []
     seen = False
     for record, result, truth, pairs in matched:
-        path = record.path.with_name(record.path.stem + ".artifacts.geojson")
-        if not path.is_file():
+        if record.artifacts is None:
             continue
         seen = True
-        regions, mpp = read_artifact_polygons(path), result.slide.mpp
+        regions, mpp = read_artifact_polygons(record.artifacts), result.slide.mpp
         drawn += len(regions)
         found += sum(any(polygon_distance(r, d) == 0 for d in result.vessels.artifact_polygons) for r in regions)
         listed = result.vessels.vessels

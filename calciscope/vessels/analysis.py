@@ -24,7 +24,7 @@ vessel's surroundings: its outline grown by ``artifact_near_um`` (where to look,
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import cv2
@@ -38,8 +38,8 @@ from calciscope.vessels.classifier import ARTIFACT, VESSEL, ClassifierCard, clas
 from calciscope.vessels.compartment import compartment_map
 from calciscope.vessels.frames import level0_to_mask_px, mask_px_to_level0
 from calciscope.vessels.head import VesselHead, vessel_features
-from calciscope.vessels.instances import InstanceConfig, fill_holes, vessel_instances_from_maps
-from calciscope.vessels.match import iou_matrix, polygon_distance
+from calciscope.vessels.instances import InstanceConfig, fill_holes, scored_vessel_instances
+from calciscope.vessels.match import polygon_distance
 from calciscope.vessels.measure import VesselGeometry, measure_vessel
 from calciscope.vessels.sampling import vessel_grid
 from calciscope.vessels.segment import SegmenterCard, VesselMaps, segment_slide
@@ -153,13 +153,11 @@ def detect_vessels(slide: Slide, tissue: TissueMask, segmenter: torch.nn.Module,
     lumen_map = maps.probability("lumen") * on_tissue
     vessel_map = maps.probability("vessel") * on_tissue
     instance = config.instance if config.instance is not None else seg_card.instance_config()
-    polygons = vessel_instances_from_maps(vessel_map, lumen_map, maps.downsample, slide.mpp, instance)
-    faint: list[np.ndarray] = []
-    if candidates_at is not None and candidates_at < instance.min_mean_probability:
-        lenient = vessel_instances_from_maps(vessel_map, lumen_map, maps.downsample, slide.mpp,
-                                             replace(instance, min_mean_probability=candidates_at))
-        iou = iou_matrix(lenient, polygons) if polygons and lenient else np.zeros((len(lenient), 1))
-        faint = [p for p, row in zip(lenient, iou) if row.max() < 0.5]
+    floor = instance.min_mean_probability if candidates_at is None else min(candidates_at,
+                                                                             instance.min_mean_probability)
+    outlines, mean = scored_vessel_instances(vessel_map, lumen_map, maps.downsample, slide.mpp, instance, floor)
+    polygons = [p for p, m in zip(outlines, mean) if m >= instance.min_mean_probability]
+    faint = [p for p, m in zip(outlines, mean) if m < instance.min_mean_probability]
     comps = compartment_map(tissue)
     records = []
     for i, poly in enumerate(polygons + faint):

@@ -66,11 +66,14 @@ def vessel_instances(prob: np.ndarray, downsample: float, mpp: float,
     return _polygons(labels, downsample, px_um2, config.min_area_um2)
 
 
-def _polygons(labels: np.ndarray, downsample: float, px_um2: float, min_area_um2: float) -> list[np.ndarray]:
+def _polygons(labels: np.ndarray, downsample: float, px_um2: float, min_area_um2: float,
+              keep: np.ndarray | None = None) -> list[np.ndarray]:
+    """Outlines of the labelled regions at least ``min_area_um2`` large (and, with ``keep``, a bool per label
+    from 1, those it marks), in label order."""
     polygons = []
     for sl, k in _objects(labels):
         crop = labels[sl] == k
-        if np.count_nonzero(crop) * px_um2 < min_area_um2:
+        if (keep is not None and not keep[k - 1]) or np.count_nonzero(crop) * px_um2 < min_area_um2:
             continue
         polygons.append(_outline(crop, downsample, (sl[1].start * downsample, sl[0].start * downsample)))
     return polygons
@@ -84,8 +87,20 @@ def vessel_instances_from_maps(vessel: np.ndarray, lumen: np.ndarray, downsample
     inside its vessel, and the lumen map fills a large vessel whose wall map left its middle open); a region
     holding two or more lumens
     (``lumen ≥ threshold`` inside it) is split between them as in :func:`label_instances`. Same order and
-    speck filter as :func:`vessel_instances`.
+    speck filter as :func:`vessel_instances`. Only instances whose mean probability reaches
+    ``config.min_mean_probability`` are kept (see :func:`scored_vessel_instances`).
     """
+    polygons, mean = scored_vessel_instances(vessel, lumen, downsample, mpp, config, config.min_mean_probability)
+    return [p for p, m in zip(polygons, mean) if m >= config.min_mean_probability]
+
+
+def scored_vessel_instances(vessel: np.ndarray, lumen: np.ndarray, downsample: float, mpp: float,
+                            config: InstanceConfig = InstanceConfig(), floor: float = 0.0
+                            ) -> tuple[list[np.ndarray], np.ndarray]:
+    """Every instance of :func:`vessel_instances_from_maps` whose mean probability (the higher of the two maps,
+    over its region) reaches ``floor``, and those means (N,). The instances do not depend on
+    ``config.min_mean_probability``: filter the means to apply it, or several values of it, without cutting the
+    maps again."""
     vessel, lumen = np.asarray(vessel, np.float32), np.asarray(lumen, np.float32)
     if vessel.shape != lumen.shape or vessel.ndim != 2 or downsample <= 0 or mpp <= 0:
         raise ValueError(f"need two H×W maps of one shape, downsample > 0 and mpp > 0; got {vessel.shape}, "
@@ -99,12 +114,15 @@ def vessel_instances_from_maps(vessel: np.ndarray, lumen: np.ndarray, downsample
     lumen_mask = close(lumen >= config.threshold, config.lumen_close_um / (mpp * downsample)).astype(bool)
     lumens = _lumens(filled & lumen_mask, config.split_min_lumen_um2 / px_um2)
     labels = _label_filled(filled, lumens, config.split_max_solidity)
-    if config.min_mean_probability > 0 and labels.max():
-        prob = np.maximum(vessel, lumen)
-        index = np.arange(1, labels.max() + 1)
-        weak = index[ndimage.mean(prob, labels, index) < config.min_mean_probability]
-        labels[np.isin(labels, weak)] = 0
-    return _polygons(labels, downsample, px_um2, config.min_area_um2)
+    index = np.arange(1, labels.max() + 1)
+    if not len(index):
+        return [], np.zeros(0)
+    means = np.asarray(ndimage.mean(np.maximum(vessel, lumen), labels, index), np.float64).reshape(-1)
+    keep = means >= floor
+    area = np.bincount(labels.ravel(), minlength=len(index) + 1)[1:] * px_um2
+    keep_and_big = keep & (area >= config.min_area_um2)
+    return (_polygons(labels, downsample, px_um2, config.min_area_um2, keep),
+            means[keep_and_big])
 
 
 def label_instances(wall: np.ndarray, min_lumen_px: float = 1.0) -> np.ndarray:

@@ -135,26 +135,19 @@ def _check(config: ClassifierTrainConfig) -> CropConfig:
 
 
 def _slides(config: ClassifierTrainConfig):
-    """Every manifest row as (key, patient, slide path, vessel outline path, slide labels or None); keys and
-    patients carry the manifest's folder name, so two manifests written by ``synth`` do not collide."""
-    import csv
-
+    """Every manifest row as (key, patient, slide path, vessel outline path, slide labels or None, artifact
+    annotation path or None); keys and patients carry the manifest's folder name, so two manifests written by
+    ``synth`` do not collide."""
     from calciscope.training.sources import read_manifest
-    from calciscope.vessels.train_segmenter import sidecar
 
     rows = []
     for manifest in config.manifests:
         tag = Path(manifest).parent.name
-        with open(manifest, newline="", encoding="utf-8") as f:
-            raw = list(csv.DictReader(f))
-        for r, row in zip(read_manifest(manifest, config.labels), raw):
+        for r in read_manifest(manifest, config.labels):
             if r.vessels is None:
                 raise CalciscopeError(f"{manifest}: no vessel outlines for {r.path.name} (a 'vessels' column or "
                                       f"{r.path.stem}.vessels.geojson beside the slide)")
-            artifacts = sidecar(r.path, row.get("artifacts"), ".artifacts.geojson", Path(manifest).parent)
-            if artifacts is not None and not artifacts.is_file():
-                raise CalciscopeError(f"{manifest}: artifact annotation file {artifacts} does not exist")
-            rows.append((f"{tag}/{r.slide_id}", f"{tag}/{r.patient_id}", r.path, r.vessels, r.labels, artifacts))
+            rows.append((f"{tag}/{r.slide_id}", f"{tag}/{r.patient_id}", r.path, r.vessels, r.labels, r.artifacts))
     return rows
 
 

@@ -30,7 +30,7 @@ from calciscope.errors import CalciscopeError
 from calciscope.training.config import from_dict, read_yaml_mapping
 from calciscope.training.engine import choose_precision, warmup_cosine
 from calciscope.vessels.frames import level0_to_mask_px
-from calciscope.vessels.instances import InstanceConfig, vessel_instances_from_maps
+from calciscope.vessels.instances import InstanceConfig, scored_vessel_instances
 from calciscope.vessels.match import match_vessels
 from calciscope.vessels.segment import (CHANNELS, SegmenterCard, VesselMaps, VesselUNet, normalise, save_segmenter,
                                         segment_slide)
@@ -302,17 +302,27 @@ def _segmented(model: VesselUNet, card: SegmenterCard, slides: list[_SlideData],
 
 def detection_metrics(segmented: list[tuple[_SlideData, VesselMaps]], instance_config: InstanceConfig) -> dict:
     """Pooled detection figures of already segmented slides (``(slide, maps)`` pairs), and per slide."""
+    return _detection_figures(_scored(segmented, instance_config, instance_config.min_mean_probability),
+                              instance_config.min_mean_probability)
+
+
+def _scored(segmented: list[tuple[_SlideData, VesselMaps]], instance_config: InstanceConfig, floor: float) -> list:
+    """(slide, instance outlines, their mean probabilities) per segmented slide, instances from ``floor`` up."""
+    return [(s, *scored_vessel_instances(maps.probability("vessel"), maps.probability("lumen"), maps.downsample,
+                                         s.slide_mpp, instance_config, floor)) for s, maps in segmented]
+
+
+def _detection_figures(scored: list, min_mean_probability: float) -> dict:
     n_det = n_true = n_pairs = 0
     errors, per_slide = [], []
-    for s, maps in segmented:
-        polys = vessel_instances_from_maps(maps.probability("vessel"), maps.probability("lumen"), maps.downsample,
-                                           s.slide_mpp, instance_config)
+    for s, outlines, means in scored:
+        polys = [p for p, m in zip(outlines, means) if m >= min_mean_probability]
         result = match_vessels(polys, [v.polygon for v in s.vessels], s.slide_mpp)
         n_det, n_true, n_pairs = n_det + result.n_detected, n_true + result.n_true, n_pairs + len(result.pairs)
         errors += result.diameter_errors
         per_slide.append({"slide_id": s.slide_id, "vessels_true": result.n_true, "vessels_detected": result.n_detected,
                           "matched": len(result.pairs)})
-    return {"slides": len(segmented), "vessels_true": n_true, "vessels_detected": n_det,
+    return {"slides": len(scored), "vessels_true": n_true, "vessels_detected": n_det,
             "recall": n_pairs / n_true if n_true else None, "precision": n_pairs / n_det if n_det else None,
             "median_diameter_error": float(np.median(errors)) if errors else None,
             "count_error": (n_det - n_true) / n_true if n_true else None, "per_slide": per_slide}
@@ -332,10 +342,9 @@ def evaluate_segmenter(segmenter: str | Path, manifest: str | Path, min_mean_pro
     segmented = _segmented(model, card, _load_slides(config, None, pixels=False), progress)
     base = card.instance_config()
     values = min_mean_probabilities or [base.min_mean_probability]
+    scored = _scored(segmented, base, min(values))  # the instances do not depend on the value: cut them once
     return {"segmenter": str(segmenter), "manifest": str(manifest),
-            "by_min_mean_probability": {
-                f"{v:g}": detection_metrics(segmented, dataclasses.replace(base, min_mean_probability=v))
-                for v in values}}
+            "by_min_mean_probability": {f"{v:g}": _detection_figures(scored, v) for v in values}}
 
 
 def train_segmenter(config: SegmenterTrainConfig, progress: Callable[[str], None] | None = None) -> Path:

@@ -84,6 +84,27 @@ def test_vessels_the_maps_are_unsure_of_are_dropped():
     assert len(vessel_instances_from_maps(vessel, lumen, DOWNSAMPLE, 0.5, InstanceConfig(min_mean_probability=0))) == 2
 
 
+def test_scored_instances_give_each_filter_value_without_cutting_the_maps_again():
+    """scored_vessel_instances returns each instance's mean probability, so the filter at any value keeps exactly
+    what vessel_instances_from_maps at that value keeps; ``floor`` drops the instances below it."""
+    from calciscope.vessels.instances import scored_vessel_instances, vessel_instances_from_maps
+
+    vessel, lumen = np.zeros((64, 64), np.float32), np.zeros((64, 64), np.float32)
+    cv2.circle(vessel, (20, 20), 7, 0.95, thickness=-1)
+    cv2.circle(vessel, (45, 45), 4, 0.35, thickness=-1)
+    vessel[45, 44:47] = 0.7
+    vessel[12, 50] = 0.9  # one confident pixel, under min_area_um2: never an instance
+    outlines, means = scored_vessel_instances(vessel, lumen, DOWNSAMPLE, 0.5)
+    assert len(outlines) == len(means) == 2 and means[0] == pytest.approx(0.95) and 0.35 < means[1] < 0.45
+    for value in (0.0, 0.4, 0.6, 0.99):
+        expected = vessel_instances_from_maps(vessel, lumen, DOWNSAMPLE, 0.5, InstanceConfig(min_mean_probability=value))
+        kept = [o for o, m in zip(outlines, means) if m >= value]
+        assert len(kept) == len(expected) and all(np.array_equal(a, b) for a, b in zip(kept, expected))
+    outlines, means = scored_vessel_instances(vessel, lumen, DOWNSAMPLE, 0.5, floor=0.5)
+    assert len(outlines) == 1 and means.tolist() == pytest.approx([0.95])
+    assert scored_vessel_instances(np.zeros((8, 8)), np.zeros((8, 8)), DOWNSAMPLE, 0.5)[0] == []
+
+
 def test_bad_maps_are_refused():
     with pytest.raises(ValueError, match="H×W map"):
         vessel_instances(np.zeros((4, 4, 3)), DOWNSAMPLE, 0.5)

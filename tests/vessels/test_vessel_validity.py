@@ -174,24 +174,42 @@ def _overlap(a: np.ndarray, b: np.ndarray, grow: float = 0.0) -> bool:
 
 def test_evaluate_reports_the_calcium_artifact_qc_against_the_drawn_artifacts(tmp_path, predictor):
     """``calciscope evaluate`` (its vessel block) counts the drawn calcium artifacts predict found and the matched
-    vessels it flagged, with and without one within 5 µm; a slide without the annotation file is left out."""
+    vessels it flagged, with and without one within 5 µm. The annotations come from the manifest's ``artifacts``
+    column or ``<slide>.artifacts.geojson`` beside the slide; a slide with neither is left out."""
+    import csv
+
     from calciscope.data.synthetic import generate_slide
-    from calciscope.training.sources import SlideRecord
+    from calciscope.errors import CalciscopeError
+    from calciscope.training.sources import read_manifest
     from calciscope.training.train import _listed_vessel_metrics
     from calciscope.vessels.train_segmenter import read_artifact_polygons
 
-    records, results = [], []
-    for seed in (8111, 8112):
-        slide = generate_slide(tmp_path, f"e{seed}", ALL, size_px=2048, seed=seed, artifacts=False,
-                               calcium_artifacts=1.0)
-        records.append(SlideRecord(slide.slide_id, slide.slide_id, slide.path, None, None, None, slide.vessels_path))
-        results.append(predictor.predict(slide.path))
+    slides = [generate_slide(tmp_path, f"e{seed}", ALL, size_px=2048, seed=seed, artifacts=False,
+                             calcium_artifacts=1.0) for seed in (8111, 8112)]
+    (tmp_path / "qc").mkdir()  # the second slide's annotations live elsewhere, named by the manifest's column
+    moved = slides[1].artifacts_path.rename(tmp_path / "qc" / "second.geojson")
+
+    def manifest(artifacts_column: str):
+        path = tmp_path / "manifest.csv"
+        with open(path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["slide_id", "path", "artifacts"])
+            w.writerow([slides[0].slide_id, slides[0].path.name, ""])
+            w.writerow([slides[1].slide_id, slides[1].path.name, artifacts_column])
+        return path
+
+    records = read_manifest(manifest("qc/second.geojson"), [])
+    assert [r.artifacts for r in records] == [slides[0].artifacts_path, moved]
+    results = [predictor.predict(r.path) for r in records]
     qc = _listed_vessel_metrics(records, results, predictor.labels)["calcium_artifacts"]
-    assert qc["drawn"] == sum(len(read_artifact_polygons(r.path.with_name(r.path.stem + ".artifacts.geojson")))
-                              for r in records) >= 3
+    assert qc["drawn"] == sum(len(read_artifact_polygons(r.artifacts)) for r in records) >= 3
     assert 1 <= qc["found"] <= qc["drawn"] and qc["matched_vessels_with"] >= 2
     flags = sum("calcium_artifact" in v.flags for res in results for v in res.vessels.vessels)
     assert 1 <= qc["flagged_with"] + qc["flagged_without"] <= flags  # matched vessels only
     assert qc["flagged_with"] <= qc["matched_vessels_with"] and 0.5 <= qc["auroc"] <= 1.0
-    records[0].path.with_name(records[0].path.stem + ".artifacts.geojson").unlink()
-    assert "calcium_artifacts" not in _listed_vessel_metrics(records[:1], results[:1], predictor.labels)
+    with pytest.raises(CalciscopeError, match=r"row 3: artifact annotation file .*missing\.geojson does not exist"):
+        read_manifest(manifest("qc/missing.geojson"), [])
+    slides[0].artifacts_path.unlink()
+    records = read_manifest(manifest(""), [])
+    assert records[0].artifacts is None and records[0].vessels == slides[0].vessels_path
+    assert "calcium_artifacts" not in _listed_vessel_metrics(records, results, predictor.labels)
