@@ -44,6 +44,10 @@ class SegmenterTrainConfig:
     """``calciscope train-vessels`` settings (YAML keys of the same names; paths relative to the YAML file)."""
 
     manifest: str = ""
+    # more slide manifests; their slide and patient ids get their folder's name in front ("more_phantoms/phantom_0001"),
+    # as sets written by ``synth`` all count from phantom_0001 (``manifest``'s ids stay as they are, so a run that
+    # continues with keep_init_validation still finds its init's validation slides)
+    extra_manifests: list[str] = field(default_factory=list)
     out: str = "runs/vessels"
     mpp: float = 1.0
     widths: list[int] = field(default_factory=lambda: [16, 32, 64, 96])
@@ -94,8 +98,8 @@ def load_config(path: str | Path) -> SegmenterTrainConfig:
     config = from_dict(SegmenterTrainConfig, read_yaml_mapping(path), str(path))
     if not config.manifest:
         raise CalciscopeError(f"{path}: 'manifest' is required")
-    if not Path(config.manifest).is_absolute():
-        config.manifest = str((path.parent / config.manifest).resolve())
+    config.manifest, *config.extra_manifests = [m if Path(m).is_absolute() else str((path.parent / m).resolve())
+                                                 for m in [config.manifest, *config.extra_manifests]]
     if config.init and not Path(config.init).is_absolute():
         config.init = str((path.parent / config.init).resolve())
     if config.crop_px % 2 ** (len(config.widths) - 1):
@@ -151,11 +155,25 @@ def set_instance_setting(segmenter: str | Path, name: str, value: float) -> Path
 
 def _load_slides(config: SegmenterTrainConfig, progress: Callable[[str], None] | None,
                  pixels: bool = True) -> list[_SlideData]:
-    """The manifest's slides with their vessel outlines; ``pixels=False`` (evaluation, which segments each slide
-    from the file) skips reading the slide whole and drawing the training targets."""
+    """The slides of ``manifest`` and ``extra_manifests`` with their vessel outlines; ``pixels=False`` (evaluation,
+    which segments each slide from the file) skips reading the slide whole and drawing the training targets."""
+    out: list[_SlideData] = []
+    for n, manifest in enumerate([config.manifest, *config.extra_manifests]):
+        prefix = f"{Path(manifest).parent.name}/" if n else ""
+        out += _load_manifest(Path(manifest), prefix, config, progress, pixels)
+    seen: set[str] = set()
+    for s in out:
+        if s.slide_id in seen:
+            raise CalciscopeError(f"slide id {s.slide_id!r} appears twice in {config.manifest}"
+                                  + "".join(f", {m}" for m in config.extra_manifests))
+        seen.add(s.slide_id)
+    return out
+
+
+def _load_manifest(manifest: Path, prefix: str, config: SegmenterTrainConfig,
+                   progress: Callable[[str], None] | None, pixels: bool) -> list[_SlideData]:
     import csv
 
-    manifest = Path(config.manifest)
     if not manifest.is_file():
         raise CalciscopeError(f"{manifest}: no such manifest")
     with open(manifest, newline="", encoding="utf-8") as f:
@@ -176,9 +194,10 @@ def _load_slides(config: SegmenterTrainConfig, progress: Callable[[str], None] |
         with open_slide(path) as slide:
             ds = config.mpp / slide.mpp
             rgb = slide.read_downsampled(ds) if pixels else np.zeros((0, 0, 3), np.uint8)
-            slide_mpp, slide_id = slide.mpp, row.get("slide_id") or slide.slide_id
+            slide_mpp, slide_id = slide.mpp, prefix + (row.get("slide_id") or slide.slide_id)
+        patient_id = prefix + row["patient_id"] if row.get("patient_id") else slide_id
         if not pixels:
-            out.append(_SlideData(slide_id, row.get("patient_id") or slide_id, path, rgb,
+            out.append(_SlideData(slide_id, patient_id, path, rgb,
                                   np.zeros((len(CHANNELS), 0, 0), np.uint8), np.zeros((0, 0), np.uint8),
                                   np.zeros(len(CHANNELS), np.float32), vessels, slide_mpp, ds, np.zeros((0, 2))))
             continue
@@ -198,11 +217,11 @@ def _load_slides(config: SegmenterTrainConfig, progress: Callable[[str], None] |
             hard_polys = read_artifact_polygons(artifacts_path, tuple(config.hard_classes))
             if hard_polys:
                 hard = np.array([level0_to_mask_px(p, ds).mean(axis=0) for p in hard_polys])
-        out.append(_SlideData(slide_id, row.get("patient_id") or slide_id, path, rgb, target,
+        out.append(_SlideData(slide_id, patient_id, path, rgb, target,
                               _small_vessel_weight(vessels, (h, w), ds, config.small_vessel_weight), weight, vessels,
                               slide_mpp, ds, hard))
         if progress is not None:
-            progress(f"read {slide_id} ({n - 1}/{len(rows)})")
+            progress(f"read {slide_id} ({n - 1}/{len(rows)} of {manifest.name})")
     return out
 
 
@@ -407,7 +426,9 @@ def train_segmenter(config: SegmenterTrainConfig, progress: Callable[[str], None
                                                    [slides[i] for i in val_ids])
     card = dataclasses.replace(card, metrics=metrics, training={
         "description": config.description, "manifest": Path(config.manifest).name,
+        "extra_manifests": [f"{Path(m).parent.name}/{Path(m).name}" for m in config.extra_manifests],
         "slides": {"train": [slides[i].slide_id for i in train_ids], "validation": [slides[i].slide_id for i in val_ids]},
-        "config": dataclasses.asdict(config) | {"manifest": Path(config.manifest).name},
+        "config": dataclasses.asdict(config) | {"manifest": Path(config.manifest).name, "extra_manifests": [
+            f"{Path(m).parent.name}/{Path(m).name}" for m in config.extra_manifests]},
         "seconds": round(time.perf_counter() - start, 1)})
     return save_segmenter(config.out, model.to(memory_format=torch.contiguous_format), card)

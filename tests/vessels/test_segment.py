@@ -99,6 +99,31 @@ def test_a_manifest_without_vessel_outlines_is_refused(tmp_path, cmu_svs):
         train_segmenter(load_config(config))
 
 
+def test_extra_manifests_add_slides_under_their_folders_name(tmp_path, vessel_phantoms):
+    """Two phantom sets both count from phantom_0001: an extra manifest's slide and patient ids get its folder's
+    name in front; the first manifest's stay as they are; one id twice is refused, naming it."""
+    from calciscope.vessels.train_segmenter import _load_slides
+
+    for folder in ("first", "second"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "manifest.csv").write_text("slide_id,patient_id,path\n" + "".join(
+            f"phantom_{n:04d},P{n},{s.path}\n" for n, s in enumerate(vessel_phantoms, start=1)))
+    config = tmp_path / "v.yaml"
+    config.write_text(yaml.safe_dump({"manifest": "first/manifest.csv", "extra_manifests": ["second/manifest.csv"]}))
+    slides = _load_slides(load_config(config), None, pixels=False)
+    assert [(s.slide_id, s.patient_id) for s in slides] == [
+        ("phantom_0001", "P1"), ("phantom_0002", "P2"), ("second/phantom_0001", "second/P1"),
+        ("second/phantom_0002", "second/P2")]
+    assert len(slides[2].vessels) == len(slides[0].vessels) > 0
+    config.write_text(yaml.safe_dump({"manifest": "first/manifest.csv",
+                                      "extra_manifests": ["second/manifest.csv", "second/manifest.csv"]}))
+    with pytest.raises(CalciscopeError, match="slide id 'second/phantom_0001' appears twice"):
+        _load_slides(load_config(config), None, pixels=False)
+    config.write_text(yaml.safe_dump({"manifest": "first/manifest.csv", "extra_manifests": ["none/manifest.csv"]}))
+    with pytest.raises(CalciscopeError, match=r"none[/\\]manifest.csv: no such manifest"):
+        _load_slides(load_config(config), None, pixels=False)
+
+
 def _slide_data(slide_id, patient_id, hard_centres=np.zeros((0, 2))):
     from calciscope.vessels.train_segmenter import _SlideData
 
