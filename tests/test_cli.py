@@ -165,8 +165,13 @@ def test_predict_flags_calcium_artifacts_with_the_demo_artifact_classifier_unles
                                   "--top-k", "0", "--artifact-classifier", choice)
         assert code == 0, stderr
         docs[choice] = json.loads((out / "arts" / "result.json").read_text())["vessels"]
+    from calciscope.model.demo import demo_model_dir
+    from calciscope.vessels.classifier import load_classifier
+
+    shipped = load_classifier(demo_model_dir() / "vessels" / "artifact_classifier")[1]
     judge = docs["auto"]["qc"]["calcium_artifact_judge"]
-    assert judge["classifier"] == "artifact classifier" and judge["threshold"] == 0.88
+    assert judge["classifier"] == "artifact classifier" and judge["threshold"] == shipped.artifact_threshold
+    assert judge["weights_sha256"] == shipped.weights_sha256
     assert docs["auto"]["vessels"] and all("calcium_artifact_probability" in v for v in docs["auto"]["vessels"])
     assert docs["none"]["qc"]["calcium_artifact_judge"] is None
     assert not any("calcium_artifact_probability" in v for v in docs["none"]["vessels"])
