@@ -22,17 +22,6 @@ def cmu_svs() -> Path:
     return FIXTURES / "CMU-1-Small-Region.svs"
 
 
-def read_rgb(path: Path, level0_xy: tuple[int, int], size_px: tuple[int, int]) -> np.ndarray:
-    """An RGB region read with OpenSlide directly (independent of calciscope's reader)."""
-    import openslide
-
-    slide = openslide.OpenSlide(str(path))
-    try:
-        return np.asarray(slide.read_region(level0_xy, 0, size_px).convert("RGB"))
-    finally:
-        slide.close()
-
-
 @pytest.fixture(scope="session")
 def phantom_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("phantoms")
@@ -52,11 +41,6 @@ def clean_phantom(phantom_dir):
     from calciscope.data.synthetic import generate_slide
 
     return generate_slide(phantom_dir, "neg", NO_FINDINGS, size_px=2048, seed=12, artifacts=False)
-
-
-def true_tissue(phantom) -> np.ndarray:
-    """The phantom's ground-truth tissue mask (bool, downsample 16 of level 0)."""
-    return np.asarray(Image.open(phantom.tissue_mask_path)) > 0
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import read_rgb
+from helpers import read_rgb
 
 from calciscope.data.stain import (
     REFERENCE_MAX_CONCENTRATIONS, REFERENCE_STAIN, MacenkoNormalizer, hed_jitter, hed_scale_shift, macenko_stains,

@@ -5,7 +5,7 @@ import numpy as np
 import openslide
 import pytest
 import torch
-from conftest import true_tissue
+from helpers import true_tissue
 from torch.utils.data import DataLoader
 
 from calciscope.data.datasets import MultiSlideTileDataset, SlideTileDataset

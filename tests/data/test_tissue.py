@@ -5,7 +5,7 @@ import json
 import cv2
 import numpy as np
 import pytest
-from conftest import true_tissue
+from helpers import true_tissue
 
 from calciscope.data.slides import open_slide
 from calciscope.data.tissue import QCConfig, TissueConfig, detect_tissue, slide_qc, tile_qc

@@ -6,7 +6,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from conftest import read_rgb
+from helpers import read_rgb
 from torch.utils.data import DataLoader, Dataset
 
 from calciscope.data.stain import MacenkoNormalizer, rgb_to_hed
