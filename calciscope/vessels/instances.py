@@ -63,20 +63,21 @@ def vessel_instances(prob: np.ndarray, downsample: float, mpp: float,
     px_um2 = (mpp * downsample) ** 2
     wall = close(prob >= config.threshold, config.close_um / (mpp * downsample))
     labels = label_instances(wall, min_lumen_px=config.min_lumen_um2 / px_um2)
-    return _polygons(labels, downsample, px_um2, config.min_area_um2)
+    return _polygons(labels, downsample, px_um2, config.min_area_um2)[0]
 
 
 def _polygons(labels: np.ndarray, downsample: float, px_um2: float, min_area_um2: float,
-              keep: np.ndarray | None = None) -> list[np.ndarray]:
+              keep: np.ndarray | None = None) -> tuple[list[np.ndarray], list[int]]:
     """Outlines of the labelled regions at least ``min_area_um2`` large (and, with ``keep``, a bool per label
-    from 1, those it marks), in label order."""
-    polygons = []
+    from 1, those it marks), in label order, and their labels."""
+    polygons, kept = [], []
     for sl, k in _objects(labels):
         crop = labels[sl] == k
         if (keep is not None and not keep[k - 1]) or np.count_nonzero(crop) * px_um2 < min_area_um2:
             continue
         polygons.append(_outline(crop, downsample, (sl[1].start * downsample, sl[0].start * downsample)))
-    return polygons
+        kept.append(k)
+    return polygons, kept
 
 
 def vessel_instances_from_maps(vessel: np.ndarray, lumen: np.ndarray, downsample: float, mpp: float,
@@ -118,11 +119,8 @@ def scored_vessel_instances(vessel: np.ndarray, lumen: np.ndarray, downsample: f
     if not len(index):
         return [], np.zeros(0)
     means = np.asarray(ndimage.mean(np.maximum(vessel, lumen), labels, index), np.float64).reshape(-1)
-    keep = means >= floor
-    area = np.bincount(labels.ravel(), minlength=len(index) + 1)[1:] * px_um2
-    keep_and_big = keep & (area >= config.min_area_um2)
-    return (_polygons(labels, downsample, px_um2, config.min_area_um2, keep),
-            means[keep_and_big])
+    polygons, kept = _polygons(labels, downsample, px_um2, config.min_area_um2, keep=means >= floor)
+    return polygons, means[np.asarray(kept, int) - 1]
 
 
 def label_instances(wall: np.ndarray, min_lumen_px: float = 1.0) -> np.ndarray:

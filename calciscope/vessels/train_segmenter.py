@@ -107,15 +107,6 @@ def load_config(path: str | Path) -> SegmenterTrainConfig:
     return config
 
 
-def sidecar(slide_path: Path, row_value: str | None, suffix: str, manifest_dir: Path) -> Path | None:
-    """The row's file when given, else ``<slide stem><suffix>`` beside the slide when it exists."""
-    if row_value:
-        p = Path(row_value)
-        return p if p.is_absolute() else manifest_dir / p
-    p = slide_path.with_name(slide_path.stem + suffix)
-    return p if p.is_file() else None
-
-
 def read_artifact_polygons(path: Path, class_names: tuple[str, ...] = (ARTIFACT_CLASS,)) -> list[np.ndarray]:
     """Outer rings (level-0 px) of every feature of the given classes in a GeoJSON file."""
     wanted = {norm_name(c) for c in class_names}
@@ -172,30 +163,21 @@ def _load_slides(config: SegmenterTrainConfig, progress: Callable[[str], None] |
 
 def _load_manifest(manifest: Path, prefix: str, config: SegmenterTrainConfig,
                    progress: Callable[[str], None] | None, pixels: bool) -> list[_SlideData]:
-    import csv
+    from calciscope.training.sources import read_manifest
 
-    if not manifest.is_file():
-        raise CalciscopeError(f"{manifest}: no such manifest")
-    with open(manifest, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    if not rows:
-        raise CalciscopeError(f"{manifest}: the manifest lists no slides")
+    records = read_manifest(manifest, [])
     out = []
-    for n, row in enumerate(rows, start=2):
-        path = Path(row["path"]) if Path(row["path"]).is_absolute() else manifest.parent / row["path"]
-        if not path.is_file():
-            raise CalciscopeError(f"{manifest} row {n}: slide file {path} does not exist")
-        vessels_path = sidecar(path, row.get("vessels"), ".vessels.geojson", manifest.parent)
-        if vessels_path is None or not vessels_path.is_file():
-            raise CalciscopeError(f"{manifest} row {n}: no vessel outlines for {path.name} (a 'vessels' column or "
-                                  f"{path.stem}.vessels.geojson beside the slide)")
-        artifacts_path = sidecar(path, row.get("artifacts"), ".artifacts.geojson", manifest.parent)
+    for n, record in enumerate(records, start=1):
+        path, vessels_path, artifacts_path = record.path, record.vessels, record.artifacts
+        if vessels_path is None:
+            raise CalciscopeError(f"{manifest} row {n + 1}: no vessel outlines for {path.name} (a 'vessels' column "
+                                  f"or {path.stem}.vessels.geojson beside the slide)")
         vessels = read_vessels(vessels_path)
         with open_slide(path) as slide:
             ds = config.mpp / slide.mpp
             rgb = slide.read_downsampled(ds) if pixels else np.zeros((0, 0, 3), np.uint8)
-            slide_mpp, slide_id = slide.mpp, prefix + (row.get("slide_id") or slide.slide_id)
-        patient_id = prefix + row["patient_id"] if row.get("patient_id") else slide_id
+            slide_mpp = slide.mpp
+        slide_id, patient_id = prefix + record.slide_id, prefix + record.patient_id
         if not pixels:
             out.append(_SlideData(slide_id, patient_id, path, rgb,
                                   np.zeros((len(CHANNELS), 0, 0), np.uint8), np.zeros((0, 0), np.uint8),
@@ -210,7 +192,7 @@ def _load_manifest(manifest: Path, prefix: str, config: SegmenterTrainConfig,
                 cv2.fillPoly(target[1], [_fixed(lumen, ds)], 1, shift=4)
         weight = np.array([1.0, 1.0, 0.0], np.float32)
         hard = np.zeros((0, 2))
-        if artifacts_path is not None and artifacts_path.is_file():
+        if artifacts_path is not None:
             for poly in read_artifact_polygons(artifacts_path):
                 cv2.fillPoly(target[2], [_fixed(poly, ds)], 1, shift=4)
             weight[2] = 1.0
@@ -221,7 +203,7 @@ def _load_manifest(manifest: Path, prefix: str, config: SegmenterTrainConfig,
                               _small_vessel_weight(vessels, (h, w), ds, config.small_vessel_weight), weight, vessels,
                               slide_mpp, ds, hard))
         if progress is not None:
-            progress(f"read {slide_id} ({n - 1}/{len(rows)} of {manifest.name})")
+            progress(f"read {slide_id} ({n}/{len(records)} of {manifest.name})")
     return out
 
 
