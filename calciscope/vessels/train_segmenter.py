@@ -58,6 +58,10 @@ class SegmenterTrainConfig:
     weight_decay: float = 0.0001
     pos_weight: list[float] = field(default_factory=lambda: [3.0, 3.0, 2.0])  # per channel
     vessel_crop_fraction: float = 0.5
+    # which vessels vessel-centred crops favour: a vessel's draw weight is the largest weight among its kind and
+    # findings (GeoJSON ``kind`` / ``findings``, case-insensitive; 1 when none is named), e.g. {capillary: 3,
+    # vasculitis: 4} for the 4-6 µm capillaries and inflamed venules a uniform draw leaves rare; {} = uniform
+    vessel_sampling: dict[str, float] = field(default_factory=dict)
     # hard crops: centred on annotated look-alikes and artifacts (artifacts.geojson classes below), where a
     # segmenter trained on vessel-centred and random crops calls lymphocytic cuffs, debris and folds vessels, and
     # where the calcium_artifact channel has its only positives
@@ -91,6 +95,7 @@ class _SlideData:
     slide_mpp: float
     downsample: float
     hard_centres: np.ndarray  # (K, 2) x, y map px of the hard-crop look-alikes and artifacts
+    vessel_p: np.ndarray | None = None  # draw probability per vessel (config.vessel_sampling); None = uniform
 
 
 def load_config(path: str | Path) -> SegmenterTrainConfig:
@@ -102,6 +107,9 @@ def load_config(path: str | Path) -> SegmenterTrainConfig:
                                                  for m in [config.manifest, *config.extra_manifests]]
     if config.init and not Path(config.init).is_absolute():
         config.init = str((path.parent / config.init).resolve())
+    bad = {k: w for k, w in config.vessel_sampling.items() if not (isinstance(w, (int, float)) and w > 0)}
+    if bad:
+        raise CalciscopeError(f"{path}: vessel_sampling weights must be positive numbers; got {bad}")
     if config.crop_px % 2 ** (len(config.widths) - 1):
         raise CalciscopeError(f"{path}: crop_px must be a multiple of {2 ** (len(config.widths) - 1)}")
     return config
@@ -201,10 +209,21 @@ def _load_manifest(manifest: Path, prefix: str, config: SegmenterTrainConfig,
                 hard = np.array([level0_to_mask_px(p, ds).mean(axis=0) for p in hard_polys])
         out.append(_SlideData(slide_id, patient_id, path, rgb, target,
                               _small_vessel_weight(vessels, (h, w), ds, config.small_vessel_weight), weight, vessels,
-                              slide_mpp, ds, hard))
+                              slide_mpp, ds, hard, vessel_draw_p(vessels, config.vessel_sampling)))
         if progress is not None:
             progress(f"read {slide_id} ({n}/{len(records)} of {manifest.name})")
     return out
+
+
+def vessel_draw_p(vessels: list[Vessel], weights: dict[str, float]) -> np.ndarray | None:
+    """Probability of each vessel being a vessel-centred crop's centre: the largest of ``weights`` over its kind
+    and findings (1 when none is named), normalised; None (a uniform draw) when ``weights`` is empty."""
+    if not weights or not vessels:
+        return None
+    w = {norm_name(k): float(v) for k, v in weights.items()}
+    each = np.array([max([w[n] for n in map(norm_name, (v.kind or "", *v.findings)) if n in w], default=1.0)
+                     for v in vessels])
+    return each / each.sum()
 
 
 def _small_vessel_weight(vessels: list[Vessel], shape: tuple[int, int], downsample: float, top: float) -> np.ndarray:
@@ -261,7 +280,8 @@ def _crop(s: _SlideData, rng: np.random.Generator, size: int, vessel_fraction: f
     if len(s.hard_centres) and u < hard_fraction:
         cx, cy = s.hard_centres[int(rng.integers(len(s.hard_centres)))] + rng.normal(0, size / 6, 2)
     elif s.vessels and u < hard_fraction + vessel_fraction:
-        v = s.vessels[int(rng.integers(len(s.vessels)))]
+        v = s.vessels[int(rng.integers(len(s.vessels))) if s.vessel_p is None else int(rng.choice(len(s.vessels),
+                                                                                                 p=s.vessel_p))]
         cx, cy = v.polygon.mean(axis=0) / s.downsample + rng.normal(0, size / 4, 2)
     else:
         cx, cy = rng.uniform(0, w), rng.uniform(0, h)
