@@ -464,6 +464,33 @@ def train_vessel_classifier(
     out.print(str(folder), highlight=False, soft_wrap=True)
 
 
+@app.command("calibrate-slides")
+def calibrate_slides(
+    classifier: Path = typer.Option(..., "--classifier", help="A 'train-vessel-classifier' folder; its card is rewritten."),
+    data: list[Path] = typer.Option(..., "--data", help="Manifest of labelled slides the classifier never saw "
+                                    "(repeat for several)."),
+    model: str = typer.Option("demo", "--model", help="The model (tile model and segmenter) predict runs with."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
+):
+    """Refit a vessel classifier's slide map (highest vessel probability → slide probability) on labelled slides:
+    predict scores each slide with this classifier, and a Platt map per finding is fit to the slide labels and written
+    into the classifier's card. Slide AUROC per finding is unchanged; probabilities and the CUA-pattern score move."""
+    from calciscope.vessels.slide_calibration import calibrate_slides as refit
+
+    record = refit(model, classifier, data, None if quiet else (lambda line: console.print(line, highlight=False)))
+    table = Table(title=f"slide map of {classifier.name}, fit on {record['n_slides']} slides of "
+                        f"{', '.join(record['data'])}")
+    for column in ("finding", "positives", "a", "b", "ECE before", "ECE after", "Brier before", "Brier after"):
+        table.add_column(column, justify="right" if column != "finding" else "left")
+    for k, m in record["per_label"].items():
+        table.add_row(k, str(m["positives"]), f"{m['a']:.3f}", f"{m['b']:.3f}",
+                      *(f"{m[f]:.3f}" for f in ("ece_before", "ece_after", "brier_before", "brier_after")))
+    out.print(table)
+    console.print("(ECE and Brier on the slides the map was fit on; judge it on others with 'calciscope evaluate')",
+                  highlight=False)
+    out.print(str(classifier / "classifier.json"), highlight=False, soft_wrap=True)
+
+
 @app.command("evaluate-vessels")
 def evaluate_vessels(
     segmenter: str = typer.Option("demo", "--segmenter", help="A train-vessels folder, or 'demo' for the shipped one."),

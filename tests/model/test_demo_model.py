@@ -1,5 +1,6 @@
 """The shipped demo model: loads offline, says it is a synthetic demo, and is measured on unseen phantoms."""
 
+import numpy as np
 import pytest
 
 from calciscope.data.synthetic import generate_dataset
@@ -97,3 +98,53 @@ def test_demo_model_reaches_the_slide_level_bar_for_each_finding_on_unseen_phant
                    "venule is not outlined. On 96 fresh tuning phantoms (seeds 706, 707) it scores 0.978 and 0.993")
 def test_demo_model_reaches_the_cua_pattern_bar_on_unseen_phantoms(held_out_report):
     assert held_out_report["slides"]["cua_pattern"]["auroc"] >= 0.95
+
+
+def test_calibrate_slides_refits_the_slide_map_predict_then_uses(tmp_path, held_out_manifest):
+    """A copy of the demo classifier given a slide map that squeezes every slide to 0.05-0.25 (a = 0.2, b = -3) is
+    refit on six labelled phantoms: the map written into its card is the Platt fit the record reports, the Brier
+    score on those slides falls for every finding, and predict's slide probabilities follow the new map. The shipped classifier
+    and a manifest without labels are refused, each naming what is wrong."""
+    import csv
+    import json
+    import shutil
+
+    from calciscope.errors import CalciscopeError
+    from calciscope.inference.aggregate import apply_slide_calibration
+    from calciscope.inference.predict import PredictConfig, Predictor
+    from calciscope.vessels.classifier import load_classifier
+    from calciscope.vessels.slide_calibration import calibrate_slides
+
+    shipped = demo_model_dir() / "vessels" / "classifier"
+    folder = shutil.copytree(shipped, tmp_path / "classifier")
+    doc = json.loads((folder / "classifier.json").read_text())
+    doc["slide_calibration"] = {k: {"a": 0.2, "b": -3.0} for k in doc["labels"]}
+    (folder / "classifier.json").write_text(json.dumps(doc))
+    rows = list(csv.DictReader(open(held_out_manifest)))[:6]
+    six = held_out_manifest.parent / "six.csv"
+    with open(six, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    record = calibrate_slides("demo", folder, [six])
+    assert record["n_slides"] == 6 and record["data"] == [f"{six.parent.name}/six.csv"]
+    _, card = load_classifier(folder)
+    for k, m in record["per_label"].items():  # measured: Brier 0.74 -> 0.00, 0.56 -> 0.06, 0.25 -> 0.02, 0.26 -> 0.12
+        assert card.slide_calibration[k] == {"a": m["a"], "b": m["b"]}
+        assert record["previous_map"][k] == {"a": 0.2, "b": -3.0}
+        assert m["brier_after"] < m["brier_before"] - 0.1, (k, m)
+    assert card.metrics["slide_calibration"]["n_slides"] == 6
+
+    predictor = Predictor("demo", PredictConfig(workers=0, saliency="none", top_k=0, vessel_classifier=str(folder)))
+    result = predictor.predict(held_out_manifest.parent / rows[0]["path"])
+    labels = predictor.labels
+    top = np.array([[v.probabilities[k] for k in labels] for v in result.vessels.vessels]).max(axis=0)
+    expected = apply_slide_calibration(top, card.slide_calibration, labels)
+    assert [result.probabilities[k] for k in labels] == pytest.approx(expected.tolist(), abs=1e-6)
+
+    with pytest.raises(CalciscopeError, match="copy the shipped one"):
+        calibrate_slides("demo", shipped, [six])
+    unlabelled = tmp_path / "unlabelled.csv"
+    unlabelled.write_text(f"slide_id,path\nx,{held_out_manifest.parent / rows[0]['path']}\n")
+    with pytest.raises(CalciscopeError, match="unlabelled.csv"):
+        calibrate_slides("demo", folder, [unlabelled])
