@@ -12,8 +12,11 @@ Stage 2 (``configs/demo_vessels.yaml``) fine-tunes that model on grid plus vesse
     python -m calciscope.model.demo install runs/demo_vessels/model runs/demo_vessels/held_out/metrics.json \
         --segmenter runs/vessels
 
-``configs/vessel_classifier.yaml`` trains the per-vessel classifier that ships in ``demo/vessels/classifier/``:
+``configs/vessel_classifier.yaml`` trains the per-vessel classifier that ships in ``demo/vessels/classifier/``,
+whose slide map is then refit on 96 tuning phantoms (seeds 706 and 707; the config lists the whole recipe):
 
+    calciscope calibrate-slides --classifier runs/vessel_classifier --data data/cua_tune/manifest.csv \
+        --data data/cua_tune2/manifest.csv
     python -m calciscope.model.demo install-classifier runs/vessel_classifier
     calciscope evaluate --model demo --data data/held_out/manifest.csv --out runs/vessel_classifier/held_out
     python -m calciscope.model.demo install-classifier runs/vessel_classifier runs/vessel_classifier/held_out/metrics.json
