@@ -483,9 +483,13 @@ def calibrate_slides(
     for column in ("finding", "positives", "a", "b", "ECE before", "ECE after", "Brier before", "Brier after"):
         table.add_column(column, justify="right" if column != "finding" else "left")
     for k, m in record["per_label"].items():
-        table.add_row(k, str(m["positives"]), f"{m['a']:.3f}", f"{m['b']:.3f}",
+        table.add_row(k, str(m["positives"]), *(f"{m[c]:.3f}" if c in m else "-" for c in "ab"),
                       *(f"{m[f]:.3f}" for f in ("ece_before", "ece_after", "brier_before", "brier_after")))
     out.print(table)
+    kept = [k for k, m in record["per_label"].items() if m["kept_previous_map"]]
+    if kept:
+        console.print(f"kept the previous map for {', '.join(kept)}: these slides are all positive or all negative",
+                      highlight=False)
     console.print("(ECE and Brier on the slides the map was fit on; judge it on others with 'calciscope evaluate')",
                   highlight=False)
     out.print(str(classifier / "classifier.json"), highlight=False, soft_wrap=True)

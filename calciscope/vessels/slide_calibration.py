@@ -50,7 +50,8 @@ def calibrate_slides(model: str | Path, classifier: str | Path, manifests: Seque
     """Refit ``classifier``'s slide map on the slides of ``manifests`` (see the module docstring) and write it into
     the classifier's card, with what it was fit on under ``metrics["slide_calibration"]``; returns that record. Per
     finding it holds the map and the expected calibration error and Brier score of the slide probabilities on these
-    slides under the old map and the new one (fit on them: an in-sample figure; judge the map on other slides)."""
+    slides under the old map and the new one (fit on them: an in-sample figure; judge the map on other slides). A
+    finding whose slides are all positive or all negative has nothing to fit and keeps its map (``kept_previous_map``)."""
     from calciscope.inference.aggregate import apply_slide_calibration
     from calciscope.model.demo import demo_model_dir
     from calciscope.training.calibration import fit_platt
@@ -67,14 +68,18 @@ def calibrate_slides(model: str | Path, classifier: str | Path, manifests: Seque
         raise CalciscopeError(f"{', '.join(map(str, manifests))}: {len(slide_ids)} slide(s); a slide map needs "
                               f"labelled slides of both kinds")
     old = apply_slide_calibration(top, card.slide_calibration, labels)
-    new_map = {}
+    new_map, kept = {}, []
     for j, k in enumerate(labels):
-        a, b = fit_platt(top[:, j], y[:, j], prior_sd=prior_sd)
-        new_map[k] = {"a": a, "b": b}
+        if 0 < y[:, j].sum() < len(y):
+            a, b = fit_platt(top[:, j], y[:, j], prior_sd=prior_sd)
+            new_map[k] = {"a": a, "b": b}
+        elif card.slide_calibration.get(k):  # one kind of slide only: nothing to fit, the old map stays
+            new_map[k] = dict(card.slide_calibration[k])
+            kept.append(k)
     new = apply_slide_calibration(top, new_map, labels)
     per_label = {}
     for j, k in enumerate(labels):
-        per_label[k] = {"positives": int(y[:, j].sum()), **new_map[k],
+        per_label[k] = {"positives": int(y[:, j].sum()), "kept_previous_map": k in kept, **new_map.get(k, {}),
                         "ece_before": expected_calibration_error(y[:, j], old[:, j]),
                         "ece_after": expected_calibration_error(y[:, j], new[:, j]),
                         "brier_before": float(np.mean((old[:, j] - y[:, j]) ** 2)),
