@@ -23,3 +23,16 @@ def read_rgb(path: Path, level0_xy: tuple[int, int], size_px: tuple[int, int]) -
 def true_tissue(phantom) -> np.ndarray:
     """The phantom's ground-truth tissue mask (bool, downsample 16 of level 0)."""
     return np.asarray(Image.open(phantom.tissue_mask_path)) > 0
+
+
+def run_cli(capsys, *args):
+    """Run the console entry point in-process; return (exit code, stdout, stderr)."""
+    from calciscope.cli import main
+
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

@@ -8,18 +8,7 @@ import sys
 import pytest
 from PIL import Image
 
-from calciscope.cli import main
-
-
-def run_cli(capsys, *args):
-    """Run the console entry point in-process; return (exit code, stdout, stderr)."""
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+from helpers import run_cli
 
 
 def test_tile_writes_table_qc_thumbnail_and_tiles(capsys, tmp_path, cmu_svs):

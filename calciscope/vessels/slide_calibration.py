@@ -55,7 +55,7 @@ def calibrate_slides(model: str | Path, classifier: str | Path, manifests: Seque
     from calciscope.inference.aggregate import apply_slide_calibration
     from calciscope.model.demo import demo_model_dir
     from calciscope.training.calibration import fit_platt
-    from calciscope.training.metrics import expected_calibration_error
+    from calciscope.training.metrics import binary_metrics
     from calciscope.vessels.classifier import CARD_FILE, load_classifier
 
     folder = Path(classifier)
@@ -79,11 +79,10 @@ def calibrate_slides(model: str | Path, classifier: str | Path, manifests: Seque
     new = apply_slide_calibration(top, new_map, labels)
     per_label = {}
     for j, k in enumerate(labels):
+        before, after = binary_metrics(y[:, j], old[:, j]), binary_metrics(y[:, j], new[:, j])
         per_label[k] = {"positives": int(y[:, j].sum()), "kept_previous_map": k in kept, **new_map.get(k, {}),
-                        "ece_before": expected_calibration_error(y[:, j], old[:, j]),
-                        "ece_after": expected_calibration_error(y[:, j], new[:, j]),
-                        "brier_before": float(np.mean((old[:, j] - y[:, j]) ** 2)),
-                        "brier_after": float(np.mean((new[:, j] - y[:, j]) ** 2))}
+                        "ece_before": before["ece"], "ece_after": after["ece"],
+                        "brier_before": before["brier"], "brier_after": after["brier"]}
     record = {"data": [f"{Path(m).parent.name}/{Path(m).name}" for m in manifests], "n_slides": len(slide_ids),
               "model": str(model), "prior_sd": prior_sd,
               "previous_map": {k: card.slide_calibration.get(k) for k in labels}, "per_label": per_label}

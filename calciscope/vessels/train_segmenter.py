@@ -166,6 +166,11 @@ def _load_slides(config: SegmenterTrainConfig, progress: Callable[[str], None] |
             raise CalciscopeError(f"slide id {s.slide_id!r} appears twice in {config.manifest}"
                                   + "".join(f", {m}" for m in config.extra_manifests))
         seen.add(s.slide_id)
+    named = {norm_name(n) for s in out for v in s.vessels for n in (v.kind or "", *v.findings)}
+    unknown = sorted(k for k in config.vessel_sampling if norm_name(k) not in named)
+    if unknown:
+        raise CalciscopeError(f"vessel_sampling names {unknown}, which no vessel of {config.manifest}"
+                              + "".join(f", {m}" for m in config.extra_manifests) + " has as its kind or a finding")
     return out
 
 
@@ -280,8 +285,8 @@ def _crop(s: _SlideData, rng: np.random.Generator, size: int, vessel_fraction: f
     if len(s.hard_centres) and u < hard_fraction:
         cx, cy = s.hard_centres[int(rng.integers(len(s.hard_centres)))] + rng.normal(0, size / 6, 2)
     elif s.vessels and u < hard_fraction + vessel_fraction:
-        v = s.vessels[int(rng.integers(len(s.vessels))) if s.vessel_p is None else int(rng.choice(len(s.vessels),
-                                                                                                 p=s.vessel_p))]
+        n = len(s.vessels)
+        v = s.vessels[int(rng.integers(n)) if s.vessel_p is None else int(rng.choice(n, p=s.vessel_p))]
         cx, cy = v.polygon.mean(axis=0) / s.downsample + rng.normal(0, size / 4, 2)
     else:
         cx, cy = rng.uniform(0, w), rng.uniform(0, h)

@@ -7,6 +7,7 @@ from calciscope.data.synthetic import generate_dataset
 from calciscope.model import load_checkpoint
 from calciscope.model.demo import MAX_BYTES, demo_model_dir, resolve_model
 from calciscope.training.train import evaluate_model
+from helpers import run_cli
 
 HELD_OUT_SEED = 90_210  # never used by configs/demo.yaml (which trains on seed 100)
 
@@ -101,12 +102,12 @@ def test_demo_model_reaches_the_cua_pattern_bar_on_unseen_phantoms(held_out_repo
     assert held_out_report["slides"]["cua_pattern"]["auroc"] >= 0.95
 
 
-def test_calibrate_slides_refits_the_slide_map_predict_then_uses(tmp_path, held_out_manifest):
+def test_calibrate_slides_refits_the_slide_map_predict_then_uses(capsys, tmp_path, held_out_manifest):
     """A copy of the demo classifier given a slide map that squeezes every slide to 0.05-0.25 (a = 0.2, b = -3) is
     refit on six labelled phantoms: the map written into its card is the Platt fit the record reports, the Brier
     score on those slides falls for every finding with both kinds of slide (the one all six have keeps its map), and
-    predict's slide probabilities follow the new map. The shipped classifier
-    and a manifest without labels are refused, each naming what is wrong."""
+    predict's slide probabilities follow the new map. The shipped classifier and a manifest without labels are
+    refused, each naming what is wrong."""
     import csv
     import json
     import shutil
@@ -128,16 +129,17 @@ def test_calibrate_slides_refits_the_slide_map_predict_then_uses(tmp_path, held_
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    record = calibrate_slides("demo", folder, [six])
-    assert record["n_slides"] == 6 and record["data"] == [f"{six.parent.name}/six.csv"]
+    code, stdout, _ = run_cli(capsys, "calibrate-slides", "--classifier", folder, "--data", six, "--quiet")
+    assert code == 0 and stdout.strip().endswith("classifier.json") and "small_vessel_calcification" in stdout
     _, card = load_classifier(folder)
+    record = card.metrics["slide_calibration"]
+    assert record["n_slides"] == 6 and record["data"] == [f"{six.parent.name}/six.csv"]
     kept = [k for k, m in record["per_label"].items() if m["kept_previous_map"]]
     assert kept == ["medial_calcification"]  # all six slides have it: nothing to fit, its map stays
     for k, m in record["per_label"].items():  # measured: Brier 0.56 -> 0.06, 0.25 -> 0.02, 0.26 -> 0.12
         assert card.slide_calibration[k] == {"a": m["a"], "b": m["b"]}
         assert record["previous_map"][k] == {"a": 0.2, "b": -3.0}
         assert (m["brier_after"] == m["brier_before"]) if k in kept else (m["brier_after"] < m["brier_before"] - 0.1)
-    assert card.metrics["slide_calibration"]["n_slides"] == 6
 
     predictor = Predictor("demo", PredictConfig(workers=0, saliency="none", top_k=0, vessel_classifier=str(folder)))
     result = predictor.predict(held_out_manifest.parent / rows[0]["path"])
@@ -146,8 +148,8 @@ def test_calibrate_slides_refits_the_slide_map_predict_then_uses(tmp_path, held_
     expected = apply_slide_calibration(top, card.slide_calibration, labels)
     assert [result.probabilities[k] for k in labels] == pytest.approx(expected.tolist(), abs=1e-6)
 
-    with pytest.raises(CalciscopeError, match="copy the shipped one"):
-        calibrate_slides("demo", shipped, [six])
+    code, _, stderr = run_cli(capsys, "calibrate-slides", "--classifier", shipped, "--data", six)
+    assert code == 1 and "copy the shipped one" in stderr
     unlabelled = tmp_path / "unlabelled.csv"
     unlabelled.write_text(f"slide_id,path\nx,{held_out_manifest.parent / rows[0]['path']}\n")
     with pytest.raises(CalciscopeError, match="unlabelled.csv"):

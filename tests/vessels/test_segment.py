@@ -101,7 +101,8 @@ def test_a_manifest_without_vessel_outlines_is_refused(tmp_path, cmu_svs):
 
 def test_extra_manifests_add_slides_under_their_folders_name(tmp_path, vessel_phantoms):
     """Two phantom sets both count from phantom_0001: an extra manifest's slide and patient ids get its folder's
-    name in front; the first manifest's stay as they are; one id twice is refused, naming it."""
+    name in front; the first manifest's stay as they are; one id twice is refused, naming it, and so is a
+    vessel_sampling name no vessel has."""
     from calciscope.vessels.train_segmenter import _load_slides
 
     for folder in ("first", "second"):
@@ -119,6 +120,9 @@ def test_extra_manifests_add_slides_under_their_folders_name(tmp_path, vessel_ph
                                       "extra_manifests": ["second/manifest.csv", "second/manifest.csv"]}))
     with pytest.raises(CalciscopeError, match="slide id 'second/phantom_0001' appears twice"):
         _load_slides(load_config(config), None, pixels=False)
+    config.write_text(yaml.safe_dump({"manifest": "first/manifest.csv", "vessel_sampling": {"capilary": 3}}))
+    with pytest.raises(CalciscopeError, match=r"vessel_sampling names \['capilary'\].*first[/\\]manifest.csv"):
+        _load_slides(load_config(config), None, pixels=False)  # a misspelt kind would otherwise change nothing
     config.write_text(yaml.safe_dump({"manifest": "first/manifest.csv", "extra_manifests": ["none/manifest.csv"]}))
     with pytest.raises(CalciscopeError, match=r"none[/\\]manifest.csv: no such manifest"):
         _load_slides(load_config(config), None, pixels=False)
