@@ -213,7 +213,8 @@ def _load_manifest(manifest: Path, prefix: str, config: SegmenterTrainConfig,
             if hard_polys:
                 hard = np.array([level0_to_mask_px(p, ds).mean(axis=0) for p in hard_polys])
         out.append(_SlideData(slide_id, patient_id, path, rgb, target,
-                              _small_vessel_weight(vessels, (h, w), ds, config.small_vessel_weight), weight, vessels,
+                              _small_vessel_weight(vessels, (h, w), ds, config.small_vessel_weight, config.mpp),
+                              weight, vessels,
                               slide_mpp, ds, hard, vessel_draw_p(vessels, config.vessel_sampling)))
         if progress is not None:
             progress(f"read {slide_id} ({n}/{len(records)} of {manifest.name})")
@@ -231,9 +232,11 @@ def vessel_draw_p(vessels: list[Vessel], weights: dict[str, float]) -> np.ndarra
     return each / each.sum()
 
 
-def _small_vessel_weight(vessels: list[Vessel], shape: tuple[int, int], downsample: float, top: float) -> np.ndarray:
-    """Per-pixel loss weight: 1, and min(top, sqrt(400 px / area)) over each vessel grown by 3 px, smallest vessels
-    drawn last. Without it a 6 µm capillary (~30 px at 1 µm/px) is noise beside a 200 µm artery (~30 000 px)."""
+def _small_vessel_weight(vessels: list[Vessel], shape: tuple[int, int], downsample: float, top: float,
+                         mpp: float) -> np.ndarray:
+    """Per-pixel loss weight at ``mpp`` µm/px: 1, and min(top, sqrt(400 µm² / area)) over each vessel grown by
+    3 µm, smallest vessels drawn last. Without it a 6 µm capillary (~30 µm²) is noise beside a 200 µm artery
+    (~30 000 µm²). (In µm, not pixels, so a segmenter trained at another mpp weighs the same vessels alike.)"""
     weight = np.ones(shape, np.uint8)
     shapes = []
     for v in vessels:
@@ -241,7 +244,7 @@ def _small_vessel_weight(vessels: list[Vessel], shape: tuple[int, int], downsamp
         area = max(float(cv2.contourArea(pts.astype(np.float32))), 1.0)
         r = np.sqrt(area / np.pi)
         centre = pts.mean(axis=0)
-        shapes.append((area, centre + (pts - centre) * (r + 3) / r))
+        shapes.append((area * mpp**2, centre + (pts - centre) * (r + 3 / mpp) / r))
     for area, pts in sorted(shapes, key=lambda a: -a[0]):
         value = int(round(min(top, max(1.0, np.sqrt(400.0 / area)))))
         cv2.fillPoly(weight, [np.round(pts * 16).astype(np.int32)], value, shift=4)

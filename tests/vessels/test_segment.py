@@ -137,6 +137,29 @@ def _slide_data(slide_id, patient_id, hard_centres=np.zeros((0, 2))):
                       np.ones(3, np.float32), [], 0.5, 2.0, np.asarray(hard_centres, np.float64))
 
 
+def test_small_vessels_weigh_the_same_at_any_segmenter_mpp():
+    """The small-vessel loss weight is set in µm: a 6 µm capillary and a 60 µm arteriole (level 0 at 0.25 µm/px)
+    get the same weights, over the same µm² (their outline grown by 3 µm), whether the segmenter trains at 1 or
+    0.5 µm/px: round(sqrt(400 µm² / 28 µm²)) = 4 for the capillary, 1 for the arteriole."""
+    from calciscope.vessels.train_segmenter import _small_vessel_weight
+    from calciscope.vessels.truth import Vessel
+
+    angles = np.linspace(0, 2 * np.pi, 64, endpoint=False)
+
+    def circle(cx, cy, diameter_um):  # level-0 px at 0.25 µm/px: the radius is 2 × diameter_um px
+        return np.column_stack([cx + 2 * diameter_um * np.cos(angles), cy + 2 * diameter_um * np.sin(angles)])
+
+    vessels = [Vessel("cap", circle(200, 200, 6)), Vessel("art", circle(600, 600, 60))]
+    areas = []
+    for mpp in (1.0, 0.5):
+        ds = mpp / 0.25
+        weight = _small_vessel_weight(vessels, (int(800 / ds), int(800 / ds)), ds, 8.0, mpp)
+        cap, art = weight[: int(400 / ds)], weight[int(400 / ds):]
+        assert cap.max() == 4 and art.max() == 1, mpp
+        areas.append(np.count_nonzero(cap == 4) * mpp**2)  # rasterised: the edge pixels count whole
+    assert areas == pytest.approx([np.pi * (3 + 3) ** 2] * 2, rel=0.2), areas
+
+
 def test_hard_crops_are_centred_on_the_look_alikes():
     """hard_crop_fraction = 1: every crop holds the annotated look-alike (a dark dot drawn at the hard centre);
     0: crops land anywhere, and most miss it."""
