@@ -41,7 +41,7 @@ from calciscope.model.backbones import fold_batchnorm
 from calciscope.model.card import ModelCard
 from calciscope.model.checkpoint import WEIGHTS_FILE, load_checkpoint
 from calciscope.model.demo import resolve_model
-from calciscope.training.engine import choose_precision, prepare_inputs
+from calciscope.training.engine import check_device, choose_precision, prepare_inputs
 from calciscope.vessels.analysis import VESSEL_POSITIVE  # the per-vessel call (export and report import it here)
 
 RESULT_SCHEMA_VERSION = 1
@@ -113,6 +113,7 @@ class PredictConfig:
         if onnx and self.device not in ("auto", "cpu"):
             raise CalciscopeError(f"device {self.device!r}: the onnxruntime runtime runs on the CPU; use the torch "
                                   f"runtime for {self.device}")
+        check_device(self.device, "--device")
         if self.sampling is not None and self.sampling not in SAMPLINGS:
             raise CalciscopeError(f"unknown sampling {self.sampling!r}; choose one of: {', '.join(SAMPLINGS)}")
         if self.min_fat_vessels < 0:
@@ -324,11 +325,13 @@ class Predictor:
             beside = self.model_path.parent if self.model_path.is_file() else self.model_path
             folder = beside / "vessels" if (beside / "vessels" / "segmenter.json").is_file() else None
         self.segmenter = None
+        # the vessel networks run where the tile model runs (the CPU beside an ONNX tile model)
+        device = self.precision.device if self.precision is not None else torch.device("cpu")
         if folder is not None:
             model, seg_card = load_segmenter(folder)
-            self.segmenter = (for_inference(model), seg_card)
-        self.vessel_classifier = self._load_vessel_classifier(folder)
-        self.artifact_classifier = self._load_artifact_classifier(folder)
+            self.segmenter = (for_inference(model).to(device), seg_card)
+        self.vessel_classifier = self._on(device, self._load_vessel_classifier(folder))
+        self.artifact_classifier = self._on(device, self._load_artifact_classifier(folder))
         head = self.card.extra.get("vessel_head")
         self.vessel_head = VesselHead.from_dict(head, self.labels) if head else None
         self.segmenter_path = folder
@@ -363,6 +366,11 @@ class Predictor:
             card = self.vessel_classifier[1]
             return {label: float(card.slide_thresholds.get(label, 0.5)) for label in self.labels}
         return {label: self.card.threshold(label) for label in self.labels}
+
+    @staticmethod
+    def _on(device: torch.device, found):
+        """A (model, card) pair with the model moved to ``device`` (None stays None)."""
+        return None if found is None else (found[0].to(device), found[1])
 
     def _classifier_folder(self, segmenter: Path | None, spec: str, subfolder: str, what: str):
         """(model, card) of the classifier ``spec`` names ("auto": ``<segmenter>/<subfolder>/`` when present, a

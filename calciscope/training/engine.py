@@ -59,6 +59,27 @@ def choose_precision(amp: str, channels_last: bool, device: torch.device | None 
     return Precision(device, dtype, channels_last)
 
 
+def check_device(spec: str, source: object) -> None:
+    """Refuse a ``device`` setting this machine cannot honour (``source`` names the config in the message)."""
+    if spec == "auto" or spec == "cpu":
+        return
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise CalciscopeError(f"{source}: device {spec!r} is not a device (auto, cpu, cuda or cuda:N)") from None
+    if device.type != "cuda":
+        raise CalciscopeError(f"{source}: device {spec!r} is not supported (auto, cpu, cuda or cuda:N)")
+    if not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count():
+        raise CalciscopeError(f"{source}: device {spec!r} is not available here "
+                              f"({torch.cuda.device_count()} CUDA devices); use auto or cpu")
+
+
+def device_of(module: nn.Module) -> torch.device:
+    """The device of a module's parameters (the CPU for one without any)."""
+    param = next(module.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
 def prepare_inputs(inputs, mean: torch.Tensor, std: torch.Tensor, precision: Precision):
     """uint8 images → normalised float on the device (channels_last if asked); MIL inputs → device."""
     if isinstance(inputs, (tuple, list)):

@@ -29,6 +29,7 @@ from calciscope.data.tissue import TissueConfig, detect_tissue
 from calciscope.errors import CalciscopeError
 from calciscope.io import sha256_file, write_bytes_atomic
 from calciscope.model import IMAGENET_MEAN, IMAGENET_STD, MILSlideModel, create_model, load_checkpoint
+from calciscope.training.engine import device_of
 
 CACHE_FORMAT = 1  # bump when what a cache file holds, or how it is computed, changes
 _RANDOM_INIT_SEED = 0
@@ -166,11 +167,6 @@ def read_bag(path: str | Path) -> tuple[torch.Tensor, np.ndarray, dict[str, str]
     return embeddings.float(), xy.numpy().astype(np.int64), metadata
 
 
-def _device_of(module: nn.Module) -> torch.device:
-    param = next(module.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
 def encode_slide(slide_path, encoder: nn.Module, encoder_info: dict, tiling: TilingConfig, *, batch_size: int = 64,
                  workers: int = 0, slide_mpp: float | None = None) -> tuple[torch.Tensor, np.ndarray]:
     """Embed every tissue tile of one slide: (embeddings (N, D) float32 on the CPU, level-0 xy (N, 2) int64).
@@ -183,7 +179,7 @@ def encode_slide(slide_path, encoder: nn.Module, encoder_info: dict, tiling: Til
     dim = int(encoder_info["embed_dim"])
     if len(grid) == 0:
         return torch.zeros(0, dim), np.zeros((0, 2), np.int64)
-    device = _device_of(encoder)
+    device = device_of(encoder)
     mean = torch.tensor(encoder_info["mean"], dtype=torch.float32, device=device).view(1, 3, 1, 1)
     std = torch.tensor(encoder_info["std"], dtype=torch.float32, device=device).view(1, 3, 1, 1)
     loader = DataLoader(SlideTileDataset(slide_path, grid, slide_mpp=slide_mpp), batch_size=batch_size,

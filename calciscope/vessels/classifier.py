@@ -191,11 +191,15 @@ def calibrated(logits: np.ndarray, card: ClassifierCard) -> np.ndarray:
 @torch.inference_mode()
 def classifier_logits(model: nn.Module, card: ClassifierCard, crops: np.ndarray, extras: np.ndarray,
                       batch_size: int = 128) -> np.ndarray:
-    """(N, outputs) raw logits of (N, H, W, 3) uint8 crops with their (N, N_EXTRA) extras."""
+    """(N, outputs) raw logits of (N, H, W, 3) uint8 crops with their (N, N_EXTRA) extras, on the model's device."""
+    from calciscope.training.engine import device_of
+
+    device = device_of(model)
     out = [np.zeros((0, len(card.outputs)), np.float32)]
     for i in range(0, len(crops), batch_size):
-        x = to_input(crops[i : i + batch_size], card)
-        out.append(model(x, torch.from_numpy(extras[i : i + batch_size])).float().numpy())
+        x = to_input(crops[i : i + batch_size], card).to(device)
+        extra = torch.from_numpy(extras[i : i + batch_size]).to(device)
+        out.append(model(x, extra).float().cpu().numpy())
     return np.vstack(out)
 
 

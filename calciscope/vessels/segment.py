@@ -153,7 +153,11 @@ class VesselMaps:
 
 def segment_slide(slide: Slide, model: nn.Module, card: SegmenterCard, tissue: TissueMask | None = None, *,
                   batch_size: int = 4) -> VesselMaps:
-    """Run the segmenter over a slide (windows touching tissue only, when ``tissue`` is given)."""
+    """Run the segmenter over a slide (windows touching tissue only, when ``tissue`` is given), on the device the
+    model is on."""
+    from calciscope.training.engine import device_of
+
+    device = device_of(model)
     downsample = card.mpp / slide.mpp
     level = slide.best_level_for_downsample(downsample)
     level_ds = slide.level_downsamples[level]
@@ -168,8 +172,8 @@ def segment_slide(slide: Slide, model: nn.Module, card: SegmenterCard, tissue: T
         for i in range(0, len(windows), batch_size):
             batch = windows[i : i + batch_size]
             rgb = np.stack([_read_window(slide, x, y, downsample, level, read_px) for x, y in batch])
-            prob = torch.sigmoid(model(normalise(rgb, card).contiguous(memory_format=torch.channels_last)))
-            prob = prob.contiguous().numpy()
+            x = normalise(rgb, card).to(device).contiguous(memory_format=torch.channels_last)
+            prob = torch.sigmoid(model(x)).float().cpu().contiguous().numpy()
             for (x, y), p in zip(batch, prob):
                 h, w = min(step, out_h - y), min(step, out_w - x)
                 maps[:, y : y + h, x : x + w] = np.round(p[:, MARGIN_PX : MARGIN_PX + h, MARGIN_PX : MARGIN_PX + w]

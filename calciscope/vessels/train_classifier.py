@@ -35,6 +35,7 @@ from calciscope.data.synthetic import FINDINGS
 from calciscope.data.tissue import TissueConfig, detect_tissue
 from calciscope.errors import CalciscopeError
 from calciscope.training.config import from_dict, read_yaml_mapping
+from calciscope.training.engine import check_device
 from calciscope.vessels.classifier import (ARTIFACT, VESSEL, ClassifierCard, CropConfig, VesselClassifier, calibrated,
                                            classifier_logits, crop_geometry, read_crop, save_classifier, to_input,
                                            vessel_extras)
@@ -85,6 +86,7 @@ class ClassifierTrainConfig:
     artifact_max_false_rate: float = 0.01
     val_fraction: float = 0.2
     seed: int = 0
+    device: str = "auto"  # auto (CUDA when there is one) | cpu | cuda | cuda:N; the classifier and segmenter run there
     synthetic_demo: bool = False
     description: str = ""
 
@@ -109,6 +111,7 @@ def load_config(path: str | Path) -> ClassifierTrainConfig:
     config.manifests = [str(Path(m) if Path(m).is_absolute() else (path.parent / m).resolve()) for m in config.manifests]
     if config.segmenter and config.segmenter != "demo" and not Path(config.segmenter).is_absolute():
         config.segmenter = str((path.parent / config.segmenter).resolve())
+    check_device(config.device, path)
     return config
 
 
@@ -344,10 +347,12 @@ def train_classifier(config: ClassifierTrainConfig, progress: Callable[[str], No
     labels = list(config.labels)
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
+    device = torch.device(config.device if config.device != "auto" else
+                          "cuda" if torch.cuda.is_available() else "cpu")
     segmenter = None
     if config.segmenter:
         model, seg_card = load_segmenter(resolve_segmenter(config.segmenter))
-        segmenter = (for_inference(model), seg_card)
+        segmenter = (for_inference(model).to(device), seg_card)
     rows = _slides(config)
     train_ids, val_ids = _split([SimpleNamespace(slide_id=k, patient_id=p) for k, p, *_ in rows],
                                 config.val_fraction, config.seed)
@@ -384,10 +389,10 @@ def train_classifier(config: ClassifierTrainConfig, progress: Callable[[str], No
         raise CalciscopeError("no validation vessels: the classifier's temperatures and slide map are fit on "
                               "validation slides, so val_fraction must leave at least one patient with vessels")
     pos_weight = torch.tensor(np.minimum((len(y) - positives) / np.maximum(positives, 1), config.max_pos_weight),
-                              dtype=torch.float32)
+                              dtype=torch.float32, device=device)
 
     model = VesselClassifier(len(card.outputs), tuple(config.widths), config.hidden, config.dropout)
-    model = model.to(memory_format=torch.channels_last)
+    model = model.to(device, memory_format=torch.channels_last)
     steps = max(1, config.epochs * len(x) // config.batch_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=steps, pct_start=0.1)
@@ -395,8 +400,9 @@ def train_classifier(config: ClassifierTrainConfig, progress: Callable[[str], No
     model.train()
     for step in range(steps):
         idx = rng.integers(0, len(x), config.batch_size)
-        logits = model(to_input(_augment(x[idx], rng, config.hed_jitter), card), torch.from_numpy(e[idx]))
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.from_numpy(y[idx]),
+        logits = model(to_input(_augment(x[idx], rng, config.hed_jitter), card).to(device),
+                       torch.from_numpy(e[idx]).to(device))
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.from_numpy(y[idx]).to(device),
                                                                     pos_weight=pos_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

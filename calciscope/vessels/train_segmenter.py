@@ -28,7 +28,7 @@ from calciscope.data.annotations import class_name, geometry_polygons, norm_name
 from calciscope.data.slides import open_slide
 from calciscope.errors import CalciscopeError
 from calciscope.training.config import from_dict, read_yaml_mapping
-from calciscope.training.engine import choose_precision, warmup_cosine
+from calciscope.training.engine import check_device, choose_precision, warmup_cosine
 from calciscope.vessels.frames import level0_to_mask_px
 from calciscope.vessels.instances import InstanceConfig, scored_vessel_instances
 from calciscope.vessels.match import match_vessels
@@ -75,7 +75,8 @@ class SegmenterTrainConfig:
     small_vessel_weight: float = 6.0  # the largest per-pixel loss weight a small vessel gets (1 = none)
     val_fraction: float = 0.2
     seed: int = 0
-    amp: str = "auto"
+    amp: str = "auto"  # auto | off | bf16 | fp16 (fp16 on CUDA only, with a gradient scaler)
+    device: str = "auto"  # auto (CUDA when there is one) | cpu | cuda | cuda:N
     synthetic_demo: bool = False
     description: str = ""
     init: str | None = None  # continue from this segmenter folder's weights (same widths)
@@ -110,6 +111,7 @@ def load_config(path: str | Path) -> SegmenterTrainConfig:
     bad = {k: w for k, w in config.vessel_sampling.items() if not (isinstance(w, (int, float)) and w > 0)}
     if bad:
         raise CalciscopeError(f"{path}: vessel_sampling weights must be positive numbers; got {bad}")
+    check_device(config.device, path)
     if config.crop_px % 2 ** (len(config.widths) - 1):
         raise CalciscopeError(f"{path}: crop_px must be a multiple of {2 ** (len(config.widths) - 1)}")
     return config
@@ -395,11 +397,14 @@ def train_segmenter(config: SegmenterTrainConfig, progress: Callable[[str], None
     if not train_ids:
         raise CalciscopeError("no training slides left after the validation split")
     card = SegmenterCard(mpp=config.mpp, widths=list(config.widths), synthetic_demo=config.synthetic_demo)
-    precision = choose_precision(config.amp, channels_last=True, device=torch.device("cpu"))
-    model = model.to(memory_format=torch.channels_last)
+    precision = choose_precision(config.amp, channels_last=True,
+                                 device=None if config.device == "auto" else torch.device(config.device))
+    device = precision.device
+    model = model.to(device, memory_format=torch.channels_last)
+    scaler = torch.amp.GradScaler("cuda") if precision.dtype == torch.float16 else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.steps, max(config.steps // 20, 1)))
-    pos_weight = torch.tensor(config.pos_weight, dtype=torch.float32).view(1, -1, 1, 1)
+    pos_weight = torch.tensor(config.pos_weight, dtype=torch.float32, device=device).view(1, -1, 1, 1)
     rng = np.random.default_rng(config.seed)
     blur_px = (config.blur_sigma_um[0] / config.mpp, config.blur_sigma_um[1] / config.mpp)
     start, losses = time.perf_counter(), []
@@ -408,10 +413,11 @@ def train_segmenter(config: SegmenterTrainConfig, progress: Callable[[str], None
         picks = rng.choice(train_ids, config.batch_size)
         crops = [_crop(slides[i], rng, config.crop_px, config.vessel_crop_fraction, config.hard_crop_fraction,
                        config.blur_fraction, blur_px) for i in picks]
-        x = normalise(np.stack([c[0] for c in crops]), card).contiguous(memory_format=torch.channels_last)
-        yw = torch.from_numpy(np.stack([c[1] for c in crops])).float()
+        x = normalise(np.stack([c[0] for c in crops]), card).to(device).contiguous(memory_format=torch.channels_last)
+        yw = torch.from_numpy(np.stack([c[1] for c in crops])).to(device).float()
         y, pixel_w = yw[:, :-1], yw[:, -1:]
-        w = torch.from_numpy(np.stack([slides[i].weight for i in picks])).view(len(picks), -1, 1, 1) * pixel_w
+        w = torch.from_numpy(np.stack([slides[i].weight for i in picks])).to(device).view(len(picks), -1, 1, 1) \
+            * pixel_w
         with precision.autocast():
             logits = model(x)
         logits = logits.float()
@@ -421,8 +427,13 @@ def train_segmenter(config: SegmenterTrainConfig, progress: Callable[[str], None
         dice = 1 - (2 * (p * y[:, 0]).sum() + 1) / (p.sum() + y[:, 0].sum() + 1)
         loss = loss + dice
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
         scheduler.step()
         losses.append(float(loss.detach()))
         if progress is not None and (step + 1) % 50 == 0:

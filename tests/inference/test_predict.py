@@ -219,6 +219,24 @@ def test_settings_are_checked_before_any_work():
         PredictConfig(aggregation="mean")
     with pytest.raises(CalciscopeError, match="batch size"):
         PredictConfig(batch_size=0)
+    with pytest.raises(CalciscopeError, match=r"--device: device 'cuda:99' is not available here \(\d+ CUDA"):
+        PredictConfig(device="cuda:99")
+    with pytest.raises(CalciscopeError, match="--device: device 'mps' is not supported"):
+        PredictConfig(device="mps")
+
+
+def test_the_vessel_networks_run_where_the_tile_model_runs():
+    """Segmenter, vessel classifier and calcium-artifact classifier sit on the predict device (the tile model's),
+    not on the CPU whatever the device: on a GPU machine the vessel analysis runs on the GPU too."""
+    from calciscope.training.engine import device_of
+
+    predictor = Predictor("demo", PredictConfig(workers=0, saliency="none"))
+    device = predictor.precision.device
+    assert device == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    nets = [predictor.segmenter[0], predictor.vessel_classifier[0], predictor.artifact_classifier[0]]
+    assert [device_of(net).type for net in nets] == [device.type] * 3
+    cpu = Predictor("demo", PredictConfig(workers=0, saliency="none", device="cpu"))
+    assert device_of(cpu.segmenter[0]) == torch.device("cpu")
 
 
 def test_a_folder_that_is_not_a_checkpoint_is_named(tmp_path):

@@ -349,6 +349,9 @@ def test_a_classifier_config_without_manifests_or_with_an_unknown_key_is_refused
     bad.write_text("manifests: [m.csv]\nepoch: 3\n")
     with pytest.raises(CalciscopeError, match=r"c\.yaml.*unknown key\(s\) \['epoch'\]"):
         load_config(bad)
+    bad.write_text("manifests: [m.csv]\ndevice: cuda:99\n")
+    with pytest.raises(CalciscopeError, match=r"c\.yaml: device 'cuda:99' is not available here"):
+        load_config(bad)
 
 
 def test_sampling_both_is_refused_with_a_vessel_classifier():

@@ -231,6 +231,15 @@ def test_vessel_sampling_favours_the_named_kinds_and_findings(tmp_path):
         load_config(bad)
 
 
+def test_a_device_this_machine_lacks_is_refused_naming_the_config(tmp_path):
+    bad = tmp_path / "run.yaml"
+    for device, message in (("cuda:99", "is not available here"), ("gpu please", "is not a device"),
+                            ("mps", "is not supported")):
+        bad.write_text(yaml.safe_dump({"manifest": "m.csv", "device": device}))
+        with pytest.raises(CalciscopeError, match=rf"run\.yaml: device '{device}' {message}"):
+            load_config(bad)
+
+
 def test_a_continued_run_keeps_its_inits_validation_patients():
     from calciscope.vessels.train_segmenter import _split
 
