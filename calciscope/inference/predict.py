@@ -113,7 +113,7 @@ class PredictConfig:
         if onnx and self.device not in ("auto", "cpu"):
             raise CalciscopeError(f"device {self.device!r}: the onnxruntime runtime runs on the CPU; use the torch "
                                   f"runtime for {self.device}")
-        check_device(self.device, "--device")
+        check_device(self.device)
         if self.sampling is not None and self.sampling not in SAMPLINGS:
             raise CalciscopeError(f"unknown sampling {self.sampling!r}; choose one of: {', '.join(SAMPLINGS)}")
         if self.min_fat_vessels < 0:

@@ -59,19 +59,22 @@ def choose_precision(amp: str, channels_last: bool, device: torch.device | None 
     return Precision(device, dtype, channels_last)
 
 
-def check_device(spec: str, source: object) -> None:
-    """Refuse a ``device`` setting this machine cannot honour (``source`` names the config in the message)."""
-    if spec == "auto" or spec == "cpu":
+def check_device(spec: str, source: object = None) -> None:
+    """Refuse a ``device`` setting this machine cannot honour (``source``, when given, names the config)."""
+    where = f"{source}: " if source is not None else ""
+    if spec == "auto":
         return
     try:
         device = torch.device(spec)
-    except RuntimeError:
-        raise CalciscopeError(f"{source}: device {spec!r} is not a device (auto, cpu, cuda or cuda:N)") from None
+    except (RuntimeError, TypeError):
+        raise CalciscopeError(f"{where}device {spec!r} is not a device (auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cpu":
+        return
     if device.type != "cuda":
-        raise CalciscopeError(f"{source}: device {spec!r} is not supported (auto, cpu, cuda or cuda:N)")
+        raise CalciscopeError(f"{where}device {spec!r} is not supported (auto, cpu, cuda or cuda:N)")
     if not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count():
-        raise CalciscopeError(f"{source}: device {spec!r} is not available here "
-                              f"({torch.cuda.device_count()} CUDA devices); use auto or cpu")
+        raise CalciscopeError(f"{where}device {spec!r} is not available here (CUDA devices: "
+                              f"{torch.cuda.device_count()}); use auto or cpu")
 
 
 def device_of(module: nn.Module) -> torch.device:

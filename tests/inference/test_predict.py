@@ -219,10 +219,11 @@ def test_settings_are_checked_before_any_work():
         PredictConfig(aggregation="mean")
     with pytest.raises(CalciscopeError, match="batch size"):
         PredictConfig(batch_size=0)
-    with pytest.raises(CalciscopeError, match=r"--device: device 'cuda:99' is not available here \(\d+ CUDA"):
+    with pytest.raises(CalciscopeError, match=r"^device 'cuda:99' is not available here \(CUDA devices: \d+\)"):
         PredictConfig(device="cuda:99")
-    with pytest.raises(CalciscopeError, match="--device: device 'mps' is not supported"):
+    with pytest.raises(CalciscopeError, match="^device 'mps' is not supported"):
         PredictConfig(device="mps")
+    assert PredictConfig(device="cpu:0").device == "cpu:0"
 
 
 def test_the_vessel_networks_run_where_the_tile_model_runs():
