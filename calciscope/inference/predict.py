@@ -41,7 +41,7 @@ from calciscope.model.backbones import fold_batchnorm
 from calciscope.model.card import ModelCard
 from calciscope.model.checkpoint import WEIGHTS_FILE, load_checkpoint
 from calciscope.model.demo import resolve_model
-from calciscope.training.engine import check_device, choose_precision, prepare_inputs
+from calciscope.training.engine import check_device, choose_precision, prepare_inputs, resolve_device
 from calciscope.vessels.analysis import VESSEL_POSITIVE  # the per-vessel call (export and report import it here)
 
 RESULT_SCHEMA_VERSION = 1
@@ -417,8 +417,8 @@ class Predictor:
         if self.model_path.suffix.lower() == ".onnx" and self.model_path.is_file():
             raise CheckpointError(self.model_path, "an ONNX export, not a checkpoint folder: score it with the "
                                                    "onnxruntime runtime (--runtime onnxruntime)")
-        device = None if self.config.device == "auto" else torch.device(self.config.device)
-        self.precision = choose_precision(self.config.amp, channels_last=True, device=device)
+        self.precision = choose_precision(self.config.amp, channels_last=True,
+                                          device=resolve_device(self.config.device))
         self.model, self.card = load_checkpoint(self.model_path, map_location=self.precision.device)
         self.model = self.model.to(memory_format=torch.channels_last)
         self.backbone = inference_backbone(self.model)

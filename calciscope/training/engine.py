@@ -44,8 +44,15 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def resolve_device(spec: str = "auto") -> torch.device:
+    """A ``device`` setting as a torch device: ``auto`` is CUDA when there is one, else the CPU."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(spec)
+
+
 def choose_precision(amp: str, channels_last: bool, device: torch.device | None = None) -> Precision:
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or resolve_device()
     if amp == "off":
         dtype = None
     elif amp == "bf16":

@@ -35,7 +35,7 @@ from calciscope.data.synthetic import FINDINGS
 from calciscope.data.tissue import TissueConfig, detect_tissue
 from calciscope.errors import CalciscopeError
 from calciscope.training.config import from_dict, read_yaml_mapping
-from calciscope.training.engine import check_device
+from calciscope.training.engine import check_device, resolve_device
 from calciscope.vessels.classifier import (ARTIFACT, VESSEL, ClassifierCard, CropConfig, VesselClassifier, calibrated,
                                            classifier_logits, crop_geometry, read_crop, save_classifier, to_input,
                                            vessel_extras)
@@ -347,8 +347,7 @@ def train_classifier(config: ClassifierTrainConfig, progress: Callable[[str], No
     labels = list(config.labels)
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
-    device = torch.device(config.device if config.device != "auto" else
-                          "cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(config.device)
     segmenter = None
     if config.segmenter:
         model, seg_card = load_segmenter(resolve_segmenter(config.segmenter))

@@ -28,7 +28,7 @@ from calciscope.data.annotations import class_name, geometry_polygons, norm_name
 from calciscope.data.slides import open_slide
 from calciscope.errors import CalciscopeError
 from calciscope.training.config import from_dict, read_yaml_mapping
-from calciscope.training.engine import check_device, choose_precision, warmup_cosine
+from calciscope.training.engine import check_device, choose_precision, resolve_device, warmup_cosine
 from calciscope.vessels.frames import level0_to_mask_px
 from calciscope.vessels.instances import InstanceConfig, scored_vessel_instances
 from calciscope.vessels.match import match_vessels
@@ -368,7 +368,7 @@ def evaluate_segmenter(segmenter: str | Path, manifest: str | Path, min_mean_pro
     from calciscope.vessels.segment import for_inference, load_segmenter
 
     model, card = load_segmenter(segmenter)
-    model = for_inference(model)
+    model = for_inference(model).to(resolve_device())  # CUDA when there is one, like predict
     config = SegmenterTrainConfig(manifest=str(manifest), mpp=card.mpp, widths=list(card.widths))
     segmented = _segmented(model, card, _load_slides(config, None, pixels=False), progress)
     base = card.instance_config()
@@ -397,8 +397,7 @@ def train_segmenter(config: SegmenterTrainConfig, progress: Callable[[str], None
     if not train_ids:
         raise CalciscopeError("no training slides left after the validation split")
     card = SegmenterCard(mpp=config.mpp, widths=list(config.widths), synthetic_demo=config.synthetic_demo)
-    precision = choose_precision(config.amp, channels_last=True,
-                                 device=None if config.device == "auto" else torch.device(config.device))
+    precision = choose_precision(config.amp, channels_last=True, device=resolve_device(config.device))
     device = precision.device
     model = model.to(device, memory_format=torch.channels_last)
     scaler = torch.amp.GradScaler("cuda") if precision.dtype == torch.float16 else None
