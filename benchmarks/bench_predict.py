@@ -33,7 +33,7 @@ from calciscope.data.tissue import detect_tissue
 from calciscope.inference.predict import PredictConfig, Predictor
 from calciscope.inference.saliency import saliency_maps
 from calciscope.model import ModelCard, create_model, save_checkpoint
-from calciscope.training.engine import prepare_inputs
+from calciscope.model.precision import prepare_inputs
 
 FINDINGS = {"medial_calcification": 1, "small_vessel_calcification": 1, "thrombosis": 1, "vasculitis": 0}
 

@@ -19,9 +19,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from calciscope.data.synthetic import generate_dataset
 from calciscope.model import IMAGENET_MEAN, IMAGENET_STD, create_model
+from calciscope.model.precision import choose_precision
 from calciscope.training.augment import build_train_transform
 from calciscope.training.config import AugmentConfig, DataConfig, OptimConfig, TrainConfig
-from calciscope.training.engine import choose_precision, train_one_epoch, warmup_cosine
+from calciscope.training.engine import train_one_epoch, warmup_cosine
 from calciscope.training.sources import TileTrainingDataset, build_tile_examples, read_manifest
 
 

@@ -14,7 +14,7 @@ from rich.markup import escape  # messages hold file names and 'pkg[extra]': nev
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from calciscope import __version__
+from calciscope._version import __version__
 from calciscope.errors import CalciscopeError
 
 app = typer.Typer(
@@ -411,7 +411,7 @@ def fit_vessel_head_cmd(
     vessels: str = typer.Option("auto", "--vessels", help="Segmenter folder (default: the model folder's vessels/)."),
 ):
     """Fit per-vessel calibrated probabilities (tile scores + vessel size and place) into a model's card."""
-    from calciscope.vessels.fit_head import fit_into_card
+    from calciscope.inference.fit_vessel_head import fit_into_card
 
     with progress_bar("slides") as update:
         head = fit_into_card(model, data, vessels, progress=update)
@@ -432,8 +432,8 @@ def train_vessels(
     Put the folder at <model>/vessels, or pass it to predict/score --vessels."""
     import dataclasses
 
-    from calciscope.vessels.train_segmenter import load_config as load_segmenter_config
-    from calciscope.vessels.train_segmenter import train_segmenter
+    from calciscope.training.train_segmenter import load_config as load_segmenter_config
+    from calciscope.training.train_segmenter import train_segmenter
 
     cfg = load_segmenter_config(config)
     cfg = dataclasses.replace(cfg, **({"out": str(out_dir)} if out_dir else {}), **({"steps": steps} if steps else {}))
@@ -454,8 +454,8 @@ def train_vessel_classifier(
     or --artifact-classifier."""
     import dataclasses
 
-    from calciscope.vessels.train_classifier import load_config as load_classifier_config
-    from calciscope.vessels.train_classifier import train_classifier
+    from calciscope.training.train_classifier import load_config as load_classifier_config
+    from calciscope.training.train_classifier import train_classifier
 
     cfg = load_classifier_config(config)
     cfg = dataclasses.replace(cfg, **({"out": str(out_dir)} if out_dir else {}),
@@ -475,7 +475,7 @@ def calibrate_slides(
     """Refit a vessel classifier's slide map (highest vessel probability → slide probability) on labelled slides:
     predict scores each slide with this classifier, and a Platt map per finding is fit to the slide labels and written
     into the classifier's card. Slide AUROC per finding is unchanged; probabilities and the CUA-pattern score move."""
-    from calciscope.vessels.slide_calibration import calibrate_slides as refit
+    from calciscope.inference.calibrate_slides import calibrate_slides as refit
 
     record = refit(model, classifier, data, None if quiet else (lambda line: console.print(line, highlight=False)))
     table = Table(title=f"slide map of {classifier.name}, fit on {record['n_slides']} slides of "
@@ -510,7 +510,11 @@ def evaluate_vessels(
     import json
 
     from calciscope.model.demo import demo_model_dir, resolve_segmenter
-    from calciscope.vessels.train_segmenter import best_min_mean_probability, evaluate_segmenter, set_instance_setting
+    from calciscope.training.train_segmenter import (
+        best_min_mean_probability,
+        evaluate_segmenter,
+        set_instance_setting,
+    )
 
     if apply and segmenter == "demo":
         raise CalciscopeError("--apply writes into the segmenter's card: copy the demo segmenter "
@@ -543,7 +547,7 @@ def evaluate(
     workers: int = typer.Option(min(4, os.cpu_count() or 1), "--workers", help="Data loading processes."),
 ):
     """Compute the training metrics (per finding, per slide, CUA pattern) of a model on labelled data."""
-    from calciscope.training.train import evaluate_model
+    from calciscope.inference.evaluate import evaluate_model
 
     report = evaluate_model(model, data, out_dir, workers=workers)
     table = Table(title=f"{model} on {data.name}")

@@ -44,6 +44,17 @@ def clean_phantom(phantom_dir):
 
 
 @pytest.fixture(scope="session")
+def vessel_phantoms(tmp_path_factory, clean_phantom):
+    """The all-findings phantom ``pos`` without artifacts (seed 11, 11 vessels) and ``clean_phantom`` (seed 12,
+    4 vessels): what the vessel tests measure against."""
+    from calciscope.data.synthetic import generate_slide
+
+    pos = generate_slide(tmp_path_factory.mktemp("vessel_phantoms"), "pos", ALL_FINDINGS, size_px=2048, seed=11,
+                         artifacts=False)
+    return [pos, clean_phantom]
+
+
+@pytest.fixture(scope="session")
 def bad_inputs(tmp_path_factory, phantom) -> dict[str, Path]:
     """One file (or folder) per kind of bad input the foundation must refuse with one clear line."""
     root = tmp_path_factory.mktemp("bad")

@@ -6,9 +6,8 @@ import subprocess
 import sys
 
 import pytest
-from PIL import Image
-
 from helpers import run_cli
+from PIL import Image
 
 
 def test_tile_writes_table_qc_thumbnail_and_tiles(capsys, tmp_path, cmu_svs):
@@ -155,7 +154,7 @@ def test_predict_flags_calcium_artifacts_with_the_demo_artifact_classifier_unles
         assert code == 0, stderr
         docs[choice] = json.loads((out / "arts" / "result.json").read_text())["vessels"]
     from calciscope.model.demo import demo_model_dir
-    from calciscope.vessels.classifier import load_classifier
+    from calciscope.model.vessel_classifier import load_classifier
 
     shipped = load_classifier(demo_model_dir() / "vessels" / "artifact_classifier")[1]
     judge = docs["auto"]["qc"]["calcium_artifact_judge"]

@@ -20,7 +20,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from helpers import run_cli
 
 GOLDEN = Path(__file__).parent / "fixtures" / "golden"
@@ -31,7 +30,7 @@ VOLATILE = {"created", "seconds", "tiles_per_second", "calciscope_version"}
 
 
 def _precision() -> str:
-    from calciscope.training.engine import choose_precision
+    from calciscope.model.precision import choose_precision
 
     return choose_precision("auto", True).describe()
 

@@ -12,8 +12,8 @@ import pytest
 
 from calciscope.cli import main
 from calciscope.data.synthetic import generate_dataset, generate_slide
+from calciscope.data.vessels.truth import read_vessels
 from calciscope.errors import CalciscopeError
-from calciscope.vessels.truth import read_vessels
 
 CALC = {"medial_calcification": 1, "small_vessel_calcification": 1, "thrombosis": 1, "vasculitis": 1,
         "intimal_fibrosis": 1}

@@ -46,7 +46,7 @@ from calciscope.inference.onnx_runtime import OnnxTileRunner, export_onnx  # noq
 from calciscope.inference.predict import PredictConfig, Predictor  # noqa: E402
 from calciscope.model import ModelCard, create_model, load_card, save_checkpoint  # noqa: E402
 from calciscope.model.demo import demo_model_dir  # noqa: E402
-from calciscope.training.engine import prepare_inputs  # noqa: E402
+from calciscope.model.precision import prepare_inputs  # noqa: E402
 
 LABELS = ["medial_calcification", "small_vessel_calcification", "thrombosis", "vasculitis"]
 TOL = 1e-4

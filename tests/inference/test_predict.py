@@ -12,10 +12,10 @@ from PIL import Image
 
 import calciscope
 from calciscope.errors import CalciscopeError, CheckpointError, SlideError
-from calciscope.inference.aggregate import slide_probabilities
-from calciscope.inference.cua import CUARule, cua_score
 from calciscope.inference.predict import PredictConfig, Predictor, check_writable
 from calciscope.model import ModelCard, create_model, load_card, save_checkpoint
+from calciscope.model.aggregate import slide_probabilities
+from calciscope.model.cua import CUARule, cua_score
 from calciscope.model.demo import demo_model_dir
 
 LABELS = ["medial_calcification", "small_vessel_calcification", "thrombosis", "vasculitis"]
@@ -68,8 +68,8 @@ def test_result_json_agrees_with_the_file_the_tiles_and_the_card(predicted, phan
     agg = doc["aggregation"]
     thresholds = card.thresholds
     if doc["sampling"] == "vessels":  # the demo's vessel classifier: the highest vessel probability, its slide map
-        from calciscope.vessels.classifier import load_classifier
-        from calciscope.vessels.classifier import slide_probabilities as from_vessels
+        from calciscope.model.vessel_classifier import load_classifier
+        from calciscope.model.vessel_classifier import slide_probabilities as from_vessels
 
         _, classifier = load_classifier(demo_model_dir() / "vessels" / "classifier")
         assert doc["vessel_classifier"] == {"weights_sha256": classifier.weights_sha256, "slide_probabilities": True,
@@ -229,7 +229,7 @@ def test_settings_are_checked_before_any_work():
 def test_the_vessel_networks_run_where_the_tile_model_runs():
     """Segmenter, vessel classifier and calcium-artifact classifier sit on the predict device (the tile model's),
     not on the CPU whatever the device: on a GPU machine the vessel analysis runs on the GPU too."""
-    from calciscope.training.engine import device_of
+    from calciscope.model.precision import device_of
 
     predictor = Predictor("demo", PredictConfig(workers=0, saliency="none"))
     device = predictor.precision.device

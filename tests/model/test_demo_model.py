@@ -2,12 +2,12 @@
 
 import numpy as np
 import pytest
+from helpers import run_cli
 
 from calciscope.data.synthetic import generate_dataset
 from calciscope.model import load_checkpoint
 from calciscope.model.demo import MAX_BYTES, demo_model_dir, resolve_model
-from calciscope.training.train import evaluate_model
-from helpers import run_cli
+from calciscope.inference.evaluate import evaluate_model
 
 HELD_OUT_SEED = 90_210  # never used by configs/demo.yaml (which trains on seed 100)
 
@@ -26,7 +26,7 @@ def test_the_demo_calcium_artifact_classifier_ships_with_its_validation_and_unse
     """demo/vessels/artifact_classifier/ (configs/artifact_classifier.yaml): one output, its flag threshold set on
     validation at a 1 % false-flag rate (0.94: 66 % of the 71 validation vessels with an artifact flagged, 0.75 % of
     the 798 without; AUROC 0.970), and its figures on unseen phantoms in the card."""
-    from calciscope.vessels.classifier import load_classifier
+    from calciscope.model.vessel_classifier import load_classifier
 
     _, card = load_classifier(demo_model_dir() / "vessels" / "artifact_classifier")
     assert card.synthetic_demo and card.outputs == ["calcium_artifact"]
@@ -113,10 +113,10 @@ def test_calibrate_slides_refits_the_slide_map_predict_then_uses(capsys, tmp_pat
     import shutil
 
     from calciscope.errors import CalciscopeError
-    from calciscope.inference.aggregate import apply_slide_calibration
+    from calciscope.inference.calibrate_slides import calibrate_slides
     from calciscope.inference.predict import PredictConfig, Predictor
-    from calciscope.vessels.classifier import load_classifier
-    from calciscope.vessels.slide_calibration import calibrate_slides
+    from calciscope.model.aggregate import apply_slide_calibration
+    from calciscope.model.vessel_classifier import load_classifier
 
     shipped = demo_model_dir() / "vessels" / "classifier"
     folder = shutil.copytree(shipped, tmp_path / "classifier")

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from calciscope.training.calibration import apply_temperature, fit_temperature, temperatures_by_label
+from calciscope.model.calibration import apply_temperature
+from calciscope.training.calibration import fit_temperature, temperatures_by_label
 from calciscope.training.metrics import binary_metrics, expected_calibration_error
 
 

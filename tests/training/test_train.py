@@ -230,8 +230,8 @@ def test_hard_negative_mining_picks_the_top_scored_negatives_of_the_training_sli
 
     from calciscope.data.slides import open_slide
     from calciscope.model import IMAGENET_MEAN, IMAGENET_STD, create_model
+    from calciscope.model.precision import choose_precision
     from calciscope.training.data import load_data
-    from calciscope.training.engine import choose_precision
     from calciscope.training.train import mine_hard_negatives
 
     config = load_config(write_config(tmp_path, small_manifest, **{
@@ -286,8 +286,8 @@ def test_mining_and_slide_calibration_in_a_run_are_reproducible_and_land_in_the_
 def test_vessel_sampling_trains_on_tiles_centred_on_every_vessel(tmp_path, small_manifest):
     """data.sampling vessels: one tile per vessel that fits a tile, labelled with the vessel's own findings;
     "both" adds them to the grid; model.init starts from a checkpoint's weights."""
+    from calciscope.data.vessels.truth import read_vessels
     from calciscope.training.sources import build_tile_examples, read_manifest
-    from calciscope.vessels.truth import read_vessels
 
     config = load_config(write_config(tmp_path, small_manifest, **{"data.sampling": "vessels"}))
     records = read_manifest(small_manifest, config.data.labels)

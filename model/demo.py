@@ -1,0 +1,182 @@
+"""The shipped demo model: a small CNN trained on phantom slides (``configs/demo.yaml``). Synthetic demo, not for
+clinical use.
+
+    calciscope train --config configs/demo.yaml
+    calciscope synth --out phantoms/held_out --n-slides 24 --size 2048 --seed 90210
+    calciscope evaluate --model runs/demo/model --data phantoms/held_out/manifest.csv --out runs/demo/held_out
+    python -m calciscope.model.demo install runs/demo/model runs/demo/held_out/metrics.json
+
+Stage 2 (``configs/demo_vessels.yaml``) fine-tunes that model on grid plus vessel-centred tiles, and
+``configs/vessels.yaml`` trains the vessel segmenter that ships beside it in ``demo/vessels/``:
+
+    python -m calciscope.model.demo install runs/demo_vessels/model runs/demo_vessels/held_out/metrics.json \
+        --segmenter runs/vessels
+
+``configs/vessel_classifier.yaml`` trains the per-vessel classifier that ships in ``demo/vessels/classifier/``,
+whose slide map is then refit on 96 tuning phantoms (seeds 706 and 707; the config lists the whole recipe):
+
+    calciscope calibrate-slides --classifier runs/vessel_classifier --data phantoms/cua_tune/manifest.csv \
+        --data phantoms/cua_tune2/manifest.csv
+    python -m calciscope.model.demo install-classifier runs/vessel_classifier
+    calciscope evaluate --model demo --data phantoms/held_out/manifest.csv --out runs/vessel_classifier/held_out
+    python -m calciscope.model.demo install-classifier runs/vessel_classifier runs/vessel_classifier/held_out/metrics.json
+
+``configs/artifact_classifier.yaml`` trains the calcium-artifact classifier in ``demo/vessels/artifact_classifier/``:
+
+    python -m calciscope.model.demo install-artifact-classifier runs/artifact_classifier
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from importlib.resources import files
+from pathlib import Path
+
+from calciscope.errors import CalciscopeError
+from calciscope.model.checkpoint import CARD_FILE, WEIGHTS_FILE, load_checkpoint, save_checkpoint
+
+MAX_BYTES = 15 * 1024 * 1024
+
+
+def demo_model_dir() -> Path:
+    """Where the demo checkpoint lives inside the installed package."""
+    path = Path(str(files("calciscope.model") / "demo"))
+    if not (path / CARD_FILE).is_file():
+        raise CalciscopeError(f"{path}: the demo model is missing from this installation")
+    return path
+
+
+def resolve_model(spec: str | Path) -> Path:
+    """``"demo"`` → the shipped demo checkpoint; anything else is a checkpoint directory (or its model.json)."""
+    return demo_model_dir() if str(spec) == "demo" else Path(spec)
+
+
+def resolve_segmenter(spec: str | Path) -> Path:
+    """``"demo"`` → the vessel segmenter shipped beside the demo model; anything else is a segmenter folder."""
+    return demo_model_dir() / "vessels" if str(spec) == "demo" else Path(spec)
+
+
+def install(source: str | Path, held_out: str | Path | None = None, segmenter: str | Path | None = None) -> Path:
+    """Copy a trained checkpoint into the package as the demo model, after checking it loads and is small.
+
+    ``held_out``: a ``calciscope evaluate`` metrics.json on phantoms never used in training; it goes into the
+    card as ``metrics["held_out"]`` so the card carries what the model scored on unseen data. ``segmenter``: a
+    ``calciscope train-vessels`` folder, copied to ``demo/vessels/`` (it must load and be a synthetic demo).
+    """
+    from calciscope.model.segmenter import CARD_FILE as SEG_CARD
+    from calciscope.model.segmenter import WEIGHTS_FILE as SEG_WEIGHTS
+    from calciscope.model.segmenter import load_segmenter
+
+    source = Path(source)
+    model, card = load_checkpoint(source)
+    if not card.synthetic_demo:
+        raise CalciscopeError(f"{source}: its card is not marked synthetic_demo; the demo model must be")
+    target = Path(str(files("calciscope.model"))) / "demo"
+    if held_out is not None:
+        card.metrics = {**card.metrics, "held_out": json.loads(Path(held_out).read_text())}
+        save_checkpoint(target, model, card)
+    else:
+        target.mkdir(exist_ok=True)
+        for name in (WEIGHTS_FILE, CARD_FILE):
+            shutil.copyfile(source / name, target / name)
+    if segmenter is not None:
+        _, seg_card = load_segmenter(segmenter)
+        if not seg_card.synthetic_demo:
+            raise CalciscopeError(f"{segmenter}: its card is not marked synthetic_demo; the demo segmenter must be")
+        (target / "vessels").mkdir(exist_ok=True)
+        for name in (SEG_WEIGHTS, SEG_CARD):
+            shutil.copyfile(Path(segmenter) / name, target / "vessels" / name)
+    size = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
+    if size > MAX_BYTES:
+        raise CalciscopeError(f"{source}: {size / 2**20:.1f} MiB is over the {MAX_BYTES / 2**20:.0f} MiB demo budget")
+    return target
+
+
+def _copy_classifier(source: Path, subfolder: str) -> Path:
+    """Copy a classifier folder's weights and card to ``demo/vessels/<subfolder>/``; returns that folder."""
+    from calciscope.model.vessel_classifier import CARD_FILE, WEIGHTS_FILE
+
+    target = demo_model_dir() / "vessels" / subfolder
+    target.mkdir(parents=True, exist_ok=True)
+    if source.resolve() != target.resolve():
+        for name in (WEIGHTS_FILE, CARD_FILE):
+            shutil.copyfile(source / name, target / name)
+    return target
+
+
+def install_classifier(source: str | Path, held_out: str | Path | None = None) -> Path:
+    """Copy a ``calciscope train-vessel-classifier`` folder to ``demo/vessels/classifier/``, after checking it loads,
+    is a synthetic demo and judges the demo model's findings. ``held_out``: a ``calciscope evaluate --model demo``
+    metrics.json on unseen phantoms, run with this classifier in place; its slide (and vessel) metrics go into the
+    card as ``metrics["held_out"]``."""
+    from calciscope.model.checkpoint import load_card
+    from calciscope.model.vessel_classifier import CARD_FILE as CLS_CARD
+    from calciscope.model.vessel_classifier import load_classifier
+
+    source = Path(source)
+    _, card = load_classifier(source)
+    if not card.synthetic_demo:
+        raise CalciscopeError(f"{source}: its card is not marked synthetic_demo; the demo classifier must be")
+    missing = set(load_card(demo_model_dir()).labels) - set(card.labels)
+    if missing:
+        raise CalciscopeError(f"{source}: it does not judge {sorted(missing)}, which the demo model reports")
+    target = _copy_classifier(source, "classifier")
+    if held_out is not None:
+        report = json.loads(Path(held_out).read_text())
+        if "slides_from_tiles" not in report:
+            raise CalciscopeError(f"{held_out}: its slide metrics do not come from a vessel classifier (evaluate with "
+                                  f"this classifier installed)")
+        doc = json.loads((target / CLS_CARD).read_text())
+        doc["metrics"] = {**doc["metrics"], "held_out": {"data": str(Path(held_out).parent.name),
+                                                          "slides": report["slides"],
+                                                          **({"vessels": report["vessels"]} if "vessels" in report
+                                                             else {})}}
+        (target / CLS_CARD).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    return target
+
+
+def install_artifact_classifier(source: str | Path, measured: dict | None = None) -> Path:
+    """Copy a calcium-artifact classifier (``train-vessel-classifier`` with ``judge_artifacts``) to
+    ``demo/vessels/artifact_classifier/`` after checking it loads, is a synthetic demo and has that output;
+    ``measured`` (figures on unseen phantoms) goes into its card as ``metrics["held_out"]``."""
+    from calciscope.model.vessel_classifier import CARD_FILE as CLS_CARD
+    from calciscope.model.vessel_classifier import load_classifier
+
+    source = Path(source)
+    _, card = load_classifier(source)
+    if not card.synthetic_demo or not card.artifact_output:
+        raise CalciscopeError(f"{source}: the demo artifact classifier must be marked synthetic_demo and have a "
+                              f"calcium_artifact output")
+    target = _copy_classifier(source, "artifact_classifier")
+    if measured is not None:
+        doc = json.loads((target / CLS_CARD).read_text())
+        doc["metrics"] = {**doc["metrics"], "held_out": measured}
+        (target / CLS_CARD).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    return target
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m calciscope.model.demo")
+    sub = parser.add_subparsers(dest="command", required=True)
+    model_parser = sub.add_parser("install", help="install a checkpoint (and its segmenter) as the demo model")
+    model_parser.add_argument("model")
+    model_parser.add_argument("held_out", nargs="?")
+    model_parser.add_argument("--segmenter")
+    classifier_parser = sub.add_parser("install-classifier", help="install a vessel classifier beside the demo")
+    classifier_parser.add_argument("classifier")
+    classifier_parser.add_argument("held_out", nargs="?")
+    artifact_parser = sub.add_parser("install-artifact-classifier",
+                                     help="install a calcium-artifact classifier beside the demo")
+    artifact_parser.add_argument("classifier")
+    artifact_parser.add_argument("measured", nargs="?", help="JSON of its figures on unseen phantoms")
+    args = parser.parse_args()
+    if args.command == "install":
+        print(install(args.model, args.held_out, segmenter=args.segmenter))
+    elif args.command == "install-classifier":
+        print(install_classifier(args.classifier, args.held_out))
+    else:
+        print(install_artifact_classifier(args.classifier,
+                                          json.loads(Path(args.measured).read_text()) if args.measured else None))
