@@ -1,15 +1,26 @@
-"""Atomic outputs: a result directory appears whole or not at all, and never outside the output folder."""
+"""Files in and out, for every stage: atomic outputs and the one strict config loader.
+
+Atomic outputs: a result directory appears whole or not at all, and never outside the output folder.
+Config: every stage's settings are a dataclass built by :func:`from_dict` from a YAML/JSON mapping
+(:func:`read_yaml_mapping`): unknown keys are refused, types are checked, nested dataclasses recurse, and every
+failure is one :class:`CalciscopeError` line naming the file and the key. :func:`save_yaml` writes it back.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+import types
+import typing
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+import yaml
 
 from calciscope.errors import CalciscopeError
 
@@ -85,3 +96,82 @@ def _jsonable(obj: Any):
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON-serialisable: {type(obj).__name__}")
+
+
+def read_yaml_mapping(path: str | Path) -> dict:
+    """A config file's top-level mapping; a missing file, bad YAML or a non-mapping is one line naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CalciscopeError(f"{path}: no such config file")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise CalciscopeError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
+    if not isinstance(raw, dict):
+        raise CalciscopeError(f"{path}: expected a mapping at the top level")
+    return raw
+
+
+def from_dict(cls, data: dict, where: str):
+    """Build dataclass ``cls`` from ``data``, recursing into nested dataclasses; unknown keys are refused."""
+    if not isinstance(data, dict):
+        raise CalciscopeError(f"{where}: expected a mapping for {cls.__name__}, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise CalciscopeError(f"{where}: unknown key(s) {unknown} in {cls.__name__}; valid: {sorted(known)}")
+    kwargs = {}
+    for key, value in data.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = from_dict(hint, value or {}, f"{where}:{key}")
+        else:
+            kwargs[key] = check_type(value, hint, f"{where}: {cls.__name__.removesuffix('Config').lower()}.{key}")
+    return cls(**kwargs)
+
+
+def check_type(value, hint, where: str):
+    """``value`` if it is a ``hint`` (Optional/Union, list[...], dict, Any, int, float, str, bool), else one error line.
+
+    An int is accepted for a float (YAML writes ``1`` for ``1.0``); a bool is never an int.
+    """
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return check_type(value, arg, where)
+            except CalciscopeError:
+                continue
+        raise CalciscopeError(f"{where}: {value!r} is not a {hint}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise CalciscopeError(f"{where}: expected a list, got {value!r}")
+        return [check_type(v, args[0], where) for v in value] if args else list(value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise CalciscopeError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if hint is Any:
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
+        raise CalciscopeError(f"{where}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def load_dataclass(cls, path: str | Path):
+    """``cls`` built strictly from the YAML/JSON file at ``path`` (errors name the file)."""
+    return from_dict(cls, read_yaml_mapping(path), str(path))
+
+
+def save_yaml(obj: Any, path: str | Path) -> Path:
+    """Write a dataclass (or a mapping) as YAML in key order, atomically; the form :func:`read_yaml_mapping` reads."""
+    data = dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+    return write_bytes_atomic(path, yaml.safe_dump(data, sort_keys=False).encode("utf-8"))

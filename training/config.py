@@ -5,15 +5,14 @@ A run directory gets the resolved configuration as ``config.yaml`` so the run ca
 
 from __future__ import annotations
 
-import dataclasses
-import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from calciscope.errors import CalciscopeError
+from calciscope.io import from_dict, read_yaml_mapping, save_yaml
+
+__all__ = ["TrainConfig", "load_config", "save_config", "from_dict", "read_yaml_mapping"]  # the last two: calciscope.io
 
 DEFAULT_LABELS = ["medial_calcification", "small_vessel_calcification", "thrombosis", "vasculitis"]
 SOURCES = ("slides", "slide_labels", "tiles")
@@ -196,69 +195,6 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Tr
     return config.validate(path)
 
 
-def read_yaml_mapping(path: Path) -> dict:
-    """A config file's top-level mapping; a missing file, bad YAML or a non-mapping is one line naming the file."""
-    if not path.is_file():
-        raise CalciscopeError(f"{path}: no such config file")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise CalciscopeError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
-    if not isinstance(raw, dict):
-        raise CalciscopeError(f"{path}: expected a mapping at the top level")
-    return raw
-
-
-def from_dict(cls, data: dict, where: str):
-    """Build dataclass ``cls`` from ``data``, recursing into nested dataclasses; unknown keys are refused."""
-    if not isinstance(data, dict):
-        raise CalciscopeError(f"{where}: expected a mapping for {cls.__name__}, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise CalciscopeError(f"{where}: unknown key(s) {unknown} in {cls.__name__}; valid: {sorted(known)}")
-    kwargs = {}
-    for key, value in data.items():
-        hint = hints[key]
-        if dataclasses.is_dataclass(hint):
-            kwargs[key] = from_dict(hint, value or {}, f"{where}:{key}")
-        else:
-            kwargs[key] = _check_type(value, hint, f"{where}: {cls.__name__.removesuffix('Config').lower()}.{key}")
-    return cls(**kwargs)
-
-
-def _check_type(value, hint, where: str):
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _check_type(value, arg, where)
-            except CalciscopeError:
-                continue
-        raise CalciscopeError(f"{where}: {value!r} is not a {hint}")
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise CalciscopeError(f"{where}: expected a list, got {value!r}")
-        return [_check_type(v, args[0], where) for v in value] if args else list(value)
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise CalciscopeError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
-    if hint is Any:
-        return value
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint in (int, float, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
-        raise CalciscopeError(f"{where}: expected {hint.__name__}, got {value!r}")
-    return value
-
-
 def _resolve_paths(config: TrainConfig, base: Path) -> None:
     """Relative data paths in a config file are relative to that file; the output folder to the working dir."""
     for attr in ("manifest", "tiles", "cache_dir"):
@@ -270,6 +206,5 @@ def _resolve_paths(config: TrainConfig, base: Path) -> None:
 
 
 def save_config(config: TrainConfig, path: str | Path) -> Path:
-    path = Path(path)
-    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
-    return path
+    """The resolved config as YAML (``config.yaml`` beside a run's outputs)."""
+    return save_yaml(config, path)

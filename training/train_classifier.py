@@ -53,7 +53,7 @@ from calciscope.model.vessel_classifier import (
     vessel_extras,
 )
 from calciscope.model.vessel_detection import VESSEL_POSITIVE
-from calciscope.training.config import from_dict, read_yaml_mapping
+from calciscope.io import from_dict, read_yaml_mapping
 
 # a vessel threshold must beat the segmenter's own filter by this much min(recall, precision) on validation: the
 # demo's first run chose 0.05 for +0.003 on its validation slides, and lost 0.07 precision on unseen phantoms

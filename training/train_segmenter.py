@@ -41,7 +41,7 @@ from calciscope.model.segmenter import (
     save_segmenter,
     segment_slide,
 )
-from calciscope.training.config import from_dict, read_yaml_mapping
+from calciscope.io import from_dict, read_yaml_mapping
 from calciscope.training.engine import warmup_cosine
 
 
