@@ -5,7 +5,7 @@ No public calciphylaxis slides exist, so calciscope draws its own. `generate_sli
 - ``<slide_id>.tiff``: square RGB pyramid (level 0 plus downsamples 4, 16 and 64 when >= 32 px), 256 px
   JPEG tiles, reduced levels as further pages, resolution tags in px/cm, so OpenSlide opens it as
   ``generic-tiff`` and reports ``openslide.mpp-x``. Pixels are rendered by Beer-Lambert from haematoxylin and
-  eosin optical-density fields, using stain vectors measured on a real Aperio scan (see _phantom_draw).
+  eosin optical-density fields, using stain vectors measured on a real Aperio scan (see phantom.stain).
 - ``<slide_id>.geojson``: lesion polygons (QuPath export format, level-0 px), one per drawn lesion, only
   for the finding classes asked for. Vascular lesions lie inside their vessel outline, except vasculitis,
   whose polygon also covers the perivascular infiltrate (up to VASCULITIS_CUFF_UM beyond the wall).
@@ -41,7 +41,8 @@ import cv2
 import numpy as np
 import tifffile
 
-from calciscope.data._phantom_draw import build_scene, render_strip
+from calciscope.data.phantom.raster import render_strip
+from calciscope.data.phantom.scene import build_scene
 from calciscope.errors import CalciscopeError
 
 FINDINGS = ("medial_calcification", "small_vessel_calcification", "thrombosis", "vasculitis")

@@ -13,7 +13,7 @@ import pytest
 import tiffslide
 
 from calciscope.data import synthetic
-from calciscope.data._phantom_draw import E_OD, H_OD
+from calciscope.data.phantom.stain import E_OD, H_OD
 from calciscope.data.synthetic import (
     FINDINGS, VASCULITIS_CUFF_UM, cua_pattern, generate_dataset, generate_slide,
 )
