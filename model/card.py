@@ -1,8 +1,16 @@
-"""The model card (``model.json``): everything inference must know about a checkpoint, never guessed.
+"""Model cards: one base for every network calciscope saves, and the tile model's card.
 
-Like timm's ``pretrained_cfg``, the preprocessing facts (tile size in pixels, mpp in µm/px, mean/std)
-travel with the weights, together with the label order, decision thresholds, per-label temperatures,
-the CUA-pattern rule, and how the model was trained and evaluated.
+A card is the JSON file that travels with a network's weights (``<name>.safetensors`` + ``<name>.json``): like timm's
+``pretrained_cfg``, everything inference must know (input size and scale, mean/std, output names, thresholds,
+calibration) goes with the weights and is never guessed. :class:`CardBase` holds what every card shares (schema
+version, name, version, weights sha256, creation date, intended use, the synthetic-demo flag, the library version,
+training provenance and metrics) and reads a card strictly: unknown keys refused, every field's type checked
+(``calciscope.io.check_type`` plus the card's own checks), the schema version checked, each failure one
+:class:`CheckpointError` line naming the file. A card kind names its files and rebuilds its network through
+``build()``; saving and loading weights with their card is ``calciscope.model.checkpoint``.
+
+Kinds: :class:`ModelCard` (tile CNN / attention-MIL, ``model.json``), ``SegmenterCard`` (vessel U-Net,
+``segmenter.json``) and ``ClassifierCard`` (vessel and calcium-artifact classifiers, ``classifier.json``).
 """
 
 from __future__ import annotations
@@ -10,16 +18,20 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
+import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, ClassVar
+
+from torch import nn
 
 from calciscope._version import __version__
-from calciscope.errors import CheckpointError
+from calciscope.errors import CalciscopeError, CheckpointError
+from calciscope.io import check_type
 from calciscope.model.backbones import BACKBONES, IMAGENET_MEAN, IMAGENET_STD
-from calciscope.model.heads import HEAD_CONFIG_KEYS, HEADS
+from calciscope.model.heads import HEAD_CONFIG_KEYS, HEADS, create_model
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 1  # the tile model's card (ModelCard.SCHEMA_VERSION)
 SYNTHETIC_DEMO_NOTICE = "synthetic demo, not for clinical use"
 DEFAULT_INTENDED_USE = (
     "Research and decision support only: scores H&E slides for the histologic pattern of calciphylaxis "
@@ -31,55 +43,66 @@ def _today() -> str:
     return _dt.datetime.now(_dt.timezone.utc).date().isoformat()
 
 
-@dataclass
-class ModelCard:
-    """Metadata saved as ``model.json`` next to ``model.safetensors``.
+@dataclass(kw_only=True)
+class CardBase:
+    """The fields every card shares; a card kind subclasses it (a dataclass) and sets the class settings below.
 
-    Units: ``tile_px`` is the tile edge in pixels at ``mpp`` micrometres per pixel.
-    ``labels`` fixes the order of the model's outputs. ``thresholds`` / ``temperature`` are keyed by label
-    (temperature defaults to 1.0). ``cua_rule`` is ``CUARule.to_dict()`` (empty = the default rule).
-    ``head_config`` holds the head's shape-defining settings so ``create_model`` can rebuild it.
-    ``slide_calibration`` is {label: {"a": slope > 0, "b": intercept}}: the logistic map from the aggregated tile
-    probabilities to a calibrated slide probability (``inference.aggregate.slide_probabilities``); empty (the
-    default, and every card written before it existed) means the aggregate is used as it is.
-    Anything not covered by a field goes in ``extra``; other unknown keys are rejected on load.
+    ``created`` is an ISO date ("" in cards written before the field existed: unknown). ``training`` says how the
+    network was made (data, recipe, seed), ``metrics`` how it scored. A card marked ``synthetic_demo`` says so in
+    its ``intended_use``. Fields missing from a card file take their defaults (older cards lack some), and a card
+    read from an older schema is upgraded to the current one (written back, it says so).
     """
 
-    name: str
-    labels: list[str]
-    backbone: str
-    tile_px: int
-    mpp: float
-    head: str = "tile"
+    KIND: ClassVar[str] = "card"  # what the network is, in messages
+    WEIGHTS_FILE: ClassVar[str] = ""
+    CARD_FILE: ClassVar[str] = ""
+    SCHEMA_VERSION: ClassVar[int] = 1  # the newest schema this calciscope reads (and writes) for the kind
+    # field name -> check returning None or what the value must be (on top of the type its annotation gives)
+    FIELD_CHECKS: ClassVar[dict[str, Callable[[Any], str | None]]] = {}
+
+    schema_version: int = 0  # 0: the kind's SCHEMA_VERSION
+    name: str = ""
     version: str = "0.1.0"
-    embed_dim: int | None = None
-    head_config: dict[str, Any] = field(default_factory=dict)
-    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
-    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
-    thresholds: dict[str, float] = field(default_factory=dict)
-    temperature: dict[str, float] = field(default_factory=dict)
-    slide_calibration: dict[str, dict[str, float]] = field(default_factory=dict)
-    cua_rule: dict[str, Any] = field(default_factory=dict)
-    training: dict[str, Any] = field(default_factory=dict)
-    metrics: dict[str, Any] = field(default_factory=dict)
-    calciscope_version: str = __version__
+    weights_sha256: str = ""
     created: str = field(default_factory=_today)
     intended_use: str = DEFAULT_INTENDED_USE
     synthetic_demo: bool = False
-    weights_sha256: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
-    schema_version: int = SCHEMA_VERSION
+    calciscope_version: str = __version__
+    training: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.labels = list(self.labels)
-        self.temperature = {**{label: 1.0 for label in self.labels}, **self.temperature}
+        self.schema_version = self.schema_version or self.SCHEMA_VERSION
         if self.synthetic_demo and SYNTHETIC_DEMO_NOTICE not in self.intended_use:
             self.intended_use = f"This model is a {SYNTHETIC_DEMO_NOTICE}. {self.intended_use}"
 
-    def threshold(self, label: str, default: float = 0.5) -> float:
-        """Decision threshold for ``label`` (``default`` when the card has none)."""
-        return float(self.thresholds.get(label, default))
+    # --- what a kind provides -------------------------------------------------------------------------------------
+    def build(self) -> nn.Module:
+        """The (untrained) network this card describes; its state dict is what the weights file must hold."""
+        raise NotImplementedError
 
+    def problem(self) -> str | None:
+        """What is wrong with this card as a whole (fields that contradict each other), or None."""
+        return None
+
+    def weights_metadata(self) -> dict[str, str]:
+        """Metadata stored in the safetensors header (``format: pt`` is added); checked against the card on load."""
+        return {}
+
+    def fitted_to(self, model: nn.Module) -> dict[str, Any]:
+        """Fields to take from the network being saved (e.g. its widths); may refuse a network it does not describe
+        with a CalciscopeError."""
+        return {}
+
+    def check_built(self, model: nn.Module) -> str | None:
+        """What the built network contradicts in the card (beyond tensor names and shapes), or None."""
+        return None
+
+    def describe(self) -> str:
+        """The architecture in a few words, for messages."""
+        return self.KIND
+
+    # --- reading and writing --------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -88,69 +111,153 @@ class ModelCard:
         return json.dumps(_finite_or_none(self.to_dict()), indent=2, allow_nan=False) + "\n"
 
     @classmethod
-    def from_dict(cls, data: Any, source: str | Path = "model.json") -> ModelCard:
-        """Validate a parsed ``model.json``; any problem is a CheckpointError naming ``source`` and the field."""
+    def from_dict(cls, data: Any, source: str | Path | None = None):
+        """Validate a parsed card; any problem is a CheckpointError naming ``source`` and the field."""
+        source = source if source is not None else cls.CARD_FILE
 
         def bad(reason: str) -> CheckpointError:
-            return CheckpointError(source, f"not a valid model card: {reason}")
+            return CheckpointError(source, f"not a valid {cls.KIND} card: {reason}")
 
         if not isinstance(data, dict):
             raise bad(f"expected a JSON object, got {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(data) - set(known))
         if unknown:
-            raise bad(f"unknown field(s) {unknown} (put custom metadata under 'extra')")
-        no_default = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
-        required = ["schema_version", *no_default]
+            hint = " (put custom metadata under 'extra')" if "extra" in known else ""
+            raise bad(f"unknown keys {unknown}{hint}")
+        required = ["schema_version", *(n for n, f in known.items()
+                                        if f.default is MISSING and f.default_factory is MISSING)]
         missing = [k for k in required if k not in data]
         if missing:
             raise bad(f"missing field(s) {missing}")
+        checks = {**_BASE_CHECKS, **cls.FIELD_CHECKS}
+        hints = typing.get_type_hints(cls)
+        values = {}
         for name, value in data.items():
-            problem = _FIELD_CHECKS[name](value)
+            problem = checks[name](value) if name in checks else None
             if problem:
                 raise bad(f"field '{name}' {problem}, got {value!r:.80}")
-        if data["schema_version"] > SCHEMA_VERSION:
-            raise bad(f"schema_version {data['schema_version']} is newer than this calciscope reads ({SCHEMA_VERSION})")
-        labels = data["labels"]
-        if len(set(labels)) != len(labels):
-            raise bad("field 'labels' has duplicates")
-        if data["backbone"] not in BACKBONES:
-            raise bad(f"field 'backbone' {data['backbone']!r} is not one of {sorted(BACKBONES)}")
-        if data.get("head", "tile") not in HEADS:
-            raise bad(f"field 'head' must be one of {list(HEADS)}, got {data['head']!r}")
-        for name in ("thresholds", "temperature"):
-            stray = sorted(set(data.get(name, {})) - set(labels))
-            if stray:
-                raise bad(f"field '{name}' has keys {stray} that are not in labels")
-        if any(t <= 0 for t in data.get("temperature", {}).values()):
-            raise bad("field 'temperature' values must be > 0")
-        stray = sorted(set(data.get("slide_calibration", {})) - set(labels))
-        if stray:
-            raise bad(f"field 'slide_calibration' has keys {stray} that are not in labels")
-        stray = sorted(set(data.get("head_config", {})) - set(HEAD_CONFIG_KEYS))
-        if stray:
-            raise bad(f"field 'head_config' has unknown keys {stray}; allowed: {list(HEAD_CONFIG_KEYS)}")
-        values = {k: (list(v) if isinstance(v, list) else dict(v) if isinstance(v, dict) else v)
-                  for k, v in data.items()}
-        values["mpp"] = float(values["mpp"])
-        values["slide_calibration"] = {label: {"a": float(v["a"]), "b": float(v["b"])}
-                                       for label, v in values.get("slide_calibration", {}).items()}
-        for name in ("mean", "std"):
-            if name in values:
-                values[name] = [float(v) for v in values[name]]
-        return cls(**values)
+            try:
+                values[name] = check_type(value, hints[name], f"field '{name}'")
+            except CalciscopeError as exc:
+                raise bad(str(exc)) from None
+        if data["schema_version"] > cls.SCHEMA_VERSION:
+            raise bad(f"schema_version {data['schema_version']} is newer than this calciscope reads "
+                      f"({cls.SCHEMA_VERSION})")
+        values.setdefault("created", "")  # a card from before the field: its date is unknown, not today
+        values["schema_version"] = cls.SCHEMA_VERSION  # an older schema is read as the current one, defaults filled
+        try:
+            card = cls(**values)
+            problem = card.problem()
+        except (TypeError, ValueError) as exc:
+            raise bad(str(exc)) from None
+        if problem:
+            raise bad(problem)
+        return card
 
     @classmethod
-    def from_json(cls, path: str | Path) -> ModelCard:
-        """Read and validate ``model.json``; a missing or unparsable file is a CheckpointError."""
+    def from_json(cls, path: str | Path):
+        """Read and validate a card file; a missing or unparsable file is a CheckpointError naming it."""
         path = Path(path)
         if not path.is_file():
-            raise CheckpointError(path, "not a calciscope checkpoint (model.json not found)")
+            raise CheckpointError(path, f"not a calciscope checkpoint ({path.name} not found; a {cls.KIND} folder "
+                                        f"holds {cls.CARD_FILE} and {cls.WEIGHTS_FILE})")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CheckpointError(path, f"not a calciscope checkpoint (model.json is not valid JSON: {exc})") from None
+            raise CheckpointError(path, f"not a calciscope checkpoint ({path.name} is not valid JSON: {exc})") from None
         return cls.from_dict(data, source=path)
+
+
+@dataclass
+class ModelCard(CardBase):
+    """The tile model's card, saved as ``model.json`` next to ``model.safetensors``.
+
+    Units: ``tile_px`` is the tile edge in pixels at ``mpp`` micrometres per pixel.
+    ``labels`` fixes the order of the model's outputs. ``thresholds`` / ``temperature`` are keyed by label
+    (temperature defaults to 1.0). ``cua_rule`` is ``CUARule.to_dict()`` (empty = the default rule).
+    ``head_config`` holds the head's shape-defining settings so ``create_model`` can rebuild it.
+    ``slide_calibration`` is {label: {"a": slope > 0, "b": intercept}}: the logistic map from the aggregated tile
+    probabilities to a calibrated slide probability (``model.aggregate.slide_probabilities``); empty (the
+    default, and every card written before it existed) means the aggregate is used as it is.
+    Anything not covered by a field goes in ``extra``; other unknown keys are rejected on load.
+    """
+
+    KIND: ClassVar[str] = "model"
+    WEIGHTS_FILE: ClassVar[str] = "model.safetensors"
+    CARD_FILE: ClassVar[str] = "model.json"
+    SCHEMA_VERSION: ClassVar[int] = SCHEMA_VERSION
+
+    name: str = field()  # required here (a bare annotation would inherit the base's default)
+    labels: list[str]
+    backbone: str
+    tile_px: int
+    mpp: float
+    head: str = "tile"
+    embed_dim: int | None = None
+    head_config: dict[str, Any] = field(default_factory=dict)
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    thresholds: dict[str, float] = field(default_factory=dict)
+    temperature: dict[str, float] = field(default_factory=dict)
+    slide_calibration: dict[str, dict[str, float]] = field(default_factory=dict)
+    cua_rule: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.labels = list(self.labels)
+        self.temperature = {**{label: 1.0 for label in self.labels}, **self.temperature}
+        self.slide_calibration = {label: {"a": float(v["a"]), "b": float(v["b"])}
+                                  for label, v in self.slide_calibration.items()}
+
+    def threshold(self, label: str, default: float = 0.5) -> float:
+        """Decision threshold for ``label`` (``default`` when the card has none)."""
+        return float(self.thresholds.get(label, default))
+
+    def build(self) -> nn.Module:
+        return create_model(self.backbone, self.labels, head=self.head, **self.head_config)
+
+    def problem(self) -> str | None:
+        labels = self.labels
+        if len(set(labels)) != len(labels):
+            return "field 'labels' has duplicates"
+        if self.backbone not in BACKBONES:
+            return f"field 'backbone' {self.backbone!r} is not one of {sorted(BACKBONES)}"
+        if self.head not in HEADS:
+            return f"field 'head' must be one of {list(HEADS)}, got {self.head!r}"
+        for name in ("thresholds", "temperature", "slide_calibration"):
+            stray = sorted(set(getattr(self, name)) - set(labels))
+            if stray:
+                return f"field '{name}' has keys {stray} that are not in labels"
+        if any(t <= 0 for t in self.temperature.values()):
+            return "field 'temperature' values must be > 0"
+        stray = sorted(set(self.head_config) - set(HEAD_CONFIG_KEYS))
+        if stray:
+            return f"field 'head_config' has unknown keys {stray}; allowed: {list(HEAD_CONFIG_KEYS)}"
+        return None
+
+    def weights_metadata(self) -> dict[str, str]:
+        return {"calciscope_labels": json.dumps(self.labels), "calciscope_backbone": self.backbone,
+                "calciscope_head": self.head}
+
+    def fitted_to(self, model: nn.Module) -> dict[str, Any]:
+        for attr, card_value in (("labels", self.labels), ("backbone_name", self.backbone), ("head_kind", self.head)):
+            model_value = getattr(model, attr, None)
+            if model_value != card_value:
+                raise CalciscopeError(
+                    f"card does not describe the model: card has {card_value!r}, model {attr} is {model_value!r}"
+                )
+        return {"embed_dim": model.feature_dim, "head_config": dict(model.head_config), "labels": list(self.labels)}
+
+    def check_built(self, model: nn.Module) -> str | None:
+        if self.embed_dim is not None and self.embed_dim != model.feature_dim:
+            return (f"embed_dim {self.embed_dim} does not match backbone {self.backbone} "
+                    f"(feature dim {model.feature_dim})")
+        return None
+
+    def describe(self) -> str:
+        return f"{len(self.labels)} labels, {self.backbone}/{self.head}"
 
 
 def _finite_or_none(obj: Any) -> Any:
@@ -185,10 +292,25 @@ def _iso_date(v: Any) -> bool:
     return True
 
 
-_FIELD_CHECKS = {
+def _iso_date_or_empty(v: Any) -> bool:
+    return v == "" or _iso_date(v)
+
+
+# every card's shared fields
+_BASE_CHECKS = {
     "schema_version": _check(lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "name": _check(lambda v: isinstance(v, str) and v, "a non-empty string"),
     "version": _check(lambda v: isinstance(v, str), "a string"),
+    "weights_sha256": _check(lambda v: isinstance(v, str), "a string"),
+    "created": _check(_iso_date_or_empty, "an ISO date string"),
+    "intended_use": _check(lambda v: isinstance(v, str) and v, "a non-empty string"),
+    "synthetic_demo": _check(lambda v: isinstance(v, bool), "true or false"),
+    "calciscope_version": _check(lambda v: isinstance(v, str), "a string"),
+    "training": _check(lambda v: isinstance(v, dict), "an object"),
+    "metrics": _check(lambda v: isinstance(v, dict), "an object"),
+}
+
+ModelCard.FIELD_CHECKS = {
     "labels": _check(lambda v: isinstance(v, list) and v and all(isinstance(s, str) and s for s in v),
                      "a non-empty list of strings"),
     "backbone": _check(lambda v: isinstance(v, str), "a string"),
@@ -210,12 +332,5 @@ _FIELD_CHECKS = {
             for p in v.values()),
         'an object of label -> {"a": number > 0, "b": number}'),
     "cua_rule": _check(lambda v: isinstance(v, dict), "an object"),
-    "training": _check(lambda v: isinstance(v, dict), "an object"),
-    "metrics": _check(lambda v: isinstance(v, dict), "an object"),
-    "calciscope_version": _check(lambda v: isinstance(v, str), "a string"),
-    "created": _check(_iso_date, "an ISO date string"),
-    "intended_use": _check(lambda v: isinstance(v, str) and v, "a non-empty string"),
-    "synthetic_demo": _check(lambda v: isinstance(v, bool), "true or false"),
-    "weights_sha256": _check(lambda v: isinstance(v, str), "a string"),
     "extra": _check(lambda v: isinstance(v, dict), "an object"),
 }

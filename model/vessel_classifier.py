@@ -18,20 +18,23 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, ClassVar
 
 import cv2
 import numpy as np
 import torch
 from torch import nn
 
-from calciscope._version import __version__
 from calciscope.data.slides import Slide
-from calciscope.errors import CheckpointError
-from calciscope.model.store import load_net, read_card, save_net
+from calciscope.model.aggregate import slide_from_vessels
+from calciscope.model.calibration import apply_temperature
+from calciscope.model.card import CardBase
+from calciscope.model.checkpoint import load_net, save_net
+from calciscope.model.precision import device_of
 
 WEIGHTS_FILE = "classifier.safetensors"
 CARD_FILE = "classifier.json"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the card base's fields (name, version, created, intended_use); 1 still reads
 N_EXTRA = 2  # standardised log outer diameter, in subcutaneous fat (0/1)
 VESSEL = "vessel"  # the extra output of a classifier that also judges whether an outline is a vessel at all
 # the extra output of a classifier that also judges whether calcium was lost at the vessel in sectioning (a hole where
@@ -103,12 +106,17 @@ class VesselClassifier(nn.Module):
         return self.head(torch.cat([pooled, extras.to(pooled.dtype)], dim=1))
 
 
-@dataclass
-class ClassifierCard:
-    """``classifier.json``: what the classifier needs at inference and how it was made."""
+@dataclass(kw_only=True)
+class ClassifierCard(CardBase):
+    """``classifier.json``: what the classifier needs at inference (the card base's fields say how it was made)."""
+
+    KIND: ClassVar[str] = "vessel classifier"
+    WEIGHTS_FILE: ClassVar[str] = WEIGHTS_FILE
+    CARD_FILE: ClassVar[str] = CARD_FILE
+    SCHEMA_VERSION: ClassVar[int] = SCHEMA_VERSION
 
     labels: list[str] = field(default_factory=list)
-    crop: dict = field(default_factory=lambda: asdict(CropConfig()))
+    crop: dict[str, Any] = field(default_factory=lambda: asdict(CropConfig()))
     widths: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
     hidden: int = 64
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
@@ -129,12 +137,12 @@ class ClassifierCard:
     vessel_threshold: float | None = None
     artifact_output: bool = False  # a "calcium_artifact" output after the findings (before "vessel")
     artifact_threshold: float = 0.5  # a vessel is flagged calcium_artifact at this calibrated probability
-    metrics: dict = field(default_factory=dict)
-    training: dict = field(default_factory=dict)
-    synthetic_demo: bool = False
-    calciscope_version: str = __version__
-    weights_sha256: str = ""
-    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.name:  # cards from before the base had no name
+            self.name = "calcium-artifact-classifier" if self.artifact_output and not self.labels \
+                else "vessel-classifier"
 
     @property
     def crop_config(self) -> CropConfig:
@@ -146,31 +154,38 @@ class ClassifierCard:
         return (list(self.labels) + ([ARTIFACT] if self.artifact_output else [])
                 + ([VESSEL] if self.vessel_output else []))
 
-    @classmethod
-    def from_file(cls, path: Path) -> ClassifierCard:
-        card = read_card(cls, path, "vessel classifier", SCHEMA_VERSION)
+    def build(self) -> VesselClassifier:
+        return VesselClassifier(len(self.outputs), tuple(self.widths), self.hidden)
+
+    def problem(self) -> str | None:
         try:
-            crop = card.crop_config
+            crop = self.crop_config
         except TypeError as exc:
-            raise CheckpointError(path, f"not a vessel classifier card: crop: {exc}") from None
-        if not (card.labels or card.artifact_output) or len(card.widths) < 2 or crop.crop_px < 2 ** (len(card.widths) - 1) \
+            return f"crop: {exc}"
+        if not (self.labels or self.artifact_output) or len(self.widths) < 2 \
+                or crop.crop_px < 2 ** (len(self.widths) - 1) \
                 or not 0 < crop.min_side_um <= crop.max_side_um or crop.context <= 0:
-            raise CheckpointError(path, "needs labels (or an artifact output), at least two widths and a crop of "
-                                        "positive size")
-        return card
+            return "needs labels (or an artifact output), at least two widths and a crop of positive size"
+        return None
+
+    def weights_metadata(self) -> dict[str, str]:
+        return {"calciscope_vessel_classifier": json.dumps(self.labels)}
+
+    def fitted_to(self, model: nn.Module) -> dict[str, Any]:
+        return {"widths": list(model.widths)}
+
+    def describe(self) -> str:
+        return f"classifier widths {list(self.widths)}, hidden {self.hidden}, {len(self.outputs)} outputs"
 
 
 def save_classifier(directory: str | Path, model: VesselClassifier, card: ClassifierCard) -> Path:
     """Write ``classifier.safetensors`` then ``classifier.json`` (with the weights' sha256) into ``directory``."""
-    return save_net(directory, WEIGHTS_FILE, CARD_FILE, model, card,
-                    {"calciscope_vessel_classifier": json.dumps(card.labels)}, widths=list(model.widths))
+    return save_net(directory, model, card)
 
 
 def load_classifier(directory: str | Path) -> tuple[VesselClassifier, ClassifierCard]:
     """Model (eval mode, CPU) and card from a classifier folder; checks the sha256, key set and shapes first."""
-    return load_net(directory, WEIGHTS_FILE, CARD_FILE, ClassifierCard.from_file,
-                    lambda card: VesselClassifier(len(card.outputs), tuple(card.widths), card.hidden),
-                    "vessel classifier")
+    return load_net(ClassifierCard, directory)
 
 
 def to_input(crops: np.ndarray, card: ClassifierCard) -> torch.Tensor:
@@ -183,8 +198,6 @@ def to_input(crops: np.ndarray, card: ClassifierCard) -> torch.Tensor:
 
 def calibrated(logits: np.ndarray, card: ClassifierCard) -> np.ndarray:
     """(N, outputs) probabilities: logits divided by each output's temperature (1 when the card has none)."""
-    from calciscope.model.calibration import apply_temperature
-
     return apply_temperature(logits, card.temperature, card.outputs)
 
 
@@ -192,8 +205,6 @@ def calibrated(logits: np.ndarray, card: ClassifierCard) -> np.ndarray:
 def classifier_logits(model: nn.Module, card: ClassifierCard, crops: np.ndarray, extras: np.ndarray,
                       batch_size: int = 128) -> np.ndarray:
     """(N, outputs) raw logits of (N, H, W, 3) uint8 crops with their (N, N_EXTRA) extras, on the model's device."""
-    from calciscope.model.precision import device_of
-
     device = device_of(model)
     out = [np.zeros((0, len(card.outputs)), np.float32)]
     for i in range(0, len(crops), batch_size):
@@ -216,7 +227,5 @@ def classify_vessels(slide: Slide, polygons: list[np.ndarray], outer_um: np.ndar
 def slide_probabilities(vessel_probs: np.ndarray, card: ClassifierCard, labels: list[str] | None = None) -> np.ndarray:
     """(L,) slide probabilities from (N, L) calibrated vessel probabilities (columns ``labels``, default the card's):
     the highest per finding (0 without vessels), through the card's ``slide_calibration``."""
-    from calciscope.model.aggregate import slide_from_vessels
-
     return slide_from_vessels(vessel_probs, card.slide_calibration,
                               list(card.labels if labels is None else labels)).astype(np.float32)

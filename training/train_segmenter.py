@@ -136,18 +136,14 @@ def best_min_mean_probability(report: dict) -> float:
 def set_instance_setting(segmenter: str | Path, name: str, value: float) -> Path:
     """Write one tuned InstanceConfig setting into a segmenter folder's card (the weights, and their sha256 in
     the card, stay as they are); returns the card's path."""
-    import json
-
-    from calciscope.io import write_json
-    from calciscope.model.segmenter import CARD_FILE, load_segmenter
+    from calciscope.model.checkpoint import read_card, update_card
+    from calciscope.model.segmenter import CARD_FILE
 
     if name not in InstanceConfig.__dataclass_fields__:
         raise CalciscopeError(f"{name!r} is not an instance setting ({', '.join(InstanceConfig.__dataclass_fields__)})")
-    load_segmenter(segmenter)  # a folder that loads, before its card is touched
-    path = Path(segmenter) / CARD_FILE
-    card = json.loads(path.read_text(encoding="utf-8"))
-    card["instance"] = {**card.get("instance", {}), name: value}
-    return write_json(path, card)
+    card = read_card(SegmenterCard, segmenter)
+    update_card(SegmenterCard, segmenter, instance={**card.instance, name: value})
+    return Path(segmenter) / CARD_FILE
 
 
 def _load_slides(config: SegmenterTrainConfig, progress: Callable[[str], None] | None,
