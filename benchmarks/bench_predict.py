@@ -60,16 +60,16 @@ def resolve_model(name: str, work: Path) -> str:
 
 def forward_only_rate(predictor: Predictor, tiles: torch.Tensor, batch_size: int, repeats: int) -> float:
     """The model's own speed: normalise + forward + sigmoid on uint8 tiles already in memory."""
-    model, precision = predictor.model, predictor.precision
+    model, precision = predictor.tiles.model, predictor.precision
     best = 0.0
     with torch.inference_mode():
         for _ in range(repeats):
             start = time.perf_counter()
             for i in range(0, len(tiles), batch_size):
-                x = prepare_inputs(tiles[i : i + batch_size], predictor.mean, predictor.std, precision)
+                x = prepare_inputs(tiles[i : i + batch_size], predictor.tiles.mean, predictor.tiles.std, precision)
                 with precision.autocast():
                     y = model(x)
-                torch.sigmoid(y.float() / predictor.temperature)
+                torch.sigmoid(y.float() / predictor.tiles.temperature)
             best = max(best, len(tiles) / (time.perf_counter() - start))
     return best
 
@@ -87,7 +87,7 @@ def end_to_end_rate(model: str, path: Path, out: Path, batch_size: int, workers:
 def saliency_seconds_per_tile(predictor: Predictor, tiles: np.ndarray, method: str) -> float:
     targets = np.arange(len(tiles)) % len(predictor.labels)
     start = time.perf_counter()
-    saliency_maps(predictor.model, tiles, targets, predictor.card.mean, predictor.card.std, method=method)
+    saliency_maps(predictor.tiles.model, tiles, targets, predictor.card.mean, predictor.card.std, method=method)
     return (time.perf_counter() - start) / len(tiles)
 
 

@@ -43,7 +43,7 @@ from calciscope.inference.predict import PredictConfig, Predictor
 def score_rate(manifest: Path, model: str, out: Path, workers: int, settings: dict) -> tuple[float, float, list]:
     """(seconds, slides/min, outcomes) of one ScoreRun into a fresh folder."""
     start = time.perf_counter()
-    outcomes = ScoreRun(manifest, model, out, settings=settings, workers=workers).run()
+    outcomes = ScoreRun(manifest, model, out, config=PredictConfig(**settings), workers=workers).run()
     seconds = time.perf_counter() - start
     failed = [o for o in outcomes if o.status != "scored"]
     if failed:

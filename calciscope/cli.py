@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
 import os
 import sys
+import typing
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
@@ -16,6 +20,7 @@ from rich.table import Table
 
 from calciscope._version import __version__
 from calciscope.errors import CalciscopeError
+from calciscope.inference.config import PredictConfig, cli_fields, default_workers
 
 app = typer.Typer(
     name="calciscope",
@@ -51,11 +56,6 @@ def progress_bar(description: str, per_minute: bool = False):
             bar.update(task, completed=done, total=total, rate=rate)
 
         yield update
-
-
-RUNTIME_HELP = "torch (a checkpoint) or onnxruntime (an ONNX export: CPU, fp32, no saliency)."
-SALIENCY_HELP = ("guided-gradcam (Grad-CAM sharpened by guided backprop), gradcam (coarse), ig (integrated gradients) "
-                 "or none; default guided-gradcam with torch, none with onnxruntime.")
 
 
 def _parse_prevalence(text: Optional[str]) -> Optional[dict[str, float]]:
@@ -213,51 +213,59 @@ def _summary_table(results) -> Table:
     return table
 
 
-VESSELS_HELP = ("Vessel analysis: 'auto' (the segmenter shipped in the model folder's vessels/, as the demo "
-                "model has; skipped without one), a segmenter folder from 'train-vessels', or 'none'.")
-VESSEL_CLASSIFIER_HELP = ("Per-vessel classifier: 'auto' (the one in the segmenter's classifier/ folder, as the demo "
-                          "has), a folder from 'train-vessel-classifier', or 'none' (vessels then get their tiles' "
-                          "highest tile-model probability).")
-ARTIFACT_CLASSIFIER_HELP = ("Calcium-artifact classifier: 'auto' (the one in the segmenter's artifact_classifier/ "
-                            "folder, as the demo has), a folder from 'train-vessel-classifier' with judge_artifacts, "
-                            "or 'none'. It flags vessels where calcium was lost in sectioning (holes, tears, chatter).")
-SAMPLING_HELP = ("Where slide probabilities come from: 'grid' (the tissue grid's tiles), 'vessels' (the detected "
-                 "vessels: the vessel classifier's slide map, or tiles centred on them) or 'both' (grid and vessel "
-                 "tiles); default: 'vessels' with a vessel classifier, else as the model was trained (its card).")
-MIN_FAT_HELP = ("Small vessels in subcutaneous fat needed to judge the CUA pattern; fewer and the call is marked "
-                "insufficient_sampling.")
+def predict_options(exclude: tuple[str, ...] = ()):
+    """Give a command one option per ``PredictConfig`` field (flag, help and default are written once, in the
+    dataclass) plus ``--config predict.yaml``; the command receives the resolved ``config``: the YAML's settings,
+    then the options given on the command line."""
+
+    def decorate(command):
+        shared = cli_fields(exclude)
+        hints = typing.get_type_hints(PredictConfig)
+        params = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "config"]
+        for f in shared:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+            option = typer.Option(None, flag, help=f.metadata["help"],
+                                  show_default=str(default) if default is not None else False)
+            params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY,
+                                            annotation=Optional[_without_none(hints[f.name])], default=option))
+        params.append(inspect.Parameter("predict_config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
+                                        default=typer.Option(None, "--config", help="Settings file (YAML) with "
+                                                             "PredictConfig keys; options given here win.")))
+
+        @functools.wraps(command)
+        def wrapper(**kwargs):
+            given = {f.name: kwargs.pop(f.name) for f in shared}
+            given = {k: v for k, v in given.items() if v is not None}
+            path = kwargs.pop("predict_config")
+            config = PredictConfig.from_yaml(path, given) if path is not None else PredictConfig(**given)
+            return command(config=config, **kwargs)
+
+        wrapper.__signature__ = inspect.Signature(params)
+        wrapper.__annotations__ = {}
+        return wrapper
+
+    return decorate
+
+
+def _without_none(hint):
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
 
 
 @app.command()
+@predict_options()
 def predict(
     slides: list[Path] = typer.Argument(..., help="Slide files (.svs .tif .ndpi .mrxs .png .jpg ...)."),
     model: str = typer.Option("demo", "--model", help="A checkpoint directory, or 'demo' for the shipped demo model "
                                                      "(with --runtime onnxruntime: an .onnx file from 'export')."),
     out_dir: Path = typer.Option(Path("calciscope-results"), "--out", help="Output folder; one OUT/<slide_id>/ per slide."),
-    batch_size: int = typer.Option(64, "--batch-size", help="Tiles per forward pass."),
-    workers: int = typer.Option(min(2, os.cpu_count() or 1), "--workers", help="Tile decoding processes (0: none)."),
-    runtime: str = typer.Option("torch", "--runtime", help=RUNTIME_HELP),
-    saliency: Optional[str] = typer.Option(None, "--saliency", help=SALIENCY_HELP),
-    top_k: int = typer.Option(4, "--top-k", help="Top tiles per finding, each with a saliency map."),
-    aggregation: Optional[str] = typer.Option(None, "--aggregate", help="topk, max or quantile (default: the model's)."),
-    k: Optional[int] = typer.Option(None, "--k", help="Tiles averaged by --aggregate topk (default: the model's)."),
-    min_tissue: float = typer.Option(0.5, "--min-tissue", help="Score tiles with at least this tissue fraction."),
-    slide_mpp: Optional[float] = typer.Option(None, "--slide-mpp", help="Override the slide's level-0 µm/px."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    vessels: str = typer.Option("auto", "--vessels", help=VESSELS_HELP),
-    vessel_classifier: str = typer.Option("auto", "--vessel-classifier", help=VESSEL_CLASSIFIER_HELP),
-    artifact_classifier: str = typer.Option("auto", "--artifact-classifier", help=ARTIFACT_CLASSIFIER_HELP),
-    sampling: Optional[str] = typer.Option(None, "--sampling", help=SAMPLING_HELP),
-    min_fat_vessels: int = typer.Option(3, "--min-fat-vessels", help=MIN_FAT_HELP),
+    config: PredictConfig = None,
 ):
     """Score slides: per-finding probabilities, CUA-pattern score, vessels, heatmaps, saliency, QuPath GeoJSON,
     HTML report."""
-    from calciscope.inference.predict import PredictConfig, Predictor, check_writable
+    from calciscope.inference.predict import Predictor, check_writable
 
-    config = PredictConfig(batch_size=batch_size, workers=workers, saliency=saliency, top_k=top_k,
-                           aggregation=aggregation, k=k, min_tissue=min_tissue, slide_mpp=slide_mpp, device=device,
-                           runtime=runtime, vessels=vessels, vessel_classifier=vessel_classifier,
-                           artifact_classifier=artifact_classifier, sampling=sampling, min_fat_vessels=min_fat_vessels)
     check_writable(out_dir)
     predictor = Predictor(model, config)
     results, failures = [], 0
@@ -285,6 +293,7 @@ def predict(
 
 
 @app.command()
+@predict_options(exclude=("workers",))
 def score(
     source: str = typer.Argument(..., help="A manifest CSV (path[, slide_id, mpp, ...]), a folder of slides or a glob."),
     model: str = typer.Option("demo", "--model", help="A checkpoint directory, or 'demo' "
@@ -293,27 +302,13 @@ def score(
     workers: int = typer.Option(1, "--workers", help="Slides scored in parallel, each in its own process."),
     backend: str = typer.Option("local", "--backend", help="local (worker processes) or ray (one task per slide)."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster address (default: start one)."),
-    batch_size: int = typer.Option(64, "--batch-size", help="Tiles per forward pass."),
-    runtime: str = typer.Option("torch", "--runtime", help=RUNTIME_HELP),
-    saliency: Optional[str] = typer.Option(None, "--saliency", help=SALIENCY_HELP),
-    top_k: int = typer.Option(4, "--top-k", help="Top tiles per finding, each with a saliency map."),
-    min_tissue: float = typer.Option(0.5, "--min-tissue", help="Score tiles with at least this tissue fraction."),
-    slide_mpp: Optional[float] = typer.Option(None, "--slide-mpp",
-                                              help="µm/px for slides whose file has none (a manifest 'mpp' wins)."),
-    vessels: str = typer.Option("auto", "--vessels", help=VESSELS_HELP),
-    vessel_classifier: str = typer.Option("auto", "--vessel-classifier", help=VESSEL_CLASSIFIER_HELP),
-    artifact_classifier: str = typer.Option("auto", "--artifact-classifier", help=ARTIFACT_CLASSIFIER_HELP),
-    sampling: Optional[str] = typer.Option(None, "--sampling", help=SAMPLING_HELP),
-    min_fat_vessels: int = typer.Option(3, "--min-fat-vessels", help=MIN_FAT_HELP),
+    config: PredictConfig = None,
 ):
     """Score many slides: resumable, a bad slide or a crashed worker never stops the batch."""
     from calciscope.inference.batch import ScoreRun
 
-    settings = {"batch_size": batch_size, "saliency": saliency, "top_k": top_k, "min_tissue": min_tissue,
-                "slide_mpp": slide_mpp, "runtime": runtime, "vessels": vessels, "vessel_classifier": vessel_classifier,
-                "artifact_classifier": artifact_classifier, "sampling": sampling, "min_fat_vessels": min_fat_vessels}
     with progress_bar("slides", per_minute=True) as update:
-        outcomes = ScoreRun(source, model, out_dir, settings=settings, workers=workers, backend=backend,
+        outcomes = ScoreRun(source, model, out_dir, config=config, workers=workers, backend=backend,
                             ray_address=ray_address, progress=update).run()
     counts = {status: sum(o.status == status for o in outcomes) for status in ("scored", "resumed", "failed")}
     for o in outcomes:
@@ -349,11 +344,11 @@ def demo(
     out_dir: Path = typer.Option(Path("calciscope-demo"), "--out", help="Output folder."),
     size: int = typer.Option(3072, "--size", help="Phantom side in pixels (0.5 µm/px)."),
     seed: int = typer.Option(7, "--seed", help="Phantom seed."),
-    workers: int = typer.Option(min(2, os.cpu_count() or 1), "--workers", help="Tile decoding processes (0: none)."),
+    workers: int = typer.Option(default_workers(), "--workers", help="Tile decoding processes (0: none)."),
 ):
     """Draw a phantom slide with lesions and score it with the shipped demo model, offline; prints the report path."""
     from calciscope.data.synthetic import generate_slide
-    from calciscope.inference.predict import PredictConfig, Predictor, check_writable
+    from calciscope.inference.predict import Predictor, check_writable
 
     check_writable(out_dir)
     findings = {"medial_calcification": 1, "small_vessel_calcification": 0, "thrombosis": 1, "vasculitis": 0}
@@ -507,21 +502,10 @@ def evaluate_vessels(
                                "into the segmenter's card, where predict and score read it."),
 ):
     """Vessel detection recall and precision (IoU 0.5), diameter and count error of a segmenter on labelled slides."""
-    import json
+    from calciscope.inference.evaluate import evaluate_vessels as run
 
-    from calciscope.model.demo import demo_model_dir, resolve_segmenter
-    from calciscope.training.train_segmenter import (
-        best_min_mean_probability,
-        evaluate_segmenter,
-        set_instance_setting,
-    )
-
-    if apply and segmenter == "demo":
-        raise CalciscopeError("--apply writes into the segmenter's card: copy the demo segmenter "
-                              f"({demo_model_dir() / 'vessels'}) to a folder of your own and pass that")
-    folder = resolve_segmenter(segmenter)
-    report = evaluate_segmenter(folder, data, list(min_mean_probability) or None,
-                                lambda line: console.print(line, highlight=False))
+    report = run(segmenter, data, out_dir, list(min_mean_probability) or None, apply=apply,
+                 progress=lambda line: console.print(line, highlight=False))
     table = Table(title=f"{segmenter} on {data.name}")
     for column in ("min mean prob", "true", "found", "recall", "precision", "diameter err", "count err"):
         table.add_column(column, justify="right")
@@ -530,12 +514,9 @@ def evaluate_vessels(
                       *(f"{m[k]:.3f}" if m[k] is not None else "n/a"
                         for k in ("recall", "precision", "median_diameter_error", "count_error")))
     out.print(table)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "detection.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
-    if apply:
-        best = best_min_mean_probability(report)
-        card = set_instance_setting(folder, "min_mean_probability", best)
-        console.print(f"min_mean_probability {best:g} written to {card}", highlight=False, soft_wrap=True)
+    if "applied" in report:
+        console.print(f"min_mean_probability {report['applied']['min_mean_probability']:g} written to "
+                      f"{report['applied']['card']}", highlight=False, soft_wrap=True)
     out.print(str(out_dir / "detection.json"), highlight=False, soft_wrap=True)
 
 
@@ -558,6 +539,48 @@ def evaluate(
         table.add_row(label, *(f"{m[k]:.3f}" for k in ("auroc", "auprc", "sens_at_spec", "ece")))
     out.print(table)
     out.print(str(out_dir / "metrics.json"), highlight=False)
+
+
+install_demo = typer.Typer(help="Maintainers: install trained networks as the shipped demo (a synthetic demo; the "
+                                  "recipes in configs/ say how each was made).", no_args_is_help=True)
+app.add_typer(install_demo, name="install-demo")
+
+
+@install_demo.command("model")
+def install_demo_model(
+    model: Path = typer.Argument(..., help="A checkpoint folder marked synthetic_demo."),
+    held_out: Optional[Path] = typer.Argument(None, help="An 'evaluate' metrics.json on phantoms it never saw."),
+    segmenter: Optional[Path] = typer.Option(None, "--segmenter", help="A train-vessels folder to ship beside it."),
+):
+    """Copy a checkpoint (and its segmenter) into the package as the demo model."""
+    from calciscope.model.demo import install
+
+    out.print(str(install(model, held_out, segmenter=segmenter)), highlight=False, soft_wrap=True)
+
+
+@install_demo.command("classifier")
+def install_demo_classifier(
+    classifier: Path = typer.Argument(..., help="A train-vessel-classifier folder marked synthetic_demo."),
+    held_out: Optional[Path] = typer.Argument(None, help="An 'evaluate --model demo' metrics.json run with it."),
+):
+    """Copy a vessel classifier beside the demo model's segmenter."""
+    from calciscope.model.demo import install_classifier
+
+    out.print(str(install_classifier(classifier, held_out)), highlight=False, soft_wrap=True)
+
+
+@install_demo.command("artifact-classifier")
+def install_demo_artifact_classifier(
+    classifier: Path = typer.Argument(..., help="A calcium-artifact classifier folder marked synthetic_demo."),
+    measured: Optional[Path] = typer.Argument(None, help="JSON of its figures on unseen phantoms."),
+):
+    """Copy a calcium-artifact classifier beside the demo model's segmenter."""
+    import json
+
+    from calciscope.model.demo import install_artifact_classifier
+
+    figures = json.loads(measured.read_text(encoding="utf-8")) if measured is not None else None
+    out.print(str(install_artifact_classifier(classifier, figures)), highlight=False, soft_wrap=True)
 
 
 @app.command()

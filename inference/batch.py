@@ -18,20 +18,26 @@ import csv
 import datetime as _dt
 import glob
 import hashlib
+import io
 import json
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+import torch
+
 from calciscope._version import __version__
 from calciscope.data.slides import SLIDE_SUFFIXES, safe_id, slide_id_from_path
 from calciscope.errors import CalciscopeError
+from calciscope.inference.config import PredictConfig
+from calciscope.inference.predict import Predictor, check_writable
 from calciscope.io import sha256_file, write_bytes_atomic, write_json
 
 BACKENDS = ("local", "ray")
@@ -178,8 +184,6 @@ def score_one(predictor, job: SlideJob, out_root: str | Path, default_mpp: float
 
     The slide's mpp override is the job's (manifest ``mpp``), else ``default_mpp`` (the run's ``--slide-mpp``).
     """
-    from calciscope.errors import CalciscopeError as _Error
-
     start = time.perf_counter()
     out_root = Path(out_root)
     _maybe_inject_fault(job, out_root)
@@ -191,10 +195,10 @@ def score_one(predictor, job: SlideJob, out_root: str | Path, default_mpp: float
     doc = completed_result(out_root, job.slide_id, sha, predictor.model_sha256)
     if doc is not None:
         return _outcome_from_doc(job, doc, "resumed", time.perf_counter() - start)
-    predictor.config.slide_mpp = job.slide_mpp if job.slide_mpp is not None else default_mpp
     try:
-        result = predictor.predict_and_write(job.path, out_root, slide_id=job.slide_id, sha256=sha)
-    except _Error as exc:
+        result = predictor.predict_and_write(job.path, out_root, slide_id=job.slide_id, sha256=sha,
+                                             slide_mpp=job.slide_mpp if job.slide_mpp is not None else default_mpp)
+    except CalciscopeError as exc:
         return Outcome(job.slide_id, job.path, "failed", time.perf_counter() - start, str(exc), sha256=sha)
     except MemoryError:
         return Outcome(job.slide_id, job.path, "failed", time.perf_counter() - start, f"{job.path}: out of memory",
@@ -222,18 +226,11 @@ def _maybe_inject_fault(job: SlideJob, out_root: Path) -> None:
 # -- local pool ------------------------------------------------------------------------------------------------
 
 
-def _worker_main(conn, model: str, settings: dict, out_root: str, threads: int) -> None:
-    import signal
-
-    import torch
-
+def _worker_main(conn, model: str, config: PredictConfig, out_root: str, threads: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops the workers
-
     torch.set_num_threads(threads)
-    from calciscope.inference.predict import PredictConfig, Predictor
-
     try:
-        predictor = Predictor(model, PredictConfig(**settings))
+        predictor = Predictor(model, config)
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which stops the run
         conn.send(("fatal", f"{exc}"))
         return
@@ -244,15 +241,15 @@ def _worker_main(conn, model: str, settings: dict, out_root: str, threads: int) 
             return
         if job is None:
             return
-        conn.send(("done", score_one(predictor, job, out_root, settings.get("slide_mpp"))))
+        conn.send(("done", score_one(predictor, job, out_root, config.slide_mpp)))
 
 
 class _Worker:
-    def __init__(self, ctx, model: str, settings: dict, out_root: Path, threads: int):
+    def __init__(self, ctx, model: str, config: PredictConfig, out_root: Path, threads: int):
         self.conn, child = ctx.Pipe()
         # not a daemon: a daemonic process may not start the DataLoader workers that decode its tiles. The parent
         # kills its workers on every way out of run_local; one orphaned by a SIGKILL exits on its closed pipe.
-        self.process = ctx.Process(target=_worker_main, args=(child, model, settings, str(out_root), threads),
+        self.process = ctx.Process(target=_worker_main, args=(child, model, config, str(out_root), threads),
                                    daemon=False)
         self.process.start()
         child.close()
@@ -272,7 +269,7 @@ class _Worker:
             self.process.kill()
 
 
-def run_local(jobs: list[SlideJob], model: str, settings: dict, out_root: Path, workers: int,
+def run_local(jobs: list[SlideJob], model: str, config: PredictConfig, out_root: Path, workers: int,
               on_outcome: Callable[[Outcome], None]) -> None:
     """Score ``jobs`` on ``workers`` spawned processes, each with its own loaded model; a dead worker is replaced and
     its slide retried once."""
@@ -282,7 +279,7 @@ def run_local(jobs: list[SlideJob], model: str, settings: dict, out_root: Path, 
     attempts: dict[str, int] = {}
     pool: list[_Worker] = []
     try:
-        pool = [_Worker(ctx, model, settings, out_root, threads) for _ in range(min(workers, len(jobs)))]
+        pool = [_Worker(ctx, model, config, out_root, threads) for _ in range(min(workers, len(jobs)))]
         while pending or any(w.job is not None for w in pool):
             for w in pool:
                 if w.job is None and pending:
@@ -310,7 +307,7 @@ def run_local(jobs: list[SlideJob], model: str, settings: dict, out_root: Path, 
                 # the worker died: replace it; its slide gets one more try
                 w.kill()
                 job, code = w.job, w.process.exitcode
-                pool[i] = _Worker(ctx, model, settings, out_root, threads)
+                pool[i] = _Worker(ctx, model, config, out_root, threads)
                 if job is None:
                     continue
                 if attempts[job.slide_id] < 2:
@@ -335,18 +332,16 @@ def run_local(jobs: list[SlideJob], model: str, settings: dict, out_root: Path, 
 _RAY_PREDICTORS: dict[str, Any] = {}
 
 
-def _ray_score(model: str, settings: dict, job: SlideJob, out_root: str) -> Outcome:
+def _ray_score(model: str, config: PredictConfig, job: SlideJob, out_root: str) -> Outcome:
     """One Ray task: score one slide with a model kept loaded per worker process."""
-    from calciscope.inference.predict import PredictConfig, Predictor
-
-    key = json.dumps([model, settings], sort_keys=True)
+    key = json.dumps([model, config.to_dict()], sort_keys=True)
     if key not in _RAY_PREDICTORS:
         _RAY_PREDICTORS.clear()
-        _RAY_PREDICTORS[key] = Predictor(model, PredictConfig(**settings))
-    return score_one(_RAY_PREDICTORS[key], job, out_root, settings.get("slide_mpp"))
+        _RAY_PREDICTORS[key] = Predictor(model, config)
+    return score_one(_RAY_PREDICTORS[key], job, out_root, config.slide_mpp)
 
 
-def run_ray(jobs: list[SlideJob], model: str, settings: dict, out_root: Path, address: str | None,
+def run_ray(jobs: list[SlideJob], model: str, config: PredictConfig, out_root: Path, address: str | None,
             cpus_per_task: float, on_outcome: Callable[[Outcome], None]) -> None:
     """One Ray task per slide (``max_retries=1``: a task whose worker dies is retried once by Ray)."""
     try:
@@ -356,7 +351,7 @@ def run_ray(jobs: list[SlideJob], model: str, settings: dict, out_root: Path, ad
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
     task = ray.remote(num_cpus=cpus_per_task, max_retries=1)(_ray_score)
-    refs = {task.remote(model, settings, job, str(out_root)): job for job in jobs}
+    refs = {task.remote(model, config, job, str(out_root)): job for job in jobs}
     try:
         while refs:
             done, _ = ray.wait(list(refs), num_returns=1)
@@ -384,26 +379,23 @@ class ScoreRun:
     source: str | Path
     model: str | Path
     out: str | Path
-    settings: dict = field(default_factory=dict)  # PredictConfig fields
+    config: PredictConfig | None = None  # how each slide is scored (None: the defaults)
     workers: int = 1
     backend: str = "local"
     ray_address: str | None = None
     progress: Progress | None = None
 
     def run(self) -> list[Outcome]:
-        from calciscope.inference.predict import PredictConfig, Predictor, check_writable
-
         if self.backend not in BACKENDS:
             raise CalciscopeError(f"unknown backend {self.backend!r}; choose one of: {', '.join(BACKENDS)}")
         if self.workers < 1:
             raise CalciscopeError(f"workers must be at least 1, got {self.workers}")
         jobs = read_jobs(self.source)
         out_root = check_writable(self.out).resolve()
-        settings = dict(self.settings)
+        config = self.config or PredictConfig()
         if self.backend == "ray" or self.workers > 1:
-            settings.setdefault("workers", 0)  # slides run in parallel already: no decoding processes per slide
-        settings = asdict(PredictConfig(**settings))
-        probe = Predictor(self.model, PredictConfig(**{**settings, "workers": 0}))  # a bad model fails here, once
+            config = replace(config, workers=0)  # slides run in parallel already: no decoding processes per slide
+        probe = Predictor(self.model, replace(config, workers=0))  # a bad model fails here, once
         model_path = str(probe.model_path)  # a checkpoint folder, or an .onnx file (runtime onnxruntime)
         _remove_partials(out_root)
 
@@ -424,9 +416,9 @@ class ScoreRun:
         interrupted = False
         try:
             if self.backend == "local":
-                run_local(jobs, model_path, settings, out_root, self.workers, record)
+                run_local(jobs, model_path, config, out_root, self.workers, record)
             else:
-                run_ray(jobs, model_path, settings, out_root, self.ray_address, max(1, settings["workers"]), record)
+                run_ray(jobs, model_path, config, out_root, self.ray_address, max(1, config.workers), record)
         except KeyboardInterrupt:
             interrupted = True
             raise
@@ -438,11 +430,11 @@ class ScoreRun:
                 "calciscope_version": __version__,
                 "input": str(self.source),
                 "model": {"path": model_path, "name": probe.card.name, "version": probe.card.version,
-                          "sha256": probe.model_sha256, "runtime": settings["runtime"],
+                          "sha256": probe.model_sha256, "runtime": config.runtime,
                           "synthetic_demo": probe.card.synthetic_demo},
                 "backend": self.backend,
                 "workers": self.workers,
-                "settings": settings,
+                "settings": config.to_dict(),
                 "counts": {"slides": len(jobs), **counts},
                 "started": started.isoformat(timespec="seconds"),
                 "seconds": round(time.perf_counter() - t0, 3),
@@ -452,8 +444,6 @@ class ScoreRun:
 
     @staticmethod
     def _write_summary(out_root: Path, jobs: list[SlideJob], outcomes: dict[str, Outcome], labels: list[str]) -> None:
-        import io
-
         buf = io.StringIO()
         writer = csv.writer(buf)
         writer.writerow(["slide_id", "path", "status", *(f"p_{label}" for label in labels), "cua_pattern",

@@ -20,17 +20,21 @@ from typing import Callable
 import numpy as np
 
 from calciscope.errors import CalciscopeError
+from calciscope.inference.predict import PredictConfig, Predictor
+from calciscope.model.aggregate import apply_slide_calibration
+from calciscope.model.demo import demo_model_dir
+from calciscope.model.vessel_classifier import CARD_FILE, load_classifier
+from calciscope.training.calibration import fit_platt
+from calciscope.training.metrics import binary_metrics
+from calciscope.training.sources import read_manifest
 
 
 def slide_tops(model: str | Path, classifier: str | Path, manifests: Sequence[str | Path],
                progress: Callable[[str], None] | None = None) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
     """(labels, slide ids, (S, L) highest listed-vessel probability per finding, (S, L) labels) of ``predict`` with
     ``classifier`` judging the vessels on every slide of ``manifests`` (a slide without listed vessels: 0)."""
-    from calciscope.inference.predict import PredictConfig, Predictor
-    from calciscope.training.sources import read_manifest
-
     predictor = Predictor(model, PredictConfig(workers=0, saliency="none", top_k=0, vessel_classifier=str(classifier)))
-    if predictor.vessel_classifier is None or predictor.sampling != "vessels":
+    if predictor.vessel_stage.vessel_classifier is None or predictor.sampling != "vessels":
         raise CalciscopeError(f"{model}: predict does not take slide probabilities from the vessel classifier "
                               f"{classifier} with this model (no segmenter, or another sampling)")
     labels = list(predictor.labels)
@@ -52,12 +56,6 @@ def calibrate_slides(model: str | Path, classifier: str | Path, manifests: Seque
     finding it holds the map and the expected calibration error and Brier score of the slide probabilities on these
     slides under the old map and the new one (fit on them: an in-sample figure; judge the map on other slides). A
     finding whose slides are all positive or all negative has nothing to fit and keeps its map (``kept_previous_map``)."""
-    from calciscope.model.aggregate import apply_slide_calibration
-    from calciscope.model.demo import demo_model_dir
-    from calciscope.model.vessel_classifier import CARD_FILE, load_classifier
-    from calciscope.training.calibration import fit_platt
-    from calciscope.training.metrics import binary_metrics
-
     folder = Path(classifier)
     if folder.resolve().is_relative_to(demo_model_dir().resolve()):
         raise CalciscopeError(f"{folder}: calibrate-slides writes into the classifier's card; copy the shipped one "

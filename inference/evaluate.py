@@ -9,6 +9,7 @@ manifest has artifact annotations.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -19,13 +20,14 @@ from calciscope.inference.predict import PredictConfig, Predictor
 from calciscope.io import write_json
 from calciscope.model import load_card
 from calciscope.model.cua import CUARule, cua_score
-from calciscope.model.demo import resolve_model
+from calciscope.model.demo import demo_model_dir, resolve_model, resolve_segmenter
 from calciscope.model.precision import choose_precision
 from calciscope.training import metrics
 from calciscope.training.config import AggregationConfig, DataConfig, OptimConfig, TrainConfig
 from calciscope.training.data import load_data
 from calciscope.training.sources import read_manifest
 from calciscope.training.train import evaluate_units
+from calciscope.training.train_segmenter import best_min_mean_probability, evaluate_segmenter, set_instance_setting
 
 
 def evaluate_model(model_dir: str | Path, data_path: str | Path, out_dir: str | Path, *, workers: int = 0) -> dict:
@@ -71,7 +73,7 @@ def _vessel_slides(model_dir: Path, manifest: Path, report: dict, config: TrainC
     ``_artifact_qc_metrics``). Without one, ``report`` is returned as it is."""
 
     predictor = Predictor(model_dir, PredictConfig(workers=0, saliency="none", top_k=0))
-    if predictor.vessel_classifier is None or predictor.sampling != "vessels":
+    if predictor.vessel_stage.vessel_classifier is None or predictor.sampling != "vessels":
         return report
     records = read_manifest(manifest, predictor.labels, need_labels=True)
     results = [predictor.predict(r.path) for r in records]
@@ -156,3 +158,25 @@ def _artifact_qc_metrics(matched) -> dict | None:
     if 0 < touching.sum() < len(touching) and all(q is not None for q in prob):
         out["auroc"] = float(metrics.binary_metrics(touching.astype(int), np.array(prob, float))["auroc"])
     return out
+
+
+def evaluate_vessels(segmenter: str | Path, manifest: str | Path, out_dir: str | Path,
+                     min_mean_probabilities: list[float] | None = None, *, apply: bool = False,
+                     progress: Callable[[str], None] | None = None) -> dict:
+    """``calciscope evaluate-vessels``: detection figures of a segmenter (a folder or ``"demo"``) on slides with
+    vessel outlines it never saw, at each instance filter asked for, written to ``out_dir/detection.json``. With
+    ``apply``, the filter with the highest min(recall, precision) goes into the segmenter's card (``applied`` in the
+    report says where); the shipped demo is refused."""
+    if apply and str(segmenter) == "demo":
+        raise CalciscopeError("--apply writes into the segmenter's card: copy the demo segmenter "
+                              f"({demo_model_dir() / 'vessels'}) to a folder of your own and pass that")
+    folder = resolve_segmenter(segmenter)
+    report = evaluate_segmenter(folder, manifest, min_mean_probabilities, progress)
+    if apply:
+        best = best_min_mean_probability(report)
+        card = set_instance_setting(folder, "min_mean_probability", best)
+        report["applied"] = {"min_mean_probability": best, "card": str(card)}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / "detection.json", report)
+    return report

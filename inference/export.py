@@ -13,19 +13,18 @@ import csv
 import json
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import cv2
 import numpy as np
 
 from calciscope.data.slides import safe_id
 from calciscope.inference.heatmap import contours_level0, heatmap_image
-from calciscope.inference.predict import VESSEL_POSITIVE
+from calciscope.inference.report import render_report
+from calciscope.inference.result import SlideResult, positive_findings
 from calciscope.inference.saliency import overlay
 from calciscope.io import atomic_dir, child_dir, write_json
-
-if TYPE_CHECKING:
-    from calciscope.inference.predict import SlideResult
+from calciscope.model.vessel_detection import VESSEL_POSITIVE
 
 # QuPath classification colours per finding (RGB); other labels get a colour from their name
 FINDING_COLOURS = {
@@ -62,7 +61,6 @@ def write_outputs(result: SlideResult, out_root: str | Path) -> Path:
         if result.vessels is not None:
             write_json(tmp / "vessels.geojson", vessel_features(result))
             write_vessels_csv(tmp / "vessels.csv", result)
-        from calciscope.inference.report import render_report
 
         (tmp / "report.html").write_text(render_report(result, images), encoding="utf-8")
     return final
@@ -151,11 +149,6 @@ def qupath_features(result: SlideResult) -> dict[str, Any]:
                     },
                 })
     return {"type": "FeatureCollection", "features": features}
-
-
-def positive_findings(probabilities: dict[str, float]) -> list[str]:
-    """The findings a vessel counts as positive for (probability ≥ ``VESSEL_POSITIVE``), in label order."""
-    return [k for k, v in probabilities.items() if v >= VESSEL_POSITIVE]
 
 
 def _ring(points: np.ndarray, dims: tuple[int, int]) -> list[list[float]]:

@@ -22,28 +22,28 @@ from calciscope.data.tissue import TissueConfig, detect_tissue
 from calciscope.data.vessels.match import match_vessels
 from calciscope.data.vessels.truth import read_vessels
 from calciscope.errors import CalciscopeError
+from calciscope.inference.predict import PredictConfig, Predictor
 from calciscope.inference.vessels import analyze_vessels, features_of
 from calciscope.io import write_bytes_atomic
 from calciscope.model.card import ModelCard
 from calciscope.model.checkpoint import CARD_FILE
 from calciscope.model.vessel_head import VesselHead, fit_vessel_head
+from calciscope.training.calibration import fit_platt
+from calciscope.training.sources import read_manifest
 
 
 def collect(model: str | Path, manifest: str | Path, vessels: str = "auto",
             progress: Callable[[int, int], None] | None = None):
     """(features, 0/1 targets, patient of each vessel, slide of each vessel, (S, L) slide labels or None, labels)
     over every detected vessel of the manifest's slides."""
-    from calciscope.inference.predict import PredictConfig, Predictor
-    from calciscope.training.sources import read_manifest
-
     # the head is fit on tile-model scores: no vessel classifier (it would take their place)
     predictor = Predictor(model, PredictConfig(workers=0, saliency="none", top_k=0, vessels=vessels,
                                                vessel_classifier="none"))
-    if predictor.segmenter is None:
+    if predictor.vessel_stage.segmenter is None:
         raise CalciscopeError(f"{model}: no vessel segmenter (put one in the model folder's vessels/ or pass --vessels)")
     labels = predictor.labels
     records = read_manifest(manifest, labels)
-    seg, seg_card = predictor.segmenter
+    seg, seg_card = predictor.vessel_stage.segmenter
     feats, targets, groups, slide_of = [], [], [], []
     for n, record in enumerate(records, start=1):
         if record.vessels is None:
@@ -53,7 +53,7 @@ def collect(model: str | Path, manifest: str | Path, vessels: str = "auto",
         with open_slide(record.path) as slide:
             analysis = analyze_vessels(slide, detect_tissue(slide, TissueConfig()), seg, seg_card,
                                        lambda t: predictor.score_tiles(torch.from_numpy(t)), predictor.tiling,
-                                       labels, predictor.vessel_config)
+                                       labels, predictor.vessel_stage.vessel_config)
             mpp = slide.mpp
         found = analysis.vessels
         y = np.zeros((len(found), len(labels)), np.int64)
@@ -84,7 +84,6 @@ def fit_into_card(model_dir: str | Path, manifest: str | Path, vessels: str = "a
     x, y, groups, slide_of, slide_labels, labels = collect(model_dir, manifest, vessels, progress)
     head = fit_vessel_head(x, y, labels, groups)
     if slide_labels is not None:  # slide level: highest vessel probability → slide probability (Platt)
-        from calciscope.training.calibration import fit_platt
 
         probs = head.predict(x)
         top = np.zeros(slide_labels.shape)

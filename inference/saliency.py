@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from calciscope.errors import CalciscopeError
+from calciscope.inference.config import SALIENCY_METHODS as METHODS
 
-METHODS = ("guided-gradcam", "gradcam", "ig", "none")
 BLUR_SIGMA_PER_PX = 1 / 56  # pixel attributions are speckled: a Gaussian of ~2 px per 112 px tile turns them into regions
 
 

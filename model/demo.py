@@ -4,12 +4,12 @@ clinical use.
     calciscope train --config configs/demo.yaml
     calciscope synth --out phantoms/held_out --n-slides 24 --size 2048 --seed 90210
     calciscope evaluate --model runs/demo/model --data phantoms/held_out/manifest.csv --out runs/demo/held_out
-    python -m calciscope.model.demo install runs/demo/model runs/demo/held_out/metrics.json
+    calciscope install-demo model runs/demo/model runs/demo/held_out/metrics.json
 
 Stage 2 (``configs/demo_vessels.yaml``) fine-tunes that model on grid plus vessel-centred tiles, and
 ``configs/vessels.yaml`` trains the vessel segmenter that ships beside it in ``demo/vessels/``:
 
-    python -m calciscope.model.demo install runs/demo_vessels/model runs/demo_vessels/held_out/metrics.json \
+    calciscope install-demo model runs/demo_vessels/model runs/demo_vessels/held_out/metrics.json \
         --segmenter runs/vessels
 
 ``configs/vessel_classifier.yaml`` trains the per-vessel classifier that ships in ``demo/vessels/classifier/``,
@@ -17,13 +17,13 @@ whose slide map is then refit on 96 tuning phantoms (seeds 706 and 707; the conf
 
     calciscope calibrate-slides --classifier runs/vessel_classifier --data phantoms/cua_tune/manifest.csv \
         --data phantoms/cua_tune2/manifest.csv
-    python -m calciscope.model.demo install-classifier runs/vessel_classifier
+    calciscope install-demo classifier runs/vessel_classifier
     calciscope evaluate --model demo --data phantoms/held_out/manifest.csv --out runs/vessel_classifier/held_out
-    python -m calciscope.model.demo install-classifier runs/vessel_classifier runs/vessel_classifier/held_out/metrics.json
+    calciscope install-demo classifier runs/vessel_classifier runs/vessel_classifier/held_out/metrics.json
 
 ``configs/artifact_classifier.yaml`` trains the calcium-artifact classifier in ``demo/vessels/artifact_classifier/``:
 
-    python -m calciscope.model.demo install-artifact-classifier runs/artifact_classifier
+    calciscope install-demo artifact-classifier runs/artifact_classifier
 """
 
 from __future__ import annotations
@@ -154,29 +154,3 @@ def install_artifact_classifier(source: str | Path, measured: dict | None = None
         doc["metrics"] = {**doc["metrics"], "held_out": measured}
         (target / CLS_CARD).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
     return target
-
-
-if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m calciscope.model.demo")
-    sub = parser.add_subparsers(dest="command", required=True)
-    model_parser = sub.add_parser("install", help="install a checkpoint (and its segmenter) as the demo model")
-    model_parser.add_argument("model")
-    model_parser.add_argument("held_out", nargs="?")
-    model_parser.add_argument("--segmenter")
-    classifier_parser = sub.add_parser("install-classifier", help="install a vessel classifier beside the demo")
-    classifier_parser.add_argument("classifier")
-    classifier_parser.add_argument("held_out", nargs="?")
-    artifact_parser = sub.add_parser("install-artifact-classifier",
-                                     help="install a calcium-artifact classifier beside the demo")
-    artifact_parser.add_argument("classifier")
-    artifact_parser.add_argument("measured", nargs="?", help="JSON of its figures on unseen phantoms")
-    args = parser.parse_args()
-    if args.command == "install":
-        print(install(args.model, args.held_out, segmenter=args.segmenter))
-    elif args.command == "install-classifier":
-        print(install_classifier(args.classifier, args.held_out))
-    else:
-        print(install_artifact_classifier(args.classifier,
-                                          json.loads(Path(args.measured).read_text()) if args.measured else None))

@@ -17,8 +17,9 @@ from PIL import Image
 from calciscope.data.synthetic import generate_dataset
 from calciscope.errors import CalciscopeError
 from calciscope.inference.batch import FAULT_ENV, ScoreRun, read_jobs
+from calciscope.inference.config import PredictConfig
 
-SETTINGS = {"top_k": 1, "saliency": "guided-gradcam"}
+CONFIG = PredictConfig(top_k=1, saliency="guided-gradcam")
 VOLATILE = ("created", "seconds", "tiles_per_second")  # wall-clock facts; everything else must be identical
 
 
@@ -78,7 +79,7 @@ def _stable_result(folder):
 @pytest.fixture(scope="module")
 def local_run(batch):
     out = batch["root"] / "local"
-    outcomes = ScoreRun(batch["mixed"], "demo", out, settings=SETTINGS, workers=2).run()
+    outcomes = ScoreRun(batch["mixed"], "demo", out, config=CONFIG, workers=2).run()
     return out, outcomes
 
 
@@ -146,11 +147,19 @@ def test_sigkill_mid_batch_then_rerun_equals_an_uninterrupted_run(batch, local_r
             assert (out / sid / name).read_bytes() == (reference / sid / name).read_bytes(), (sid, name)
 
 
+def _foreground_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_stops_the_batch_and_keeps_what_is_done(batch, tmp_path):
     out = tmp_path / "interrupted"
     cmd = [sys.executable, "-m", "calciscope", "score", str(batch["good"]), "--out", str(out), "--workers", "2",
            "--top-k", "1"]
-    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # A shell starts a foreground command with SIGINT at its default; one started as a background job (``pytest &``)
+    # inherits SIGINT *ignored*, and Python then keeps ignoring it: the Ctrl-C this test sends would be lost and the
+    # batch would run to its end (exit 0). Give the child the foreground disposition whatever this process has.
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_foreground_sigint)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None and len(_complete(out) if out.exists() else {}) < 3:
         time.sleep(0.05)
@@ -172,7 +181,7 @@ def test_a_crashed_worker_is_replaced_and_its_slide_retried_once(batch, tmp_path
     rows = list(csv.DictReader(open(batch["good"])))[:3]
     _write_manifest(manifest, rows)
     monkeypatch.setenv(FAULT_ENV, f"crash-once:{ids[0]},crash:{ids[1]}")
-    outcomes = {o.slide_id: o for o in ScoreRun(manifest, "demo", tmp_path / "out", settings=SETTINGS).run()}
+    outcomes = {o.slide_id: o for o in ScoreRun(manifest, "demo", tmp_path / "out", config=CONFIG).run()}
     assert outcomes[ids[0]].status == "scored", outcomes[ids[0]].error
     assert outcomes[ids[0]].attempts == 2  # died once, retried, done
     assert outcomes[ids[1]].status == "failed" and "died twice" in outcomes[ids[1]].error
@@ -191,7 +200,7 @@ def test_ray_backend_on_a_local_cluster_gives_the_local_summary(batch, local_run
     out = batch["root"] / "ray"
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        ScoreRun(batch["mixed"], "demo", out, settings=SETTINGS, backend="ray").run()
+        ScoreRun(batch["mixed"], "demo", out, config=CONFIG, backend="ray").run()
     finally:
         ray.shutdown()
     local, remote = _summary(reference), _summary(out)

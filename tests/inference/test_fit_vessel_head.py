@@ -42,7 +42,7 @@ def test_fit_vessel_head_writes_the_head_that_predict_applies(tmp_path, annotate
                            for k in card["labels"])
     top = np.array([[v.probabilities[k] for k in with_head.labels] for v in vessels]).max(axis=0)
     assert np.allclose([result.probabilities[k] for k in with_head.labels],
-                       with_head.vessel_head.slide_probabilities(top[None]), atol=1e-6)
+                       with_head.vessel_stage.vessel_head.slide_probabilities(top[None]), atol=1e-6)
 
 
 def test_fit_vessel_head_refuses_a_folder_that_is_not_a_checkpoint(tmp_path, annotated, capsys):

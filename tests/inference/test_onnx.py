@@ -108,8 +108,8 @@ def exported(tmp_path_factory, tiny_checkpoint):
 def torch_logits(predictor: Predictor, tiles: np.ndarray) -> np.ndarray:
     """The Predictor's own fp32 path: prepare_inputs -> BatchNorm-folded backbone -> head."""
     with torch.inference_mode():
-        x = prepare_inputs(torch.from_numpy(tiles), predictor.mean, predictor.std, predictor.precision)
-        return predictor.model.head(predictor.backbone(x)).float().numpy()
+        x = prepare_inputs(torch.from_numpy(tiles), predictor.tiles.mean, predictor.tiles.std, predictor.precision)
+        return predictor.tiles.model.head(predictor.tiles.backbone(x)).float().numpy()
 
 
 @pytest.mark.parametrize("name", ["demo", "tiny"])
@@ -125,7 +125,7 @@ def test_onnxruntime_matches_torch_on_phantom_tiles(name, exported, slide):
     assert got.dtype == np.float32 and got.shape == (len(tiles), len(LABELS))
     assert np.abs(got - want).max() <= TOL
     probs = runner.probabilities(tiles)
-    want_probs = torch.sigmoid(torch.from_numpy(want) / predictor.temperature).numpy()
+    want_probs = torch.sigmoid(torch.from_numpy(want) / predictor.tiles.temperature).numpy()
     assert np.abs(probs - want_probs).max() <= TOL
     assert want.std() > 0.05  # real, varied outputs, not a constant compared with itself
 
@@ -388,6 +388,6 @@ def test_runtime_settings_and_where_the_export_is_found(exported, tmp_path):
     folder.mkdir()
     shutil.copyfile(exported["demo"][1], folder / "model.onnx")
     predictor = Predictor(folder, PredictConfig(runtime="onnxruntime", workers=0))
-    assert predictor.model_path == folder / "model.onnx" and predictor.model is None
-    assert predictor.runner.threads == torch.get_num_threads()
+    assert predictor.model_path == folder / "model.onnx" and predictor.tiles.model is None
+    assert predictor.tiles.runner.threads == torch.get_num_threads()
     assert predictor.card.to_dict() == load_card(demo_model_dir()).to_dict()

@@ -185,7 +185,7 @@ def test_mil_model_scores_with_its_attention_head(mil_checkpoint, phantom, tmp_p
     assert result.aggregation == {"method": "attention"} and np.isnan(result.tile_probs).all()
     assert result.tile_scores.max(axis=0) == pytest.approx(np.ones(len(LABELS)))  # attention scaled to 1 per finding
     # the slide probability is what the attention head says about the bag of tile embeddings
-    from calciscope.inference.predict import _PredictTiles
+    from calciscope.inference.tile_scoring import _PredictTiles
     from calciscope.model import load_checkpoint
 
     model, card = load_checkpoint(mil_checkpoint)
@@ -234,10 +234,11 @@ def test_the_vessel_networks_run_where_the_tile_model_runs():
     predictor = Predictor("demo", PredictConfig(workers=0, saliency="none"))
     device = predictor.precision.device
     assert device == torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    nets = [predictor.segmenter[0], predictor.vessel_classifier[0], predictor.artifact_classifier[0]]
+    stage = predictor.vessel_stage
+    nets = [stage.segmenter[0], stage.vessel_classifier[0], stage.artifact_classifier[0]]
     assert [device_of(net).type for net in nets] == [device.type] * 3
     cpu = Predictor("demo", PredictConfig(workers=0, saliency="none", device="cpu"))
-    assert device_of(cpu.segmenter[0]) == torch.device("cpu")
+    assert device_of(cpu.vessel_stage.segmenter[0]) == torch.device("cpu")
 
 
 def test_a_folder_that_is_not_a_checkpoint_is_named(tmp_path):

@@ -78,7 +78,7 @@ def vessel_runs(tmp_path_factory):
     hostile = root / "slides" / HOSTILE_FILE
     shutil.copyfile(phantom.path, hostile)
     predictor = Predictor("demo", PredictConfig(**FAST))
-    assert predictor.segmenter is not None, "the demo bundle ships a vessel segmenter (calciscope/model/demo/vessels)"
+    assert predictor.vessel_stage.segmenter is not None, "the demo bundle ships a vessel segmenter (calciscope/model/demo/vessels)"
     result = predictor.predict_and_write(hostile, root / "out")
     sparse = Predictor("demo", PredictConfig(min_fat_vessels=1000, **FAST)).predict_and_write(phantom.path,
                                                                                               root / "out")

@@ -106,7 +106,7 @@ def test_predict_takes_vessel_probabilities_and_slide_probabilities_from_the_cla
                           artifact_threshold=0.0)
     pos = vessel_phantoms[0]
     predictor = Predictor("demo", PredictConfig(workers=0, saliency="none", top_k=0, vessels=str(seg)))
-    assert predictor.vessel_classifier is not None and predictor.sampling == "vessels"
+    assert predictor.vessel_stage.vessel_classifier is not None and predictor.sampling == "vessels"
     result = predictor.predict(pos.path)
     found = result.vessels.vessels
     assert len(found) >= 5
@@ -128,7 +128,7 @@ def test_predict_takes_vessel_probabilities_and_slide_probabilities_from_the_cla
 
     plain = Predictor("demo", PredictConfig(workers=0, saliency="none", top_k=0, vessels=str(seg),
                                             vessel_classifier="none"))
-    assert plain.vessel_classifier is None and plain.sampling == "grid"
+    assert plain.vessel_stage.vessel_classifier is None and plain.sampling == "grid"
     other = plain.predict(pos.path).vessels.vessels
     assert [v.probabilities == v.tile_probabilities for v in other] == [True] * len(other)
     assert not any(v.artifact_probability is not None or "calcium_artifact" in v.flags for v in other)
