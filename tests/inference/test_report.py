@@ -1,5 +1,7 @@
 """report.html in a real browser (headless Chromium): it renders, shows result.json's numbers, escapes user text."""
 
+import copy
+import dataclasses
 import json
 import re
 import shutil
@@ -12,6 +14,8 @@ from PIL import Image
 
 import calciscope
 from browser import chromium as _chromium
+from calciscope.data.slides import safe_id
+from calciscope.inference.report import render_report
 
 HOSTILE_NAME = "<img src=x onerror=alert(1)>&co.png"
 
@@ -80,3 +84,28 @@ def test_report_is_self_contained(report):
     page = html.read_text(encoding="utf-8")
     assert "http://" not in page and "https://" not in page  # nothing fetched: images are data URIs
     assert len(re.findall(r"<img [^>]*src=[\"']data:image/(png|jpeg);base64,", page)) == page.count("<img ")
+
+
+def test_user_text_is_escaped_by_the_template_not_by_each_call_site(report):
+    """A slide id, finding name and model name carrying markup render as text, in element text and in attributes
+    alike: the template autoescapes everything it is given (no browser needed)."""
+    result, _ = report
+    injection = '<script>alert(1)</script>"onload=alert(2) x=\''
+    escaped = "&lt;script&gt;alert(1)&lt;/script&gt;&#34;onload=alert(2) x=&#39;"
+    old = result.labels[0]
+    hostile = copy.copy(result)
+    hostile.slide_id = injection
+    hostile.card = dataclasses.replace(result.card, name=injection)
+    hostile.labels = [injection, *result.labels[1:]]
+    hostile.probabilities, hostile.thresholds, hostile.top_tiles = (
+        {injection if k == old else k: v for k, v in d.items()}
+        for d in (result.probabilities, result.thresholds, result.top_tiles))
+    images = {"thumbnail.png": result.thumbnail,
+              **{f"heatmap_{safe_id(label)}.png": result.thumbnail for label in hostile.labels}}
+    page = render_report(hostile, images)
+    assert "<script>alert(1)" not in page and '"onload=' not in page and "x='" not in page
+    assert page.count("<script") == 1  # ours
+    assert f"<title>calciscope report: {escaped}</title>" in page and f"<h1>calciscope report: {escaped}</h1>" in page
+    assert f"<td>{escaped}</td>" in page  # the findings table
+    assert f'alt="heatmap {escaped}"' in page and f"<h3>{escaped}</h3>" in page  # an attribute; the top tiles
+    assert f"<td>{escaped} {result.card.version}</td>" in page  # the model table
