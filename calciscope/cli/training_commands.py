@@ -1,0 +1,139 @@
+"""``train``, ``train-vessels``, ``train-vessel-classifier``, ``fit-vessel-head`` and ``calibrate-slides``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from calciscope.cli.app import app, console, out, progress_bar
+from calciscope.errors import CalciscopeError
+
+# Commands import the library inside their bodies: `calciscope --help` then starts without torch.
+
+
+@app.command()
+def train(
+    config: Optional[Path] = typer.Option(None, "--config", help="Training config (YAML); see configs/demo.yaml."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the stopped run in this directory."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Run directory (overrides the config's 'out')."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a config value, e.g. --set optim.epochs=3."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
+):
+    """Train a tile or MIL model; writes checkpoints, metrics, plots and a model card to the run directory."""
+    import yaml
+
+    from calciscope.training.config import load_config
+    from calciscope.training.train import fit
+
+    if (config is None) == (resume is None):
+        raise CalciscopeError("give exactly one of --config (a new run) or --resume RUN_DIR (continue a run)")
+    cfg = None
+    if config is not None:
+        values = {}
+        for item in overrides:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise CalciscopeError(f"--set expects key=value, got {item!r}")
+            values[key.strip()] = yaml.safe_load(value)
+        if out_dir is not None:
+            values["out"] = str(out_dir)
+        cfg = load_config(config, values)
+    run_dir = fit(cfg, resume=resume, show_progress=not quiet)
+    out.print(f"model: {run_dir / 'model'}", highlight=False)
+    out.print(f"metrics: {run_dir / 'metrics.json'}", highlight=False)
+
+
+@app.command("fit-vessel-head")
+def fit_vessel_head_cmd(
+    model: Path = typer.Option(..., "--model", help="The checkpoint folder to add the vessel head to."),
+    data: Path = typer.Option(..., "--data", help="Manifest of slides with vessel outlines the model never trained on."),
+    vessels: str = typer.Option("auto", "--vessels", help="Segmenter folder (default: the model folder's vessels/)."),
+):
+    """Fit per-vessel calibrated probabilities (tile scores + vessel size and place) into a model's card."""
+    from calciscope.inference.fit_vessel_head import fit_into_card
+
+    with progress_bar("slides") as update:
+        head = fit_into_card(model, data, vessels, progress=update)
+    metrics = head.metrics
+    out.print(f"{metrics['n_vessels']} vessels; per-vessel AUROC (grouped CV): {metrics.get('cv_auroc', 'n/a')}",
+              highlight=False, soft_wrap=True)
+    out.print(str(model / "model.json"), highlight=False, soft_wrap=True)
+
+
+@app.command("train-vessels")
+def train_vessels(
+    config: Path = typer.Option(..., "--config", help="Segmenter config (YAML); see configs/vessels.yaml."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Segmenter folder (overrides the config's 'out')."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Training steps (overrides the config's)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
+):
+    """Train the vessel segmenter on slides with vessel outlines (GeoJSON class 'vessel'); prints its folder.
+    Put the folder at <model>/vessels, or pass it to predict/score --vessels."""
+    import dataclasses
+
+    from calciscope.training.train_segmenter import load_config as load_segmenter_config
+    from calciscope.training.train_segmenter import train_segmenter
+
+    cfg = load_segmenter_config(config)
+    cfg = dataclasses.replace(cfg, **({"out": str(out_dir)} if out_dir else {}), **({"steps": steps} if steps else {}))
+    folder = train_segmenter(cfg, None if quiet else (lambda line: console.print(line, highlight=False)))
+    out.print(str(folder), highlight=False, soft_wrap=True)
+
+
+@app.command("train-vessel-classifier")
+def train_vessel_classifier(
+    config: Path = typer.Option(..., "--config", help="Classifier config (YAML); see configs/vessel_classifier.yaml."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Classifier folder (overrides the config's 'out')."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Training epochs (overrides the config's)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
+):
+    """Train the per-vessel classifier on slides with vessel outlines whose 'findings' say what each vessel has;
+    prints its folder. Put the folder at <segmenter>/classifier, or pass it to predict/score --vessel-classifier; one
+    trained for calcium artifacts only (labels: [], judge_artifacts: true) goes to <segmenter>/artifact_classifier
+    or --artifact-classifier."""
+    import dataclasses
+
+    from calciscope.training.train_classifier import load_config as load_classifier_config
+    from calciscope.training.train_classifier import train_classifier
+
+    cfg = load_classifier_config(config)
+    cfg = dataclasses.replace(cfg, **({"out": str(out_dir)} if out_dir else {}),
+                              **({"epochs": epochs} if epochs is not None else {}))
+    folder = train_classifier(cfg, None if quiet else (lambda line: console.print(line, highlight=False)))
+    out.print(str(folder), highlight=False, soft_wrap=True)
+
+
+@app.command("calibrate-slides")
+def calibrate_slides(
+    classifier: Path = typer.Option(..., "--classifier", help="A 'train-vessel-classifier' folder; its card is rewritten."),
+    data: list[Path] = typer.Option(..., "--data", help="Manifest of labelled slides the classifier never saw "
+                                    "(repeat for several)."),
+    model: str = typer.Option("demo", "--model", help="The model (tile model and segmenter) predict runs with."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
+):
+    """Refit a vessel classifier's slide map (highest vessel probability → slide probability) on labelled slides:
+    predict scores each slide with this classifier, and a Platt map per finding is fit to the slide labels and written
+    into the classifier's card. Slide AUROC per finding is unchanged; probabilities and the CUA-pattern score move."""
+    from calciscope.inference.calibrate_slides import calibrate_slides as refit
+
+    record = refit(model, classifier, data, None if quiet else (lambda line: console.print(line, highlight=False)))
+    table = Table(title=f"slide map of {classifier.name}, fit on {record['n_slides']} slides of "
+                        f"{', '.join(record['data'])}")
+    for column in ("finding", "positives", "a", "b", "ECE before", "ECE after", "Brier before", "Brier after"):
+        table.add_column(column, justify="right" if column != "finding" else "left")
+    for k, m in record["per_label"].items():
+        table.add_row(k, str(m["positives"]), *(f"{m[c]:.3f}" if c in m else "-" for c in "ab"),
+                      *(f"{m[f]:.3f}" for f in ("ece_before", "ece_after", "brier_before", "brier_after")))
+    out.print(table)
+    kept = [k for k, m in record["per_label"].items() if m["kept_previous_map"]]
+    if kept:
+        console.print(f"kept the previous map for {', '.join(kept)}: these slides are all positive or all negative",
+                      highlight=False)
+    console.print("(ECE and Brier on the slides the map was fit on; judge it on others with 'calciscope evaluate')",
+                  highlight=False)
+    out.print(str(classifier / "classifier.json"), highlight=False, soft_wrap=True)
+
+
