@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 
 from calciscope.data.slides import cached_slide
 from calciscope.data.tiling import TileGrid
+from calciscope.data.tissue import tile_qc
 
 Transform = Callable[[np.ndarray], np.ndarray]
 
@@ -82,3 +83,18 @@ class MultiSlideTileDataset(Dataset):
         s, t = self.locate(i)
         item = self.datasets[s][t]
         return (*item[:-1], s, t)
+
+
+class GridTilesWithQC(Dataset):
+    """(uint8 HWC tile, its ``tile_qc`` values, index) per tile of a grid, in grid order; decoded in DataLoader
+    workers, each with its own slide handle. ``tile`` and ``predict`` read slides through it."""
+
+    def __init__(self, path: Path, mpp: float | None, grid: TileGrid):
+        self.path, self.mpp, self.grid = path, mpp, grid
+
+    def __len__(self) -> int:
+        return len(self.grid)
+
+    def __getitem__(self, i: int):
+        tile = self.grid.read(cached_slide(self.path, self.mpp), i)
+        return tile, tile_qc(tile), i

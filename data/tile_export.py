@@ -13,16 +13,16 @@ from typing import Callable
 
 import cv2
 import numpy as np
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from calciscope._version import __version__
 from calciscope.data.annotations import LabelingConfig, read_geojson, tile_labels
-from calciscope.data.slides import Slide, cached_slide, open_slide
+from calciscope.data.datasets import GridTilesWithQC
+from calciscope.data.slides import Slide, open_slide
 from calciscope.data.tiling import TileGrid, TilingConfig, make_grid
-from calciscope.data.tissue import QCConfig, TissueConfig, TissueMask, detect_tissue, slide_qc, tile_qc
+from calciscope.data.tissue import QC_COLUMNS, QCConfig, TissueConfig, TissueMask, detect_tissue, slide_qc
 from calciscope.io import atomic_dir, child_dir, write_json
 
-QC_COLUMNS = ("blur_var", "background_fraction", "pen_fraction", "dark_fraction")
 Progress = Callable[[int, int], None]
 
 
@@ -34,20 +34,6 @@ class TileJobResult:
     qc_flags: list[str]
 
 
-class _TilesWithQC(Dataset):
-    """(index, tile, qc) per tile; runs in DataLoader workers, each with its own slide handle."""
-
-    def __init__(self, path: Path, mpp: float | None, grid: TileGrid):
-        self.path, self.mpp, self.grid = path, mpp, grid
-
-    def __len__(self) -> int:
-        return len(self.grid)
-
-    def __getitem__(self, i: int):
-        tile = self.grid.read(cached_slide(self.path, self.mpp), i)
-        return i, tile, tile_qc(tile)
-
-
 def _as_list(batch):
     return batch
 
@@ -55,14 +41,14 @@ def _as_list(batch):
 def iter_tiles_with_qc(path: Path, mpp: float | None, grid: TileGrid, workers: int = 0, batch_size: int = 32):
     """Yield (index, tile RGB, qc dict) in grid order, decoding in ``workers`` processes."""
     loader = DataLoader(
-        _TilesWithQC(path, mpp, grid),
+        GridTilesWithQC(path, mpp, grid),
         batch_size=batch_size,
         num_workers=workers,
         collate_fn=_as_list,
         persistent_workers=False,
     )
     for batch in loader:
-        yield from batch
+        yield from ((i, tile, qc) for tile, qc, i in batch)
 
 
 def tile_slide(

@@ -171,6 +171,9 @@ def slide_qc(mask: TissueMask, qc: QCConfig = QCConfig(), blurry_tile_fraction: 
     return result
 
 
+QC_COLUMNS = ("blur_var", "background_fraction", "pen_fraction", "dark_fraction")  # what tile_qc measures
+
+
 def tile_qc(tile_rgb: np.ndarray) -> dict[str, float]:
     """Per-tile QC on a 2× reduced copy (a quarter of the cost; focus loss of a few pixels still shows):
     blur (variance of the Laplacian of grey), background, ink and dark fractions."""

@@ -18,7 +18,6 @@ from calciscope.model.card import ModelCard
 from calciscope.model.vessel_detection import VESSEL_POSITIVE
 
 RESULT_SCHEMA_VERSION = 1
-QC_COLUMNS = ("blur_var", "background_fraction", "pen_fraction", "dark_fraction")
 NOTICE = ("Decision support, not a diagnosis: these scores show where a model trained on labelled slides sees the "
           "calciphylaxis pattern. The diagnosis rests with the pathologist and the clinical picture.")
 
@@ -64,7 +63,7 @@ class SlideResult:
     grid: TileGrid
     tile_probs: np.ndarray  # (N, L) calibrated; NaN for MIL models (no tile-level output)
     tile_scores: np.ndarray  # (N, L) what heatmaps show: tile probabilities, or MIL attention scaled to max 1
-    tile_qc: np.ndarray  # (N, 4) QC_COLUMNS
+    tile_qc: np.ndarray  # (N, 4) data.tissue.QC_COLUMNS
     top_tiles: dict[str, list[TopTile]]
     saliency_maps: dict[tuple[str, int], np.ndarray]  # (finding, rank) → (H, W) in [0, 1]
     top_tile_images: dict[tuple[str, int], np.ndarray]  # (finding, rank) → RGB tile

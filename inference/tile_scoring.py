@@ -14,16 +14,17 @@ from typing import Callable
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
+from calciscope.data.datasets import GridTilesWithQC
 from calciscope.data.slides import cached_slide, safe_id
 from calciscope.data.tiling import TileGrid
-from calciscope.data.tissue import tile_qc
+from calciscope.data.tissue import QC_COLUMNS
 from calciscope.errors import CheckpointError
 from calciscope.inference import saliency as sal
 from calciscope.inference.config import PredictConfig
 from calciscope.inference.onnx_runtime import OnnxTileRunner, resolve_onnx_model
-from calciscope.inference.result import QC_COLUMNS, TopTile
+from calciscope.inference.result import TopTile
 from calciscope.io import sha256_file
 from calciscope.model.backbones import fold_batchnorm
 from calciscope.model.checkpoint import WEIGHTS_FILE, load_checkpoint
@@ -33,26 +34,12 @@ from calciscope.model.precision import choose_precision, prepare_inputs, resolve
 Progress = Callable[[int, int], None]
 
 
-class _PredictTiles(Dataset):
-    """(uint8 HWC tile, QC values, index) per tile; decoded in DataLoader workers with their own slide handle."""
-
-    def __init__(self, path: Path, mpp: float | None, grid: TileGrid):
-        self.path, self.mpp, self.grid = path, mpp, grid
-
-    def __len__(self) -> int:
-        return len(self.grid)
-
-    def __getitem__(self, i: int):
-        tile = self.grid.read(cached_slide(self.path, self.mpp), i)
-        qc = tile_qc(tile)
-        return tile, np.array([qc[c] for c in QC_COLUMNS], np.float32), i
-
-
 def _collate(batch):
     """uint8 (B, 3, H, W) tiles, (B, 4) QC, (B,) indices. numpy's stack: torch.stack of uint8 tiles with several
     intra-op threads stalled for ~0.3 s per batch on a busy 2-core machine, numpy's takes ~1 ms."""
     tiles = np.stack([item[0] for item in batch]).transpose(0, 3, 1, 2)
-    return (torch.from_numpy(np.ascontiguousarray(tiles)), torch.from_numpy(np.stack([item[1] for item in batch])),
+    qc = np.array([[item[1][c] for c in QC_COLUMNS] for item in batch], np.float32)
+    return (torch.from_numpy(np.ascontiguousarray(tiles)), torch.from_numpy(qc),
             torch.tensor([item[2] for item in batch]))
 
 
@@ -115,7 +102,7 @@ class TileScorer:
                progress: Progress | None) -> tuple[np.ndarray, np.ndarray]:
         """Tiles through the model in batches: (calibrated probabilities or MIL embeddings, tile QC)."""
         cfg = self.config
-        loader = DataLoader(_PredictTiles(path, slide_mpp, grid), batch_size=cfg.batch_size,
+        loader = DataLoader(GridTilesWithQC(path, slide_mpp, grid), batch_size=cfg.batch_size,
                             num_workers=cfg.workers, collate_fn=_collate,
                             prefetch_factor=4 if cfg.workers else None, persistent_workers=False)
         out: np.ndarray | None = None

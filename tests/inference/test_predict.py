@@ -185,11 +185,11 @@ def test_mil_model_scores_with_its_attention_head(mil_checkpoint, phantom, tmp_p
     assert result.aggregation == {"method": "attention"} and np.isnan(result.tile_probs).all()
     assert result.tile_scores.max(axis=0) == pytest.approx(np.ones(len(LABELS)))  # attention scaled to 1 per finding
     # the slide probability is what the attention head says about the bag of tile embeddings
-    from calciscope.inference.tile_scoring import _PredictTiles
+    from calciscope.data.datasets import GridTilesWithQC
     from calciscope.model import load_checkpoint
 
     model, card = load_checkpoint(mil_checkpoint)
-    tiles = torch.from_numpy(np.stack([_PredictTiles(phantom.path, None, result.grid)[i][0]
+    tiles = torch.from_numpy(np.stack([GridTilesWithQC(phantom.path, None, result.grid)[i][0]
                                        for i in range(result.n_tiles)])).permute(0, 3, 1, 2)
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (card.mean, card.std))
     with torch.no_grad():
