@@ -1,4 +1,5 @@
-"""match: IoU by rasterisation, one-to-one Hungarian matching at IoU ≥ 0.5, recall, precision, size errors."""
+"""match: IoU by rasterisation, one-to-one Hungarian matching (IoU ≥ 0.5, or a centroid within 4 µm for true vessels
+under 20 µm), recall (and IoU-only recall), precision, size errors."""
 
 import math
 
@@ -39,3 +40,33 @@ def test_one_detection_matches_at_most_one_truth_and_counts_are_relative():
     assert resized.median_diameter_error == pytest.approx(0.1, abs=1e-5)
     empty = match_vessels([], truth, mpp=0.5)
     assert empty.recall == 0 and math.isnan(empty.precision) and empty.count_error == -1
+
+
+def _circle(cx, cy, r_px, n=48):
+    t = np.linspace(0, 2 * np.pi, n, endpoint=False)
+    return np.column_stack([cx + r_px * np.cos(t), cy + r_px * np.sin(t)])
+
+
+def test_small_true_vessels_are_found_by_centroid_within_4um_and_large_ones_only_by_iou():
+    mpp = 0.5  # µm/px
+    capillary = _circle(100, 100, 2.5 / mpp)  # 5 µm
+    arteriole = _circle(400, 400, 15 / mpp)  # 30 µm
+    # an 8 µm outline 1 µm off the capillary's centre: IoU < 0.5, centroid 1 µm away -> found
+    small_det = _circle(100 + 1 / mpp, 100, 4 / mpp)
+    assert polygon_iou(small_det, capillary) < 0.5
+    # an outline of the arteriole's size 9 µm off its centre: IoU < 0.5, centroid close, but the vessel is 30 µm
+    large_det = _circle(400 + 9 / mpp, 400, 15 / mpp)
+    assert polygon_iou(large_det, arteriole) < 0.5
+    m = match_vessels([large_det, small_det], [capillary, arteriole], mpp)
+    assert [(i, j) for i, j, _ in m.pairs] == [(1, 0)] and m.recall == 0.5 and m.recall_iou == 0
+    # 5 µm away is too far, and IoU alone (centroid_um=0) finds neither
+    assert match_vessels([_circle(100 + 5 / mpp, 100, 2.5 / mpp)], [capillary], mpp).recall == 0
+    assert match_vessels([small_det], [capillary], mpp, centroid_um=0).recall == 0
+
+
+def test_centroid_matching_stays_one_to_one():
+    mpp = 0.5
+    capillary = _circle(100, 100, 3 / mpp)
+    twins = [_circle(100 + 1 / mpp, 100, 3 / mpp), _circle(100 - 1 / mpp, 100, 3 / mpp)]
+    m = match_vessels(twins, [capillary], mpp)
+    assert len(m.pairs) == 1 and m.precision == 0.5 and m.count_error == 1.0
