@@ -98,8 +98,9 @@ def _vessel_slides(model_dir: Path, manifest: Path, report: dict, config: TrainC
 
 
 def _listed_vessel_metrics(records, results, labels: list[str]) -> dict | None:
-    """Detection (data.vessels.match: IoU ≥ 0.5, or a centroid within 4 µm under 20 µm; IoU-only recall beside) and per-vessel finding metrics of the vessels ``predict`` listed, against the slides'
-    vessel outlines (None when no slide has outlines)."""
+    """Detection (data.vessels.match: IoU ≥ 0.5, or a centroid within 4 µm under 20 µm; IoU-only recall beside) and
+    per-vessel finding metrics of the vessels ``predict`` listed, against the slides' vessel outlines (None when no
+    slide has outlines)."""
 
     y, p, n_true, n_found, n_pairs, n_iou = [], [], 0, 0, 0, 0
     matched = []  # (record, result, true vessels, matched pairs) per slide with outlines
