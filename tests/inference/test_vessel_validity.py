@@ -1,6 +1,7 @@
 """Vessel analysis validity on phantoms from seeds never used in training (the shipped demo segmenter and model).
 
-Bars (issue 7): detection recall and precision ≥ 0.9 at IoU 0.5, median diameter error ≤ 15 %, vessel count within
+Bars (issues 7, 22): detection recall and precision ≥ 0.9 (IoU ≥ 0.5, or a centroid within 4 µm for vessels under
+20 µm), median diameter error ≤ 15 %, vessel count within
 ± 10 % of truth, per-vessel AUROC ≥ 0.95 for each finding, and a biopsy without subcutaneous fat reported as
 insufficient sampling rather than as "no vasculitis".
 """
@@ -47,7 +48,8 @@ def _matches(scored):
 
 
 @pytest.mark.xfail(strict=True, reason="recall is below the 0.9 bar: 38 of the 43 vessels on these phantoms are "
-                   "listed (0.884; precision 0.927, count error -5 %, median diameter error 5 %); on 20 fresh tuning "
+                   "listed (0.884; precision 0.927, count error -5 %, median diameter error 5 %), the same under the "
+                   "centroid rule for vessels under 20 µm as at IoU 0.5 alone; on 20 fresh tuning "
                    "phantoms (seeds 702, 703) 0.89-0.91 / 0.90. The misses: four capillaries (4-11 µm, three under 7 "
                    "µm) and one inflamed 20 µm arteriole; maps at 0.5 µm/px (a fine branch on the U-Net, tried) "
                    "found one more here but fewer on 96 tuning phantoms: most missed capillaries leave no "
