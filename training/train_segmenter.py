@@ -1,446 +1,198 @@
 """Train the vessel segmenter (``calciscope train-vessels --config vessels.yaml``) on slides with vessel outlines.
 
-Each manifest row names a slide; its vessel outlines come from the row's ``vessels`` column or, failing that,
-``<slide>.vessels.geojson`` beside the slide (what ``calciscope synth`` writes; any QuPath export with class
-``vessel`` works, a Polygon's first hole being the lumen). Calcium sectioning artifacts, when annotated, come
-from ``artifacts`` / ``<slide>.artifacts.geojson`` (class ``calcium_artifact``); a slide without that file
-teaches the ``calcium_artifact`` channel nothing (its loss is masked), so unannotated slides do no harm.
+The recipe: config → slides (``training.segmenter_data``: read whole at the segmenter's mpp, with their targets) →
+patient split → U-Net (fresh, or ``init``'s weights) → ``steps`` of seeded random crops, half of them centred near a
+vessel, on the training engine (``training.engine``; a chunk of ``checkpoint_every`` steps is its epoch: a resume
+point and a row of ``metrics.csv``) → validation: each validation slide segmented whole, its wall map turned into
+vessel instances, detection recall and precision at IoU 0.5, diameter and count error (``training.segmenter_eval``)
+→ ``segmenter.safetensors`` + ``segmenter.json`` (the card, with those figures) in ``out``, beside ``config.yaml``
+and ``metrics.csv``.
 
-Every slide is read once, whole, at the segmenter's mpp (a 1 cm biopsy at 1 µm/px is 300 MB of RGB; phantoms are
-far smaller). Patients are split into train and validation; training draws seeded random crops, half of them
-centred near a vessel; validation segments each validation slide whole, turns the wall map into vessel instances
-and reports detection recall and precision at IoU 0.5, diameter error and count error (``metrics`` in the card).
+    train_segmenter(load_config("vessels.yaml"))      # or: calciscope train-vessels --config vessels.yaml
+    train_segmenter(None, resume="runs/vessels")       # continue a stopped run; it ends where an unbroken one would
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import cv2
 import numpy as np
 import torch
 
-from calciscope.data.annotations import norm_name
-from calciscope.data.slides import open_slide
-from calciscope.data.vessels.frames import level0_to_mask_px
-from calciscope.data.vessels.instances import InstanceConfig, scored_vessel_instances
-from calciscope.data.vessels.match import match_vessels
-from calciscope.data.vessels.truth import ARTIFACT_CLASS, Vessel, lumen_ring, read_artifact_polygons, read_vessels
 from calciscope.errors import CalciscopeError
-from calciscope.model.precision import check_device, choose_precision, resolve_device
-from calciscope.model.segmenter import (
-    CHANNELS,
-    SegmenterCard,
-    VesselMaps,
-    VesselUNet,
-    normalise,
-    save_segmenter,
-    segment_slide,
+from calciscope.model.precision import Precision, choose_precision, resolve_device
+from calciscope.model.segmenter import CHANNELS, SegmenterCard, VesselUNet, load_segmenter, normalise, save_segmenter
+from calciscope.training.engine import (
+    EpochStats,
+    StepLines,
+    Trainer,
+    grad_scaler,
+    open_run,
+    random_state,
+    run_epochs,
+    run_steps,
+    set_random_state,
+    warmup_cosine,
 )
-from calciscope.io import from_dict, read_yaml_mapping
-from calciscope.training.engine import warmup_cosine
+from calciscope.training.segmenter_data import (
+    SegmenterTrainConfig,
+    SlideData,
+    load_config,
+    load_slides,
+    random_crop,
+    split_patients,
+    validation_of,
+)
+from calciscope.training.segmenter_eval import (
+    best_min_mean_probability,
+    evaluate_detection,
+    evaluate_segmenter,
+    set_instance_setting,
+)
+
+__all__ = ["SegmenterTrainConfig", "SegmenterTrainer", "best_min_mean_probability", "evaluate_segmenter",
+           "load_config", "set_instance_setting", "train_segmenter"]
 
 
-@dataclass
-class SegmenterTrainConfig:
-    """``calciscope train-vessels`` settings (YAML keys of the same names; paths relative to the YAML file)."""
-
-    manifest: str = ""
-    # more slide manifests; their slide and patient ids get their folder's name in front ("more_phantoms/phantom_0001"),
-    # as sets written by ``synth`` all count from phantom_0001 (``manifest``'s ids stay as they are, so a run that
-    # continues with keep_init_validation still finds its init's validation slides)
-    extra_manifests: list[str] = field(default_factory=list)
-    out: str = "runs/vessels"
-    mpp: float = 1.0
-    widths: list[int] = field(default_factory=lambda: [16, 32, 64, 96])
-    crop_px: int = 160
-    batch_size: int = 8
-    steps: int = 1500
-    lr: float = 0.003
-    weight_decay: float = 0.0001
-    pos_weight: list[float] = field(default_factory=lambda: [3.0, 3.0, 2.0])  # per channel
-    vessel_crop_fraction: float = 0.5
-    # which vessels vessel-centred crops favour: a vessel's draw weight is the largest weight among its kind and
-    # findings (GeoJSON ``kind`` / ``findings``, case-insensitive; 1 when none is named), e.g. {capillary: 3,
-    # vasculitis: 4} for the 4-6 µm capillaries and inflamed venules a uniform draw leaves rare; {} = uniform
-    vessel_sampling: dict[str, float] = field(default_factory=dict)
-    # hard crops: centred on annotated look-alikes and artifacts (artifacts.geojson classes below), where a
-    # segmenter trained on vessel-centred and random crops calls lymphocytic cuffs, debris and folds vessels, and
-    # where the calcium_artifact channel has its only positives
-    hard_crop_fraction: float = 0.0
-    hard_classes: list[str] = field(default_factory=lambda: [ARTIFACT_CLASS, "debris", "perivascular_infiltrate",
-                                                             "fold"])
-    # out-of-focus augmentation: that share of crops gets a Gaussian blur of sigma drawn from blur_sigma_um (the
-    # phantom's blurred regions, and real scans' focus misses, hide vessels a segmenter trained on sharp crops misses)
-    blur_fraction: float = 0.0
-    blur_sigma_um: list[float] = field(default_factory=lambda: [1.0, 4.0])
-    small_vessel_weight: float = 6.0  # the largest per-pixel loss weight a small vessel gets (1 = none)
-    val_fraction: float = 0.2
-    seed: int = 0
-    amp: str = "auto"  # auto | off | bf16 | fp16 (fp16 on CUDA only, with a gradient scaler)
-    device: str = "auto"  # auto (CUDA when there is one) | cpu | cuda | cuda:N
-    synthetic_demo: bool = False
-    description: str = ""
-    init: str | None = None  # continue from this segmenter folder's weights (same widths)
-    keep_init_validation: bool = False  # with init: validate on the init's validation patients, not a fresh split
-
-
-@dataclass
-class _SlideData:
-    slide_id: str
-    patient_id: str
-    path: Path
-    rgb: np.ndarray  # (H, W, 3) uint8 at config.mpp
-    target: np.ndarray  # (C, H, W) uint8
-    pixel_weight: np.ndarray  # (H, W) uint8 ≥ 1: small vessels and their rims weigh more (see _small_vessel_weight)
-    weight: np.ndarray  # (C,) 1 = channel annotated on this slide
-    vessels: list[Vessel]
-    slide_mpp: float
-    downsample: float
-    hard_centres: np.ndarray  # (K, 2) x, y map px of the hard-crop look-alikes and artifacts
-    vessel_p: np.ndarray | None = None  # draw probability per vessel (config.vessel_sampling); None = uniform
-
-
-def load_config(path: str | Path) -> SegmenterTrainConfig:
-    path = Path(path)
-    config = from_dict(SegmenterTrainConfig, read_yaml_mapping(path), str(path))
-    if not config.manifest:
-        raise CalciscopeError(f"{path}: 'manifest' is required")
-    config.manifest, *config.extra_manifests = [m if Path(m).is_absolute() else str((path.parent / m).resolve())
-                                                 for m in [config.manifest, *config.extra_manifests]]
-    if config.init and not Path(config.init).is_absolute():
-        config.init = str((path.parent / config.init).resolve())
-    bad = {k: w for k, w in config.vessel_sampling.items() if not (isinstance(w, (int, float)) and w > 0)}
-    if bad:
-        raise CalciscopeError(f"{path}: vessel_sampling weights must be positive numbers; got {bad}")
-    check_device(config.device, path)
-    if config.crop_px % 2 ** (len(config.widths) - 1):
-        raise CalciscopeError(f"{path}: crop_px must be a multiple of {2 ** (len(config.widths) - 1)}")
-    return config
-
-
-def best_min_mean_probability(report: dict) -> float:
-    """The evaluated ``min_mean_probability`` with the highest min(recall, precision) (ties: the smaller count
-    error, then the lower value): balanced detection, which also keeps the vessel count close to the truth."""
-    def key(item):
-        value, m = item
-        return (-min(m["recall"] or 0.0, m["precision"] or 0.0), abs(m["count_error"] or 0.0), float(value))
-
-    return float(min(report["by_min_mean_probability"].items(), key=key)[0])
-
-
-def set_instance_setting(segmenter: str | Path, name: str, value: float) -> Path:
-    """Write one tuned InstanceConfig setting into a segmenter folder's card (the weights, and their sha256 in
-    the card, stay as they are); returns the card's path."""
-    from calciscope.model.checkpoint import read_card, update_card
-    from calciscope.model.segmenter import CARD_FILE
-
-    if name not in InstanceConfig.__dataclass_fields__:
-        raise CalciscopeError(f"{name!r} is not an instance setting ({', '.join(InstanceConfig.__dataclass_fields__)})")
-    card = read_card(SegmenterCard, segmenter)
-    update_card(SegmenterCard, segmenter, instance={**card.instance, name: value})
-    return Path(segmenter) / CARD_FILE
-
-
-def _load_slides(config: SegmenterTrainConfig, progress: Callable[[str], None] | None,
-                 pixels: bool = True) -> list[_SlideData]:
-    """The slides of ``manifest`` and ``extra_manifests`` with their vessel outlines; ``pixels=False`` (evaluation,
-    which segments each slide from the file) skips reading the slide whole and drawing the training targets."""
-    out: list[_SlideData] = []
-    for n, manifest in enumerate([config.manifest, *config.extra_manifests]):
-        prefix = f"{Path(manifest).parent.name}/" if n else ""
-        out += _load_manifest(Path(manifest), prefix, config, progress, pixels)
-    seen: set[str] = set()
-    for s in out:
-        if s.slide_id in seen:
-            raise CalciscopeError(f"slide id {s.slide_id!r} appears twice in {config.manifest}"
-                                  + "".join(f", {m}" for m in config.extra_manifests))
-        seen.add(s.slide_id)
-    named = {norm_name(n) for s in out for v in s.vessels for n in (v.kind or "", *v.findings)}
-    unknown = sorted(k for k in config.vessel_sampling if norm_name(k) not in named)
-    if unknown:
-        raise CalciscopeError(f"vessel_sampling names {unknown}, which no vessel of {config.manifest}"
-                              + "".join(f", {m}" for m in config.extra_manifests) + " has as its kind or a finding")
-    return out
-
-
-def _load_manifest(manifest: Path, prefix: str, config: SegmenterTrainConfig,
-                   progress: Callable[[str], None] | None, pixels: bool) -> list[_SlideData]:
-    from calciscope.training.sources import read_manifest
-
-    records = read_manifest(manifest, [])
-    out = []
-    for n, record in enumerate(records, start=1):
-        path, vessels_path, artifacts_path = record.path, record.vessels, record.artifacts
-        if vessels_path is None:
-            raise CalciscopeError(f"{manifest} row {n + 1}: no vessel outlines for {path.name} (a 'vessels' column "
-                                  f"or {path.stem}.vessels.geojson beside the slide)")
-        vessels = read_vessels(vessels_path)
-        with open_slide(path) as slide:
-            ds = config.mpp / slide.mpp
-            rgb = slide.read_downsampled(ds) if pixels else np.zeros((0, 0, 3), np.uint8)
-            slide_mpp = slide.mpp
-        slide_id, patient_id = prefix + record.slide_id, prefix + record.patient_id
-        if not pixels:
-            out.append(_SlideData(slide_id, patient_id, path, rgb,
-                                  np.zeros((len(CHANNELS), 0, 0), np.uint8), np.zeros((0, 0), np.uint8),
-                                  np.zeros(len(CHANNELS), np.float32), vessels, slide_mpp, ds, np.zeros((0, 2))))
-            continue
-        h, w = rgb.shape[:2]
-        target = np.zeros((len(CHANNELS), h, w), np.uint8)
-        for v in vessels:
-            cv2.fillPoly(target[0], [_fixed(v.polygon, ds)], 1, shift=4)
-            lumen = lumen_ring(v)
-            if lumen is not None:
-                cv2.fillPoly(target[1], [_fixed(lumen, ds)], 1, shift=4)
-        weight = np.array([1.0, 1.0, 0.0], np.float32)
-        hard = np.zeros((0, 2))
-        if artifacts_path is not None:
-            for poly in read_artifact_polygons(artifacts_path):
-                cv2.fillPoly(target[2], [_fixed(poly, ds)], 1, shift=4)
-            weight[2] = 1.0
-            hard_polys = read_artifact_polygons(artifacts_path, tuple(config.hard_classes))
-            if hard_polys:
-                hard = np.array([level0_to_mask_px(p, ds).mean(axis=0) for p in hard_polys])
-        out.append(_SlideData(slide_id, patient_id, path, rgb, target,
-                              _small_vessel_weight(vessels, (h, w), ds, config.small_vessel_weight, config.mpp),
-                              weight, vessels,
-                              slide_mpp, ds, hard, vessel_draw_p(vessels, config.vessel_sampling)))
-        if progress is not None:
-            progress(f"read {slide_id} ({n}/{len(records)} of {manifest.name})")
-    return out
-
-
-def vessel_draw_p(vessels: list[Vessel], weights: dict[str, float]) -> np.ndarray | None:
-    """Probability of each vessel being a vessel-centred crop's centre: the largest of ``weights`` over its kind
-    and findings (1 when none is named), normalised; None (a uniform draw) when ``weights`` is empty."""
-    if not weights or not vessels:
-        return None
-    w = {norm_name(k): float(v) for k, v in weights.items()}
-    each = np.array([max([w[n] for n in map(norm_name, (v.kind or "", *v.findings)) if n in w], default=1.0)
-                     for v in vessels])
-    return each / each.sum()
-
-
-def _small_vessel_weight(vessels: list[Vessel], shape: tuple[int, int], downsample: float, top: float,
-                         mpp: float) -> np.ndarray:
-    """Per-pixel loss weight at ``mpp`` µm/px: 1, and min(top, sqrt(400 µm² / area)) over each vessel grown by
-    3 µm, smallest vessels drawn last. Without it a 6 µm capillary (~30 µm²) is noise beside a 200 µm artery
-    (~30 000 µm²). (In µm, not pixels, so a segmenter trained at another mpp weighs the same vessels alike.)"""
-    weight = np.ones(shape, np.uint8)
-    shapes = []
-    for v in vessels:
-        pts = level0_to_mask_px(v.polygon, downsample)
-        area = max(float(cv2.contourArea(pts.astype(np.float32))), 1.0)
-        r = np.sqrt(area / np.pi)
-        centre = pts.mean(axis=0)
-        shapes.append((area * mpp**2, centre + (pts - centre) * (r + 3 / mpp) / r))
-    for area, pts in sorted(shapes, key=lambda a: -a[0]):
-        value = int(round(min(top, max(1.0, np.sqrt(400.0 / area)))))
-        cv2.fillPoly(weight, [np.round(pts * 16).astype(np.int32)], value, shift=4)
-    return weight
-
-
-def _fixed(poly: np.ndarray, downsample: float) -> np.ndarray:
-    return np.round(level0_to_mask_px(poly, downsample) * 16).astype(np.int32)
-
-
-def _validation_of(card: SegmenterCard | None) -> list[str] | None:
-    """The validation slide ids of the segmenter a run continues from (None: not a continuation)."""
-    if card is None:
-        return None
-    return list(((card.training or {}).get("slides") or {}).get("validation") or [])
-
-
-def _split(slides: list[_SlideData], fraction: float, seed: int,
-           keep_validation: list[str] | None = None) -> tuple[list[int], list[int]]:
-    """(train, validation) slide indices, whole patients on one side; a continued run (``keep_validation``: its
-    init's validation slide ids) keeps those patients in validation, so its validation slides stay unseen."""
-    held = {s.patient_id for s in slides if s.slide_id in set(keep_validation or ())}
-    if held:  # (an init trained on other slides: a fresh split)
-        val = [i for i, s in enumerate(slides) if s.patient_id in held]
-        return [i for i in range(len(slides)) if i not in val], val
-    patients = sorted({s.patient_id for s in slides})
-    rng = np.random.default_rng(seed)
-    n_val = max(1, int(round(fraction * len(patients)))) if len(patients) > 1 and fraction > 0 else 0
-    val_patients = set(rng.permutation(patients)[:n_val].tolist())
-    val = [i for i, s in enumerate(slides) if s.patient_id in val_patients]
-    return [i for i in range(len(slides)) if i not in val], val
-
-
-def _crop(s: _SlideData, rng: np.random.Generator, size: int, vessel_fraction: float, hard_fraction: float = 0.0,
-          blur_fraction: float = 0.0, blur_sigma_px: tuple[float, float] = (1.0, 4.0)):
-    """A seeded training crop: centred near a hard look-alike (``hard_fraction`` of the time, when the slide
-    has any), near a vessel (``vessel_fraction``), else anywhere; random rot90 / flip / stain gain, and a Gaussian
-    blur ``blur_fraction`` of the time (no draw at all when 0, so older recipes keep their random stream)."""
-    h, w = s.rgb.shape[:2]
-    u = rng.random()
-    if len(s.hard_centres) and u < hard_fraction:
-        cx, cy = s.hard_centres[int(rng.integers(len(s.hard_centres)))] + rng.normal(0, size / 6, 2)
-    elif s.vessels and u < hard_fraction + vessel_fraction:
-        n = len(s.vessels)
-        v = s.vessels[int(rng.integers(n)) if s.vessel_p is None else int(rng.choice(n, p=s.vessel_p))]
-        cx, cy = v.polygon.mean(axis=0) / s.downsample + rng.normal(0, size / 4, 2)
-    else:
-        cx, cy = rng.uniform(0, w), rng.uniform(0, h)
-    x0 = int(np.clip(cx - size / 2, 0, max(w - size, 0)))
-    y0 = int(np.clip(cy - size / 2, 0, max(h - size, 0)))
-    rgb = np.full((size, size, 3), 255, np.uint8)
-    tgt = np.zeros((len(CHANNELS) + 1, size, size), np.uint8)  # the channels, then the pixel weight
-    tgt[-1] = 1
-    rgb[: min(size, h - y0), : min(size, w - x0)] = s.rgb[y0 : y0 + size, x0 : x0 + size]
-    tgt[:-1, : min(size, h - y0), : min(size, w - x0)] = s.target[:, y0 : y0 + size, x0 : x0 + size]
-    tgt[-1, : min(size, h - y0), : min(size, w - x0)] = s.pixel_weight[y0 : y0 + size, x0 : x0 + size]
-    k = int(rng.integers(4))
-    rgb, tgt = np.rot90(rgb, k, (0, 1)), np.rot90(tgt, k, (1, 2))
-    if rng.random() < 0.5:
-        rgb, tgt = rgb[:, ::-1], tgt[:, :, ::-1]
-    # stain / scanner variation: per-channel gain and offset
-    rgb = np.clip(rgb.astype(np.float32) * rng.uniform(0.9, 1.1, 3) + rng.uniform(-12, 12, 3), 0, 255)
-    if blur_fraction > 0 and rng.random() < blur_fraction:
-        rgb = cv2.GaussianBlur(rgb, (0, 0), float(rng.uniform(*blur_sigma_px)))
-    return rgb.astype(np.uint8), np.ascontiguousarray(tgt)
-
-
-def evaluate_detection(model: VesselUNet, card: SegmenterCard, slides: list[_SlideData],
-                       instance_config: InstanceConfig = InstanceConfig()) -> dict:
-    """Recall, precision (IoU ≥ 0.5), median diameter error and count error over ``slides``, pooled."""
-    return detection_metrics(_segmented(model, card, slides), instance_config)
-
-
-def _segmented(model: VesselUNet, card: SegmenterCard, slides: list[_SlideData],
-               progress: Callable[[str], None] | None = None) -> list[tuple[_SlideData, VesselMaps]]:
-    out = []
-    for n, s in enumerate(slides, start=1):
-        with open_slide(s.path) as slide:
-            out.append((s, segment_slide(slide, model, card)))
-        if progress is not None:
-            progress(f"segmented {s.slide_id} ({n}/{len(slides)})")
-    return out
-
-
-def detection_metrics(segmented: list[tuple[_SlideData, VesselMaps]], instance_config: InstanceConfig) -> dict:
-    """Pooled detection figures of already segmented slides (``(slide, maps)`` pairs), and per slide."""
-    return _detection_figures(_scored(segmented, instance_config, instance_config.min_mean_probability),
-                              instance_config.min_mean_probability)
-
-
-def _scored(segmented: list[tuple[_SlideData, VesselMaps]], instance_config: InstanceConfig, floor: float) -> list:
-    """(slide, instance outlines, their mean probabilities) per segmented slide, instances from ``floor`` up."""
-    return [(s, *scored_vessel_instances(maps.probability("vessel"), maps.probability("lumen"), maps.downsample,
-                                         s.slide_mpp, instance_config, floor)) for s, maps in segmented]
-
-
-def _detection_figures(scored: list, min_mean_probability: float) -> dict:
-    n_det = n_true = n_pairs = 0
-    errors, per_slide = [], []
-    for s, outlines, means in scored:
-        polys = [p for p, m in zip(outlines, means) if m >= min_mean_probability]
-        result = match_vessels(polys, [v.polygon for v in s.vessels], s.slide_mpp)
-        n_det, n_true, n_pairs = n_det + result.n_detected, n_true + result.n_true, n_pairs + len(result.pairs)
-        errors += result.diameter_errors
-        per_slide.append({"slide_id": s.slide_id, "vessels_true": result.n_true, "vessels_detected": result.n_detected,
-                          "matched": len(result.pairs)})
-    return {"slides": len(scored), "vessels_true": n_true, "vessels_detected": n_det,
-            "recall": n_pairs / n_true if n_true else None, "precision": n_pairs / n_det if n_det else None,
-            "median_diameter_error": float(np.median(errors)) if errors else None,
-            "count_error": (n_det - n_true) / n_true if n_true else None, "per_slide": per_slide}
-
-
-def evaluate_segmenter(segmenter: str | Path, manifest: str | Path, min_mean_probabilities: list[float] | None = None,
-                       progress: Callable[[str], None] | None = None) -> dict:
-    """``calciscope evaluate-vessels``: detection figures of a segmenter folder on a manifest of slides with vessel
-    outlines it never trained on. Each slide is segmented once; vessel instances are then drawn at every
-    ``min_mean_probability`` asked for (default: the card's), so that filter can be tuned on held-out data; put
-    the chosen value in the card's ``instance`` settings."""
-    from calciscope.model.segmenter import for_inference, load_segmenter
-
-    model, card = load_segmenter(segmenter)
-    model = for_inference(model).to(resolve_device())  # CUDA when there is one, like predict
-    config = SegmenterTrainConfig(manifest=str(manifest), mpp=card.mpp, widths=list(card.widths))
-    segmented = _segmented(model, card, _load_slides(config, None, pixels=False), progress)
-    base = card.instance_config()
-    values = min_mean_probabilities or [base.min_mean_probability]
-    scored = _scored(segmented, base, min(values))  # the instances do not depend on the value: cut them once
-    return {"segmenter": str(segmenter), "manifest": str(manifest),
-            "by_min_mean_probability": {f"{v:g}": _detection_figures(scored, v) for v in values}}
-
-
-def train_segmenter(config: SegmenterTrainConfig, progress: Callable[[str], None] | None = None) -> Path:
-    """Train, validate and save the segmenter into ``config.out``; returns that folder."""
+def train_segmenter(config: SegmenterTrainConfig | None, progress: Callable[[str], None] | None = None, *,
+                    resume: str | Path | None = None) -> Path:
+    """Train, validate and save the segmenter into ``config.out`` (or finish the stopped run in ``resume``);
+    returns that folder."""
+    config, run = open_run(config, resume, load_config, "train-vessels")
     torch.manual_seed(config.seed)
-    slides = _load_slides(config, progress)
+    slides = load_slides(config, progress)
     model = VesselUNet(tuple(config.widths), len(CHANNELS))
-    start_card = None
-    if config.init:
-        from calciscope.model.segmenter import load_segmenter
-
-        start_model, start_card = load_segmenter(config.init)
-        if list(start_card.widths) != list(config.widths) or start_card.mpp != config.mpp:
-            raise CalciscopeError(f"init {config.init}: widths {start_card.widths} at {start_card.mpp} µm/px differ "
-                                  f"from this config's {config.widths} at {config.mpp} µm/px")
-        model.load_state_dict(start_model.state_dict())
-    train_ids, val_ids = _split(slides, config.val_fraction, config.seed,
-                                _validation_of(start_card) if config.keep_init_validation else None)
+    start_card = _init_from(model, config)
+    train_ids, val_ids = split_patients(slides, config.val_fraction, config.seed,
+                                        validation_of(start_card) if config.keep_init_validation else None)
     if not train_ids:
         raise CalciscopeError("no training slides left after the validation split")
     card = SegmenterCard(mpp=config.mpp, widths=list(config.widths), synthetic_demo=config.synthetic_demo)
     precision = choose_precision(config.amp, channels_last=True, device=resolve_device(config.device))
-    device = precision.device
-    model = model.to(device, memory_format=torch.channels_last)
-    scaler = torch.amp.GradScaler("cuda") if precision.dtype == torch.float16 else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.steps, max(config.steps // 20, 1)))
-    pos_weight = torch.tensor(config.pos_weight, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-    rng = np.random.default_rng(config.seed)
-    blur_px = (config.blur_sigma_um[0] / config.mpp, config.blur_sigma_um[1] / config.mpp)
-    start, losses = time.perf_counter(), []
-    model.train()
-    for step in range(config.steps):
-        picks = rng.choice(train_ids, config.batch_size)
-        crops = [_crop(slides[i], rng, config.crop_px, config.vessel_crop_fraction, config.hard_crop_fraction,
-                       config.blur_fraction, blur_px) for i in picks]
-        x = normalise(np.stack([c[0] for c in crops]), card).to(device).contiguous(memory_format=torch.channels_last)
-        yw = torch.from_numpy(np.stack([c[1] for c in crops])).to(device).float()
-        y, pixel_w = yw[:, :-1], yw[:, -1:]
-        w = torch.from_numpy(np.stack([slides[i].weight for i in picks])).to(device).view(len(picks), -1, 1, 1) \
-            * pixel_w
-        with precision.autocast():
-            logits = model(x)
-        logits = logits.float()
-        bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, y, pos_weight=pos_weight, reduction="none")
-        loss = (bce * w).sum() / w.sum().clamp(min=1)
-        p = torch.sigmoid(logits[:, 0])
-        dice = 1 - (2 * (p * y[:, 0]).sum() + 1) / (p.sum() + y[:, 0].sum() + 1)
-        loss = loss + dice
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is None:
-            loss.backward()
-            optimizer.step()
-        else:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        scheduler.step()
-        losses.append(float(loss.detach()))
-        if progress is not None and (step + 1) % 50 == 0:
-            rate = (step + 1) * config.batch_size / (time.perf_counter() - start)
-            progress(f"step {step + 1}/{config.steps} loss {np.mean(losses[-50:]):.4f} ({rate:.1f} crops/s)")
+    run.save_config(config)
+    trainer = SegmenterTrainer(config, slides, train_ids, model, card, precision, progress)
+    history = run_epochs(trainer, run, progress=progress)["history"]
+    start, metrics = time.perf_counter(), trainer.loss_summary()
     model.eval()
-    window = max(1, min(50, config.steps // 5))
-    metrics = {"train_loss_start": float(np.mean(losses[:window])), "train_loss_end": float(np.mean(losses[-window:]))}
     if val_ids:
         metrics["validation"] = evaluate_detection(model.to(memory_format=torch.contiguous_format), card,
                                                    [slides[i] for i in val_ids])
-    card = dataclasses.replace(card, metrics=metrics, training={
-        "description": config.description, "manifest": Path(config.manifest).name,
-        "extra_manifests": [f"{Path(m).parent.name}/{Path(m).name}" for m in config.extra_manifests],
-        "slides": {"train": [slides[i].slide_id for i in train_ids], "validation": [slides[i].slide_id for i in val_ids]},
-        "config": dataclasses.asdict(config) | {"manifest": Path(config.manifest).name, "extra_manifests": [
-            f"{Path(m).parent.name}/{Path(m).name}" for m in config.extra_manifests]},
-        "seconds": round(time.perf_counter() - start, 1)})
-    return save_segmenter(config.out, model.to(memory_format=torch.contiguous_format), card)
+        run.write_history(history + [{"step": config.steps, **{f"val_{k}": v for k, v in metrics["validation"].items()
+                                                               if k != "per_slide"}}])
+    seconds = trainer.seconds + time.perf_counter() - start
+    card = dataclasses.replace(card, metrics=metrics,
+                               training=_provenance(config, slides, train_ids, val_ids, seconds))
+    folder = save_segmenter(run.root, model.to(memory_format=torch.contiguous_format), card)
+    run.drop_state()
+    return folder
+
+
+def _init_from(model: VesselUNet, config: SegmenterTrainConfig) -> SegmenterCard | None:
+    """Load ``config.init``'s weights into ``model`` (same widths and mpp); returns its card (None without init)."""
+    if not config.init:
+        return None
+    start_model, start_card = load_segmenter(config.init)
+    if list(start_card.widths) != list(config.widths) or start_card.mpp != config.mpp:
+        raise CalciscopeError(f"init {config.init}: widths {start_card.widths} at {start_card.mpp} µm/px differ "
+                              f"from this config's {config.widths} at {config.mpp} µm/px")
+    model.load_state_dict(start_model.state_dict())
+    return start_card
+
+
+def _provenance(config: SegmenterTrainConfig, slides: list[SlideData], train_ids: list[int], val_ids: list[int],
+                seconds: float) -> dict:
+    extra = [f"{Path(m).parent.name}/{Path(m).name}" for m in config.extra_manifests]
+    return {"description": config.description, "manifest": Path(config.manifest).name, "extra_manifests": extra,
+            "slides": {"train": [slides[i].slide_id for i in train_ids],
+                       "validation": [slides[i].slide_id for i in val_ids]},
+            "config": dataclasses.asdict(config) | {"manifest": Path(config.manifest).name, "extra_manifests": extra},
+            "seconds": round(seconds, 1)}
+
+
+class SegmenterTrainer(Trainer):
+    """The segmenter's hooks on the engine: an epoch is ``checkpoint_every`` steps of seeded random crops (one
+    numpy generator draws them all, in the same order whether or not the run was resumed). Validation follows the
+    last epoch (``train_segmenter``)."""
+
+    def __init__(self, config: SegmenterTrainConfig, slides: list[SlideData], train_ids: list[int],
+                 model: VesselUNet, card: SegmenterCard, precision: Precision,
+                 progress: Callable[[str], None] | None):
+        self.config, self.slides, self.train_ids = config, slides, train_ids
+        self.card, self.precision, self.progress = card, precision, progress
+        self.epochs = max(1, math.ceil(config.steps / config.checkpoint_every))
+        device = precision.device
+        self.model = model.to(device, memory_format=torch.channels_last)
+        self.scaler = grad_scaler(precision)
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                           warmup_cosine(config.steps, max(config.steps // 20, 1)))
+        self.pos_weight = torch.tensor(config.pos_weight, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        self.rng = np.random.default_rng(config.seed)
+        self.blur_px = (config.blur_sigma_um[0] / config.mpp, config.blur_sigma_um[1] / config.mpp)
+        self.losses: list[float] = []
+        self.seconds = 0.0
+
+    def steps_of(self, epoch: int) -> range:
+        every = self.config.checkpoint_every
+        return range(epoch * every, min(self.config.steps, (epoch + 1) * every))
+
+    def train_epoch(self, epoch: int) -> EpochStats:
+        self.model.train()
+        steps = self.steps_of(epoch)
+        lines = StepLines(self.progress, self.config.steps, every=50, first_step=steps.start)
+        stats = run_steps(steps, self.loss, self.optimizer, self.scheduler, scaler=self.scaler, on_batch=lines)
+        self.losses += stats.losses
+        self.seconds += stats.seconds
+        return stats
+
+    def loss(self, step: int) -> tuple[torch.Tensor, int]:
+        """One batch of crops: weighted BCE over the channels (each slide's annotated ones, small vessels weighing
+        more) plus soft Dice on the vessel channel."""
+        config, device = self.config, self.precision.device
+        picks = self.rng.choice(self.train_ids, config.batch_size)
+        crops = [random_crop(self.slides[i], self.rng, config.crop_px, config.vessel_crop_fraction,
+                             config.hard_crop_fraction, config.blur_fraction, self.blur_px) for i in picks]
+        x = normalise(np.stack([c[0] for c in crops]), self.card).to(device).contiguous(memory_format=torch.channels_last)
+        yw = torch.from_numpy(np.stack([c[1] for c in crops])).to(device).float()
+        y, pixel_w = yw[:, :-1], yw[:, -1:]
+        w = torch.from_numpy(np.stack([self.slides[i].weight for i in picks])).to(device).view(len(picks), -1, 1, 1) \
+            * pixel_w
+        with self.precision.autocast():
+            logits = self.model(x)
+        logits = logits.float()
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, y, pos_weight=self.pos_weight,
+                                                                   reduction="none")
+        loss = (bce * w).sum() / w.sum().clamp(min=1)
+        p = torch.sigmoid(logits[:, 0])
+        dice = 1 - (2 * (p * y[:, 0]).sum() + 1) / (p.sum() + y[:, 0].sum() + 1)
+        return loss + dice, len(picks)
+
+    def validate(self, epoch: int, stats: EpochStats) -> dict:
+        return {"epoch": epoch + 1, "step": self.steps_of(epoch).stop,
+                "train_loss": round(float(np.mean(stats.losses)), 5) if stats.losses else None,
+                "lr": self.optimizer.param_groups[0]["lr"], "crops_per_s": round(stats.samples_per_s, 1),
+                "seconds": round(stats.seconds, 1)}
+
+    def loss_summary(self) -> dict:
+        """The training loss at the start and at the end (means over a window of steps), for the card."""
+        window = max(1, min(50, self.config.steps // 5))
+        return {"train_loss_start": float(np.mean(self.losses[:window])),
+                "train_loss_end": float(np.mean(self.losses[-window:]))}
+
+    def state(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else {},
+                "random": random_state(self.rng), "losses": self.losses, "seconds": self.seconds}
+
+    def load_state(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        set_random_state(state["random"], self.rng)
+        self.losses, self.seconds = list(state["losses"]), state["seconds"]

@@ -110,7 +110,7 @@ def test_extra_manifests_add_slides_under_their_folders_name(tmp_path, vessel_ph
     """Two phantom sets both count from phantom_0001: an extra manifest's slide and patient ids get its folder's
     name in front; the first manifest's stay as they are; one id twice is refused, naming it, and so is a
     vessel_sampling name no vessel has."""
-    from calciscope.training.train_segmenter import _load_slides
+    from calciscope.training.segmenter_data import load_slides
 
     for folder in ("first", "second"):
         (tmp_path / folder).mkdir()
@@ -118,7 +118,7 @@ def test_extra_manifests_add_slides_under_their_folders_name(tmp_path, vessel_ph
             f"phantom_{n:04d},P{n},{s.path}\n" for n, s in enumerate(vessel_phantoms, start=1)))
     config = tmp_path / "v.yaml"
     config.write_text(yaml.safe_dump({"manifest": "first/manifest.csv", "extra_manifests": ["second/manifest.csv"]}))
-    slides = _load_slides(load_config(config), None, pixels=False)
+    slides = load_slides(load_config(config), None, pixels=False)
     assert [(s.slide_id, s.patient_id) for s in slides] == [
         ("phantom_0001", "P1"), ("phantom_0002", "P2"), ("second/phantom_0001", "second/P1"),
         ("second/phantom_0002", "second/P2")]
@@ -126,21 +126,21 @@ def test_extra_manifests_add_slides_under_their_folders_name(tmp_path, vessel_ph
     config.write_text(yaml.safe_dump({"manifest": "first/manifest.csv",
                                       "extra_manifests": ["second/manifest.csv", "second/manifest.csv"]}))
     with pytest.raises(CalciscopeError, match="slide id 'second/phantom_0001' appears twice"):
-        _load_slides(load_config(config), None, pixels=False)
+        load_slides(load_config(config), None, pixels=False)
     config.write_text(yaml.safe_dump({"manifest": "first/manifest.csv", "vessel_sampling": {"capilary": 3}}))
     with pytest.raises(CalciscopeError, match=r"vessel_sampling names \['capilary'\].*first[/\\]manifest.csv"):
-        _load_slides(load_config(config), None, pixels=False)  # a misspelt kind would otherwise change nothing
+        load_slides(load_config(config), None, pixels=False)  # a misspelt kind would otherwise change nothing
     config.write_text(yaml.safe_dump({"manifest": "first/manifest.csv", "extra_manifests": ["none/manifest.csv"]}))
     with pytest.raises(CalciscopeError, match=r"none[/\\]manifest.csv: no such manifest"):
-        _load_slides(load_config(config), None, pixels=False)
+        load_slides(load_config(config), None, pixels=False)
 
 
 def _slide_data(slide_id, patient_id, hard_centres=np.zeros((0, 2))):
-    from calciscope.training.train_segmenter import _SlideData
+    from calciscope.training.segmenter_data import SlideData
 
     rgb = np.full((400, 400, 3), 230, np.uint8)
     target = np.zeros((3, 400, 400), np.uint8)
-    return _SlideData(slide_id, patient_id, None, rgb, target, np.ones((400, 400), np.uint8),
+    return SlideData(slide_id, patient_id, None, rgb, target, np.ones((400, 400), np.uint8),
                       np.ones(3, np.float32), [], 0.5, 2.0, np.asarray(hard_centres, np.float64))
 
 
@@ -149,7 +149,7 @@ def test_small_vessels_weigh_the_same_at_any_segmenter_mpp():
     get the same weights, over the same µm² (their outline grown by 3 µm), whether the segmenter trains at 1 or
     0.5 µm/px: round(sqrt(400 µm² / 28 µm²)) = 4 for the capillary, 1 for the arteriole."""
     from calciscope.data.vessels.truth import Vessel
-    from calciscope.training.train_segmenter import _small_vessel_weight
+    from calciscope.training.segmenter_data import small_vessel_weight
 
     angles = np.linspace(0, 2 * np.pi, 64, endpoint=False)
 
@@ -160,7 +160,7 @@ def test_small_vessels_weigh_the_same_at_any_segmenter_mpp():
     areas = []
     for mpp in (1.0, 0.5):
         ds = mpp / 0.25
-        weight = _small_vessel_weight(vessels, (int(800 / ds), int(800 / ds)), ds, 8.0, mpp)
+        weight = small_vessel_weight(vessels, (int(800 / ds), int(800 / ds)), ds, 8.0, mpp)
         cap, art = weight[: int(400 / ds)], weight[int(400 / ds):]
         assert cap.max() == 4 and art.max() == 1, mpp
         areas.append(np.count_nonzero(cap == 4) * mpp**2)  # rasterised: the edge pixels count whole
@@ -170,21 +170,21 @@ def test_small_vessels_weigh_the_same_at_any_segmenter_mpp():
 def test_hard_crops_are_centred_on_the_look_alikes():
     """hard_crop_fraction = 1: every crop holds the annotated look-alike (a dark dot drawn at the hard centre);
     0: crops land anywhere, and most miss it."""
-    from calciscope.training.train_segmenter import _crop
+    from calciscope.training.segmenter_data import random_crop
 
     s = _slide_data("a", "p", [[300.0, 90.0]])
     s.rgb[86:95, 296:305] = 0  # the look-alike, 9 px across
     rng = np.random.default_rng(0)
-    hits = [(_crop(s, rng, 96, 0.0, 1.0)[0] < 40).all(axis=2).any() for _ in range(50)]
+    hits = [(random_crop(s, rng, 96, 0.0, 1.0)[0] < 40).all(axis=2).any() for _ in range(50)]
     rng = np.random.default_rng(0)
-    misses = [(_crop(s, rng, 96, 0.0, 0.0)[0] < 40).all(axis=2).any() for _ in range(50)]
+    misses = [(random_crop(s, rng, 96, 0.0, 0.0)[0] < 40).all(axis=2).any() for _ in range(50)]
     assert sum(hits) >= 48 and sum(misses) <= 25
 
 
 def test_blurred_crops_are_out_of_focus_and_sharp_ones_keep_their_random_stream():
     """blur_fraction = 1: every crop is smoothed (a sharp checkerboard loses most of its edge contrast); 0: no
     extra random draw, so a recipe without blur gets exactly the crops it got before blur existed."""
-    from calciscope.training.train_segmenter import _crop
+    from calciscope.training.segmenter_data import random_crop
 
     s = _slide_data("a", "p")
     s.rgb[:] = np.where((np.add.outer(np.arange(400), np.arange(400)) // 4) % 2 == 0, 40, 220)[..., None]
@@ -192,13 +192,13 @@ def test_blurred_crops_are_out_of_focus_and_sharp_ones_keep_their_random_stream(
     def edges(img):
         return np.abs(np.diff(img.astype(np.float32), axis=1)).mean()
 
-    sharp = [_crop(s, np.random.default_rng(i), 96, 0.0)[0] for i in range(5)]
-    blurred = [_crop(s, np.random.default_rng(i), 96, 0.0, 0.0, 1.0, (2.0, 3.0))[0] for i in range(5)]
-    unblurred = [_crop(s, np.random.default_rng(i), 96, 0.0, 0.0, 0.0, (2.0, 3.0))[0] for i in range(5)]
+    sharp = [random_crop(s, np.random.default_rng(i), 96, 0.0)[0] for i in range(5)]
+    blurred = [random_crop(s, np.random.default_rng(i), 96, 0.0, 0.0, 1.0, (2.0, 3.0))[0] for i in range(5)]
+    unblurred = [random_crop(s, np.random.default_rng(i), 96, 0.0, 0.0, 0.0, (2.0, 3.0))[0] for i in range(5)]
     assert all(edges(b) < 0.3 * edges(a) for a, b in zip(sharp, blurred))
     assert all(np.array_equal(a, b) for a, b in zip(sharp, unblurred))
     rng_a, rng_b = np.random.default_rng(7), np.random.default_rng(7)
-    _crop(s, rng_a, 96, 0.0), _crop(s, rng_b, 96, 0.0, 0.0, 0.0)
+    random_crop(s, rng_a, 96, 0.0), random_crop(s, rng_b, 96, 0.0, 0.0, 0.0)
     assert rng_a.random() == rng_b.random()
 
 
@@ -207,7 +207,7 @@ def test_vessel_sampling_favours_the_named_kinds_and_findings(tmp_path):
     arteriole: vessel-centred crops land on them about 3 : 4 : 1, and 1 : 1 : 1 without weights; a weight that is
     not a positive number is refused naming the config file."""
     from calciscope.data.vessels.truth import Vessel
-    from calciscope.training.train_segmenter import _crop, vessel_draw_p
+    from calciscope.training.segmenter_data import random_crop, vessel_draw_p
 
     def ring(x, y):
         t = np.linspace(0, 2 * np.pi, 12, endpoint=False)
@@ -226,7 +226,7 @@ def test_vessel_sampling_favours_the_named_kinds_and_findings(tmp_path):
             s.rgb[c[1] - 3 : c[1] + 4, c[0] - 3 : c[0] + 4] = value
         rng, counts = np.random.default_rng(1), np.zeros(3)
         for _ in range(400):
-            crop = _crop(s, rng, 48, 1.0)[0].astype(int)
+            crop = random_crop(s, rng, 48, 1.0)[0].astype(int)
             counts += [np.abs(crop - value).max(axis=2).min() <= 25 for value in (60, 120, 180)]
         return counts / counts.sum()
 
@@ -248,14 +248,14 @@ def test_a_device_this_machine_lacks_is_refused_naming_the_config(tmp_path):
 
 
 def test_a_continued_run_keeps_its_inits_validation_patients():
-    from calciscope.training.train_segmenter import _split
+    from calciscope.training.segmenter_data import split_patients
 
     slides = [_slide_data(f"s{i}", f"p{i // 2}") for i in range(16)]
-    fresh = [_split(slides, 0.25, seed)[1] for seed in range(4)]
+    fresh = [split_patients(slides, 0.25, seed)[1] for seed in range(4)]
     assert len({tuple(v) for v in fresh}) > 1  # the seed moves a fresh split ...
-    kept = [_split(slides, 0.25, seed, ["s2", "s9"])[1] for seed in range(4)]
+    kept = [split_patients(slides, 0.25, seed, ["s2", "s9"])[1] for seed in range(4)]
     assert all(v == [2, 3, 8, 9] for v in kept)  # ... never a continued one: s2, s9 and their patients' slides
-    assert _split(slides, 0.25, 0, ["elsewhere"]) == _split(slides, 0.25, 0)  # an init from other slides: fresh
+    assert split_patients(slides, 0.25, 0, ["elsewhere"]) == split_patients(slides, 0.25, 0)  # an init from other slides: fresh
 
 
 def test_evaluate_vessels_reports_detection_at_each_filter_setting(capsys, tmp_path, vessel_phantoms):
