@@ -8,13 +8,16 @@ ImageNet state dict loads as-is once its classifier layers are dropped.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
+from torch.fx.experimental.optimization import fuse
 from torchvision import models
 
 from calciscope.errors import CalciscopeError
@@ -144,8 +147,6 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise CalciscopeError(f"{path}: weights file not found")
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             state = load_file(str(path), device="cpu")
         else:
             state = torch.load(path, weights_only=True, map_location="cpu")
@@ -207,10 +208,6 @@ def build_backbone(name: str, weights: str | Path | None = None) -> nn.Module:
 def fold_batchnorm(module: nn.Module) -> nn.Module:
     """An eval-mode copy of ``module`` with BatchNorm folded into the convolutions before it (torch.fx): the same
     outputs to ~1e-5, faster on CPU. A module fx cannot trace is returned as it is (in eval mode)."""
-    import copy
-
-    from torch.fx.experimental.optimization import fuse
-
     try:
         return fuse(copy.deepcopy(module).eval())
     except Exception:  # noqa: BLE001 - any tracing failure just means no fusion

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from calciscope.errors import CalciscopeError
+from calciscope.model.aggregate import slide_from_vessels
 
 SHAPE_FEATURES = ("log_outer_um", "lumen_ratio", "wall_ratio", "in_fat")
 _EPS = 1e-4
@@ -47,8 +48,6 @@ class VesselHead:
     def slide_probabilities(self, vessel_probs: np.ndarray) -> np.ndarray:
         """(L,) slide probabilities from (N, L) vessel probabilities: the highest per finding (0 without vessels),
         through ``slide_calibration``."""
-        from calciscope.model.aggregate import slide_from_vessels
-
         return slide_from_vessels(vessel_probs, self.slide_calibration, self.labels)
 
     def predict(self, features: np.ndarray) -> np.ndarray:
@@ -86,6 +85,7 @@ def fit_vessel_head(features: np.ndarray, targets: np.ndarray, labels: list[str]
     finding's logit plus the shape features — and, with ``groups`` (patients) for a grouped k-fold, the one with
     the highest out-of-fold per-vessel AUROC is kept, the simpler on a tie (``metrics``: every AUROC and the
     choice); without groups, the own logit plus the shape features are used."""
+    # imported here: scikit-learn takes about a second to import, and only fitting needs it (predict does not)
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
     from sklearn.model_selection import GroupKFold

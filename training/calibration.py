@@ -17,6 +17,7 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 
 from calciscope.errors import CalciscopeError
+from calciscope.model.aggregate import logit
 from calciscope.model.calibration import to_numpy
 
 T_MIN, T_MAX = 0.05, 20.0
@@ -70,9 +71,9 @@ def fit_platt(scores, y_true, *, prior_sd: float = 3.0) -> tuple[float, float]:
     ((a - 1)² + b²) / (2 prior_sd²) centred on the identity map, so perfectly separated scores still give a finite,
     deterministic fit. One class only: the identity (1, 0).
     """
+    # imported here: scipy.optimize takes about 0.3 s to import, and inference modules that import this one for
+    # other helpers should not pay it
     from scipy.optimize import minimize
-
-    from calciscope.model.aggregate import logit
 
     x, y = logit(to_numpy(scores).ravel()), to_numpy(y_true).ravel()
     if x.shape != y.shape:

@@ -12,8 +12,12 @@ from typing import Callable
 import numpy as np
 from torch.utils.data import Dataset
 
+from calciscope.data.tile_folders import TileFileDataset, read_tile_table
 from calciscope.errors import CalciscopeError
+from calciscope.training.augment import build_eval_transform, build_train_transform
 from calciscope.training.config import TrainConfig
+from calciscope.training.mil import BagDataset, build_bag_cache, collate_bags
+from calciscope.training.sources import TileTrainingDataset, build_tile_examples, read_manifest, tiling_config
 
 
 @dataclass
@@ -46,9 +50,6 @@ def _fixed(values: list[str | None]) -> list[str | None] | None:
 
 
 def _slides_bundle(config: TrainConfig, progress) -> DataBundle:
-    from calciscope.training.augment import build_eval_transform, build_train_transform
-    from calciscope.training.sources import TileTrainingDataset, build_tile_examples, read_manifest
-
     records = read_manifest(config.data.manifest, config.data.labels, need_annotations=True)
     examples = build_tile_examples(records, config, progress)
     train_tf = build_train_transform(config.augment, stain_normalize=config.data.stain_normalize)
@@ -79,9 +80,6 @@ def _slides_bundle(config: TrainConfig, progress) -> DataBundle:
 
 
 def _tiles_bundle(config: TrainConfig) -> DataBundle:
-    from calciscope.data.tile_folders import TileFileDataset, read_tile_table
-    from calciscope.training.augment import build_eval_transform, build_train_transform
-
     table = read_tile_table(config.data.tiles, config.data.labels or None)
     config.data.labels = list(table.label_names)
     train_tf = build_train_transform(config.augment, stain_normalize=config.data.stain_normalize)
@@ -104,9 +102,6 @@ def _tiles_bundle(config: TrainConfig) -> DataBundle:
 
 
 def _bags_bundle(config: TrainConfig, progress) -> DataBundle:
-    from calciscope.training.mil import BagDataset, build_bag_cache, collate_bags
-    from calciscope.training.sources import read_manifest, tiling_config
-
     if not config.data.encoder:
         raise CalciscopeError("data.encoder is required for source 'slide_labels' (a checkpoint or backbone name)")
     records = read_manifest(config.data.manifest, config.data.labels, need_labels=True)

@@ -181,6 +181,8 @@ def summarize_folds(fold_metrics: Sequence[Mapping[str, Any]]) -> dict[str, Any]
 
 
 def _figure(width: float = 5.0, height: float = 5.0):
+    # imported here: matplotlib takes about 0.3 s to import and only the plots need it (not the metrics that
+    # inference's evaluate and calibrate-slides take from this module)
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -28,7 +30,15 @@ from calciscope.data.tiling import TilingConfig, make_grid
 from calciscope.data.tissue import TissueConfig, detect_tissue
 from calciscope.errors import CalciscopeError
 from calciscope.io import sha256_file, write_bytes_atomic
-from calciscope.model import IMAGENET_MEAN, IMAGENET_STD, MILSlideModel, create_model, load_checkpoint
+from calciscope.model import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    MILSlideModel,
+    create_model,
+    get_backbone_spec,
+    load_card,
+    load_checkpoint,
+)
 from calciscope.model.precision import device_of
 
 CACHE_FORMAT = 1  # bump when what a cache file holds, or how it is computed, changes
@@ -114,8 +124,6 @@ class EmbeddingCache:
 
     def has(self, key: str) -> bool:
         """Whether a well-formed entry exists (reads the file header only, not the embeddings)."""
-        from safetensors import safe_open
-
         path = self.path(key)
         if not path.is_file():
             return False
@@ -139,8 +147,6 @@ class EmbeddingCache:
         return embeddings, xy
 
     def put(self, key: str, embeddings: torch.Tensor, xy: np.ndarray, metadata: dict[str, str] | None = None) -> Path:
-        from safetensors.torch import save
-
         embeddings = torch.as_tensor(embeddings).detach().to("cpu", torch.float32).contiguous()
         xy_t = torch.as_tensor(np.asarray(xy, dtype=np.int64).reshape(-1, 2)).contiguous()
         if embeddings.dim() != 2 or len(embeddings) != len(xy_t):
@@ -153,8 +159,6 @@ class EmbeddingCache:
 
 def read_bag(path: str | Path) -> tuple[torch.Tensor, np.ndarray, dict[str, str]]:
     """A cache file's (embeddings (N, D) float32, level-0 xy (N, 2) int64, metadata)."""
-    from safetensors import safe_open
-
     path = Path(path)
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -230,8 +234,6 @@ def _encoder_info_only(spec: str) -> tuple[nn.Module | None, dict]:
     """(None, info) from a checkpoint's card alone, so a fully cached run loads no weights; else load_encoder."""
     path = Path(spec)
     if path.exists():
-        from calciscope.model import get_backbone_spec, load_card
-
         card = load_card(path)
         if card.weights_sha256:
             return None, _card_info(card, card.embed_dim or get_backbone_spec(card.backbone).feature_dim)

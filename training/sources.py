@@ -17,11 +17,13 @@ from typing import Callable, Sequence
 import numpy as np
 from torch.utils.data import Dataset
 
-from calciscope.data.annotations import LabelingConfig, read_geojson, tile_labels
+from calciscope.data.annotations import DEFAULT_ALIASES, LabelingConfig, read_geojson, tile_labels
 from calciscope.data.datasets import to_chw_uint8
 from calciscope.data.slides import cached_slide, open_slide, slide_id_from_path
 from calciscope.data.tiling import TileGrid, TilingConfig, make_grid
 from calciscope.data.tissue import detect_tissue
+from calciscope.data.vessels.sampling import vessel_grid
+from calciscope.data.vessels.truth import read_vessels
 from calciscope.errors import CalciscopeError
 from calciscope.training.config import TrainConfig
 
@@ -60,7 +62,7 @@ def read_manifest(path: str | Path, labels: Sequence[str], *, need_annotations: 
     for row_number, row in enumerate(rows, start=2):
         where = f"{path} row {row_number}"
         slide_path = _resolve(path.parent, row["path"])
-        if not slide_path.is_file():
+        if not slide_path.exists():  # a file, or a folder holding a DICOM series
             raise CalciscopeError(f"{where}: slide file {slide_path} does not exist")
         annotations = _resolve(path.parent, row["annotations"]) if row.get("annotations") else None
         if need_annotations and annotations is None:
@@ -145,8 +147,6 @@ def tiling_config(config: TrainConfig) -> TilingConfig:
 
 
 def labeling_config(config: TrainConfig) -> LabelingConfig:
-    from calciscope.data.annotations import DEFAULT_ALIASES
-
     return LabelingConfig(labels=tuple(config.data.labels), aliases={**DEFAULT_ALIASES, **config.data.aliases},
                           min_fraction=config.data.min_lesion_fraction, min_area_um2=config.data.min_lesion_um2)
 
@@ -197,9 +197,6 @@ def sampled_grid(slide, record: SlideRecord, config: TrainConfig, tiling: Tiling
     with the vessel's ``findings`` (when its annotation lists them) on top of the lesion-polygon labels every tile
     gets; the tiles around a large vessel's wall get the lesion-polygon labels only.
     """
-    from calciscope.data.vessels.sampling import vessel_grid
-    from calciscope.data.vessels.truth import read_vessels
-
     labels = list(config.data.labels)
     sampling = config.data.sampling
     grid = make_grid(slide, detect_tissue(slide), tiling)
