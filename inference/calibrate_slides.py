@@ -12,7 +12,6 @@ slide AUROC does not change; the probabilities, their calibration and the CUA-pa
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Callable
@@ -22,8 +21,9 @@ import numpy as np
 from calciscope.errors import CalciscopeError
 from calciscope.inference.predict import PredictConfig, Predictor
 from calciscope.model.aggregate import apply_slide_calibration
+from calciscope.model.checkpoint import update_card
 from calciscope.model.demo import demo_model_dir
-from calciscope.model.vessel_classifier import CARD_FILE, load_classifier
+from calciscope.model.vessel_classifier import ClassifierCard, load_classifier
 from calciscope.training.calibration import fit_platt
 from calciscope.training.metrics import binary_metrics
 from calciscope.training.sources import read_manifest
@@ -84,9 +84,6 @@ def calibrate_slides(model: str | Path, classifier: str | Path, manifests: Seque
     record = {"data": [f"{Path(m).parent.name}/{Path(m).name}" for m in manifests], "n_slides": len(slide_ids),
               "model": str(model), "prior_sd": prior_sd,
               "previous_map": {k: card.slide_calibration.get(k) for k in labels}, "per_label": per_label}
-    doc = json.loads((folder / CARD_FILE).read_text(encoding="utf-8"))
-    doc["slide_calibration"] = {**doc.get("slide_calibration", {}), **new_map}
-    doc["metrics"] = {**doc.get("metrics", {}), "slide_calibration": record}
-    (folder / CARD_FILE).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
-    load_classifier(folder)  # the card still loads with its weights
+    update_card(ClassifierCard, folder, slide_calibration={**card.slide_calibration, **new_map},
+                metrics={**card.metrics, "slide_calibration": record})
     return record

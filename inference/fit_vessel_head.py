@@ -24,9 +24,8 @@ from calciscope.data.vessels.truth import read_vessels
 from calciscope.errors import CalciscopeError
 from calciscope.inference.predict import PredictConfig, Predictor
 from calciscope.inference.vessels import analyze_vessels, features_of
-from calciscope.io import write_bytes_atomic
 from calciscope.model.card import ModelCard
-from calciscope.model.checkpoint import CARD_FILE
+from calciscope.model.checkpoint import CARD_FILE, update_card
 from calciscope.model.vessel_head import VesselHead, fit_vessel_head
 from calciscope.training.calibration import fit_platt
 from calciscope.training.sources import read_manifest
@@ -79,8 +78,8 @@ def fit_into_card(model_dir: str | Path, manifest: str | Path, vessels: str = "a
     if not (model_dir / CARD_FILE).is_file():
         raise CalciscopeError(f"{model_dir}: not a checkpoint folder (no {CARD_FILE}); fit-vessel-head writes into it")
     card = ModelCard.from_json(model_dir / CARD_FILE)
-    card.extra.pop("vessel_head", None)  # collect the tile scores without the head it replaces
-    write_bytes_atomic(model_dir / CARD_FILE, card.to_json().encode("utf-8"))
+    extra = {k: v for k, v in card.extra.items() if k != "vessel_head"}
+    update_card(ModelCard, model_dir, extra=extra)  # collect the tile scores without the head it replaces
     x, y, groups, slide_of, slide_labels, labels = collect(model_dir, manifest, vessels, progress)
     head = fit_vessel_head(x, y, labels, groups)
     if slide_labels is not None:  # slide level: highest vessel probability → slide probability (Platt)
@@ -95,6 +94,5 @@ def fit_into_card(model_dir: str | Path, manifest: str | Path, vessels: str = "a
                 a, b = fit_platt(top[:, j], slide_labels[:, j])
                 head.slide_calibration[label] = {"a": float(a), "b": float(b)}
     head.metrics["data"] = Path(manifest).name
-    card.extra["vessel_head"] = head.to_dict()
-    write_bytes_atomic(model_dir / CARD_FILE, card.to_json().encode("utf-8"))
+    update_card(ModelCard, model_dir, extra={**extra, "vessel_head": head.to_dict()})
     return head

@@ -34,7 +34,20 @@ from importlib.resources import files
 from pathlib import Path
 
 from calciscope.errors import CalciscopeError
-from calciscope.model.checkpoint import CARD_FILE, WEIGHTS_FILE, load_checkpoint, save_checkpoint
+from calciscope.model.checkpoint import (
+    CARD_FILE,
+    WEIGHTS_FILE,
+    load_card,
+    load_checkpoint,
+    save_checkpoint,
+    update_card,
+)
+from calciscope.model.segmenter import CARD_FILE as SEG_CARD
+from calciscope.model.segmenter import WEIGHTS_FILE as SEG_WEIGHTS
+from calciscope.model.segmenter import load_segmenter
+from calciscope.model.vessel_classifier import CARD_FILE as CLS_CARD
+from calciscope.model.vessel_classifier import WEIGHTS_FILE as CLS_WEIGHTS
+from calciscope.model.vessel_classifier import ClassifierCard, load_classifier
 
 MAX_BYTES = 15 * 1024 * 1024
 
@@ -64,9 +77,6 @@ def install(source: str | Path, held_out: str | Path | None = None, segmenter: s
     card as ``metrics["held_out"]`` so the card carries what the model scored on unseen data. ``segmenter``: a
     ``calciscope train-vessels`` folder, copied to ``demo/vessels/`` (it must load and be a synthetic demo).
     """
-    from calciscope.model.segmenter import CARD_FILE as SEG_CARD
-    from calciscope.model.segmenter import WEIGHTS_FILE as SEG_WEIGHTS
-    from calciscope.model.segmenter import load_segmenter
 
     source = Path(source)
     model, card = load_checkpoint(source)
@@ -95,12 +105,11 @@ def install(source: str | Path, held_out: str | Path | None = None, segmenter: s
 
 def _copy_classifier(source: Path, subfolder: str) -> Path:
     """Copy a classifier folder's weights and card to ``demo/vessels/<subfolder>/``; returns that folder."""
-    from calciscope.model.vessel_classifier import CARD_FILE, WEIGHTS_FILE
 
     target = demo_model_dir() / "vessels" / subfolder
     target.mkdir(parents=True, exist_ok=True)
     if source.resolve() != target.resolve():
-        for name in (WEIGHTS_FILE, CARD_FILE):
+        for name in (CLS_WEIGHTS, CLS_CARD):
             shutil.copyfile(source / name, target / name)
     return target
 
@@ -110,9 +119,6 @@ def install_classifier(source: str | Path, held_out: str | Path | None = None) -
     is a synthetic demo and judges the demo model's findings. ``held_out``: a ``calciscope evaluate --model demo``
     metrics.json on unseen phantoms, run with this classifier in place; its slide (and vessel) metrics go into the
     card as ``metrics["held_out"]``."""
-    from calciscope.model.checkpoint import load_card
-    from calciscope.model.vessel_classifier import CARD_FILE as CLS_CARD
-    from calciscope.model.vessel_classifier import load_classifier
 
     source = Path(source)
     _, card = load_classifier(source)
@@ -127,12 +133,9 @@ def install_classifier(source: str | Path, held_out: str | Path | None = None) -
         if "slides_from_tiles" not in report:
             raise CalciscopeError(f"{held_out}: its slide metrics do not come from a vessel classifier (evaluate with "
                                   f"this classifier installed)")
-        doc = json.loads((target / CLS_CARD).read_text())
-        doc["metrics"] = {**doc["metrics"], "held_out": {"data": str(Path(held_out).parent.name),
-                                                          "slides": report["slides"],
-                                                          **({"vessels": report["vessels"]} if "vessels" in report
-                                                             else {})}}
-        (target / CLS_CARD).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+        held = {"data": str(Path(held_out).parent.name), "slides": report["slides"],
+                **({"vessels": report["vessels"]} if "vessels" in report else {})}
+        update_card(ClassifierCard, target, metrics={**card.metrics, "held_out": held})
     return target
 
 
@@ -140,8 +143,6 @@ def install_artifact_classifier(source: str | Path, measured: dict | None = None
     """Copy a calcium-artifact classifier (``train-vessel-classifier`` with ``judge_artifacts``) to
     ``demo/vessels/artifact_classifier/`` after checking it loads, is a synthetic demo and has that output;
     ``measured`` (figures on unseen phantoms) goes into its card as ``metrics["held_out"]``."""
-    from calciscope.model.vessel_classifier import CARD_FILE as CLS_CARD
-    from calciscope.model.vessel_classifier import load_classifier
 
     source = Path(source)
     _, card = load_classifier(source)
@@ -150,7 +151,5 @@ def install_artifact_classifier(source: str | Path, measured: dict | None = None
                               f"calcium_artifact output")
     target = _copy_classifier(source, "artifact_classifier")
     if measured is not None:
-        doc = json.loads((target / CLS_CARD).read_text())
-        doc["metrics"] = {**doc["metrics"], "held_out": measured}
-        (target / CLS_CARD).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+        update_card(ClassifierCard, target, metrics={**card.metrics, "held_out": measured})
     return target

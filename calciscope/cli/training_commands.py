@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Optional
 
@@ -65,27 +66,27 @@ def fit_vessel_head_cmd(
 
 @app.command("train-vessels")
 def train_vessels(
-    config: Path = typer.Option(..., "--config", help="Segmenter config (YAML); see configs/vessels.yaml."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Segmenter config (YAML); see configs/vessels.yaml."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Finish the stopped run in this segmenter folder."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Segmenter folder (overrides the config's 'out')."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Training steps (overrides the config's)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
 ):
     """Train the vessel segmenter on slides with vessel outlines (GeoJSON class 'vessel'); prints its folder.
     Put the folder at <model>/vessels, or pass it to predict/score --vessels."""
-    import dataclasses
-
     from calciscope.training.train_segmenter import load_config as load_segmenter_config
     from calciscope.training.train_segmenter import train_segmenter
 
-    cfg = load_segmenter_config(config)
-    cfg = dataclasses.replace(cfg, **({"out": str(out_dir)} if out_dir else {}), **({"steps": steps} if steps else {}))
-    folder = train_segmenter(cfg, None if quiet else (lambda line: console.print(line, highlight=False)))
+    cfg = _config_or_resume(load_segmenter_config, config, resume, out=out_dir, steps=steps)
+    folder = train_segmenter(cfg, _lines(quiet), resume=resume)
     out.print(str(folder), highlight=False, soft_wrap=True)
 
 
 @app.command("train-vessel-classifier")
 def train_vessel_classifier(
-    config: Path = typer.Option(..., "--config", help="Classifier config (YAML); see configs/vessel_classifier.yaml."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Classifier config (YAML); see "
+                                          "configs/vessel_classifier.yaml."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Finish the stopped run in this classifier folder."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Classifier folder (overrides the config's 'out')."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Training epochs (overrides the config's)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
@@ -94,16 +95,26 @@ def train_vessel_classifier(
     prints its folder. Put the folder at <segmenter>/classifier, or pass it to predict/score --vessel-classifier; one
     trained for calcium artifacts only (labels: [], judge_artifacts: true) goes to <segmenter>/artifact_classifier
     or --artifact-classifier."""
-    import dataclasses
-
     from calciscope.training.train_classifier import load_config as load_classifier_config
     from calciscope.training.train_classifier import train_classifier
 
-    cfg = load_classifier_config(config)
-    cfg = dataclasses.replace(cfg, **({"out": str(out_dir)} if out_dir else {}),
-                              **({"epochs": epochs} if epochs is not None else {}))
-    folder = train_classifier(cfg, None if quiet else (lambda line: console.print(line, highlight=False)))
+    cfg = _config_or_resume(load_classifier_config, config, resume, out=out_dir, epochs=epochs)
+    folder = train_classifier(cfg, _lines(quiet), resume=resume)
     out.print(str(folder), highlight=False, soft_wrap=True)
+
+
+def _config_or_resume(load, config: Optional[Path], resume: Optional[Path], **overrides):
+    """The config a new run trains with (``--config`` and the options given), or None to resume a stopped run."""
+    if (config is None) == (resume is None):
+        raise CalciscopeError("give exactly one of --config (a new run) or --resume FOLDER (finish a stopped run)")
+    if resume is not None:
+        return None
+    given = {k: (str(v) if isinstance(v, Path) else v) for k, v in overrides.items() if v is not None}
+    return dataclasses.replace(load(config), **given)
+
+
+def _lines(quiet: bool):
+    return None if quiet else (lambda line: console.print(line, highlight=False))
 
 
 @app.command("calibrate-slides")
