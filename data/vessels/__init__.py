@@ -1,4 +1,4 @@
-"""Vessel-level geometry (groundwork for vessel analysis): read vessel annotations, turn a vessel-wall map into
+"""Vessel geometry, the data every vessel stage builds on: read vessel annotations, turn a vessel-wall map into
 instances, measure them in µm, match them to truth, and tell dermis from subcutaneous fat.
 
 Every polygon is an (N, 2) float array of level-0 (x, y) pixels; every mask says its downsample of level 0
