@@ -13,7 +13,7 @@ import pytest
 from rich.console import Console
 
 from browser import chromium as _chromium
-from calciscope.cli import _summary_table, _vessel_line
+from calciscope.cli.tables import summary_table, vessel_line
 from calciscope.inference.export import VESSEL_POSITIVE, load_result
 from calciscope.inference.predict import PredictConfig, Predictor
 
@@ -233,17 +233,17 @@ def test_insufficient_sampling_is_shown_as_a_warning(vessel_runs):
            in page.text
     assert "not interpretable: insufficient sampling" in page.text
     # and the terminal says so
-    line = _vessel_line(sparse)
+    line = vessel_line(sparse)
     assert f"{adequacy['n_vessels']} vessel" in line and "sampling insufficient" in line
     console = Console(width=200, record=True)
-    console.print(_summary_table([vessel_runs["result"], sparse]))
+    console.print(summary_table([vessel_runs["result"], sparse]))
     assert "(insufficient sampling)" in console.export_text()
 
 
 def test_cli_line_and_no_vessel_analysis(vessel_runs, tmp_path):
     result, doc = vessel_runs["result"], vessel_runs["doc"]
     adequacy = doc["vessels"]["adequacy"]
-    assert _vessel_line(result) == (f"{result.slide_id}: {adequacy['n_vessels']} vessel"
+    assert vessel_line(result) == (f"{result.slide_id}: {adequacy['n_vessels']} vessel"
                                     f"{'' if adequacy['n_vessels'] == 1 else 's'}, {adequacy['small_fat_vessels']} "
                                     f"small in subcutaneous fat ({adequacy['min_small_fat_vessels']} needed): "
                                     f"sampling {adequacy['status']}"
@@ -252,7 +252,7 @@ def test_cli_line_and_no_vessel_analysis(vessel_runs, tmp_path):
     # without a segmenter: no vessel files, result.json says null, the report says so in one line
     plain = Predictor("demo", PredictConfig(vessels="none", **FAST)).predict_and_write(
         vessel_runs["phantom"].path, tmp_path)
-    assert plain.vessels is None and _vessel_line(plain) is None
+    assert plain.vessels is None and vessel_line(plain) is None
     names = {p.name for p in plain.out_dir.iterdir()}
     assert "vessels.geojson" not in names and "vessels.csv" not in names and "report.html" in names
     plain_doc = load_result(plain.out_dir)
