@@ -61,8 +61,14 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
 
 
 def sha256_file(path: str | Path, chunk_bytes: int = 1 << 22) -> str:
-    """sha256 of a file's bytes, read in chunks (slides are gigabytes)."""
+    """sha256 of a file's bytes, read in chunks (slides are gigabytes); of a folder (a DICOM series), the sha256
+    over the names and sha256s of the files directly in it, in name order (hidden files and subfolders left out)."""
     digest = hashlib.sha256()
+    if Path(path).is_dir():
+        for child in sorted(Path(path).iterdir()):
+            if child.is_file() and not child.name.startswith("."):
+                digest.update(child.name.encode("utf-8") + b"\0" + bytes.fromhex(sha256_file(child, chunk_bytes)))
+        return digest.hexdigest()
     with open(path, "rb") as f:
         while chunk := f.read(chunk_bytes):
             digest.update(chunk)

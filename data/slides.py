@@ -5,9 +5,15 @@ Backends, tried in this order:
   * ``tiffslide`` for TIFFs OpenSlide rejects,
   * Pillow for plain images (.png .jpg .jpeg .bmp, flat .tif) as a single level.
 
+A DICOM WSI is a series of files: a slide path may name the series' folder, as PACS and scanners export it, or
+any one of its files (``calciscope.data.dicom`` picks the file OpenSlide opens a folder by; a folder of two series
+is refused). Its mpp comes from the DICOM Pixel Spacing (OpenSlide's ``openslide.mpp-x``).
+
 Units: ``level0_xy`` is always (x, y) in level-0 pixels; ``size_px`` is always (w, h) in pixels *of the level
 read*; ``mpp`` is micrometres per pixel at level 0. The label and macro images are never exposed: they carry
-patient identifiers. A ``Slide`` pickles by path, so every DataLoader worker opens its own handle.
+patient identifiers, and so do a DICOM file's patient attributes, which nothing here passes on (only the Series
+Instance UID, when a caller asks for it). A ``Slide`` pickles by path, so every DataLoader worker opens its own
+handle.
 """
 
 from __future__ import annotations
@@ -23,13 +29,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from calciscope.data import dicom
 from calciscope.errors import SlideError
 
 OPENSLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".svslide"}
 PLAIN_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
 TIFF_SUFFIXES = {".tif", ".tiff"}
-SLIDE_SUFFIXES = OPENSLIDE_SUFFIXES | PLAIN_SUFFIXES
+SLIDE_SUFFIXES = OPENSLIDE_SUFFIXES | PLAIN_SUFFIXES  # each such file is one slide; a DICOM file is part of one
 
+_NOT_DICOM = frozenset(SLIDE_SUFFIXES)  # files never read as DICOM when a folder is searched for a series
 # Pillow's decompression-bomb guard stays on; a plain image above this is refused with advice.
 MAX_PLAIN_PIXELS = 30_000 * 30_000
 # An mpp outside this range is a metadata error, not a microscope.
@@ -48,16 +56,60 @@ class SlideInfo:
     objective_power: float | None
     level_dimensions: tuple[tuple[int, int], ...]
     level_downsamples: tuple[float, ...]
+    dicom_series_uid: str | None = None  # a DICOM slide's Series Instance UID, only when the caller asked for it
 
 
 def slide_id_from_path(path: str | Path) -> str:
-    """A filesystem-safe id from a file name: letters, digits, '.', '_' and '-' only, never empty or dotted."""
+    """A filesystem-safe id from a file (or DICOM series folder) name: letters, digits, '.', '_' and '-' only,
+    never empty or dotted."""
     stem = Path(path).name
-    for suffix in sorted(SLIDE_SUFFIXES, key=len, reverse=True):
+    for suffix in sorted(SLIDE_SUFFIXES | {dicom.DICOM_SUFFIX}, key=len, reverse=True):
         if stem.lower().endswith(suffix):
             stem = stem[: -len(suffix)]
             break
     return safe_id(stem)
+
+
+def is_slide_path(path: str | Path) -> bool:
+    """Whether ``path`` names a slide: a slide file (by its suffix), a DICOM file (``.dcm``, standing for its
+    series) or a folder that holds a DICOM series."""
+    path = Path(path)
+    if path.name.startswith("."):
+        return False
+    if path.is_dir():
+        return dicom.holds_series(path, _NOT_DICOM)
+    return path.is_file() and (_has_slide_suffix(path) or path.suffix.lower() == dicom.DICOM_SUFFIX)
+
+
+def find_slides(folder: str | Path) -> list[Path]:
+    """The slides a folder holds: the folder itself when DICOM files lie directly in it (a series folder), then in
+    name order its slide files and each subfolder that holds a DICOM series (one slide, named after the subfolder:
+    the layout of a PACS or scanner export). Loose ``.dcm`` files are never slides of their own."""
+    folder = Path(folder)
+    found = [folder] if dicom.holds_series(folder, _NOT_DICOM) else []
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith("."):
+            continue
+        if (path.is_file() and _has_slide_suffix(path)) or (path.is_dir() and dicom.holds_series(path, _NOT_DICOM)):
+            found.append(path)
+    return found
+
+
+def slides_among(paths) -> list[Path]:
+    """The slides among ``paths`` (a glob's matches), each once, in the order given: slide files, folders that hold a
+    DICOM series, and for DICOM files their folder (so ``export/**/*.dcm`` gives one slide per series folder)."""
+    found: dict[Path, None] = {}
+    for path in map(Path, paths):
+        if path.is_file() and path.suffix.lower() == dicom.DICOM_SUFFIX and not path.name.startswith("."):
+            path = path.parent
+        if is_slide_path(path):
+            found.setdefault(path, None)
+    return list(found)
+
+
+def _has_slide_suffix(path: Path) -> bool:
+    name = path.name.lower()
+    return not name.startswith(".") and any(name.endswith(s) for s in SLIDE_SUFFIXES)
 
 
 def safe_id(text: str, max_len: int = 120) -> str:
@@ -79,18 +131,17 @@ class Slide:
         path = self.path
         if not path.exists():
             raise SlideError(path, "no such file")
-        if path.is_dir():
-            raise SlideError(path, "is a directory, not a slide file")
+        file = dicom.slide_file(path) if path.is_dir() else path  # a folder can only be a DICOM series
         try:
-            size = path.stat().st_size
+            size = file.stat().st_size
         except OSError as exc:
             raise SlideError(path, f"cannot be read ({exc.strerror})") from exc
         if size == 0:
             raise SlideError(path, "is empty (0 bytes)")
-        if not os.access(path, os.R_OK):
+        if not os.access(file, os.R_OK):
             raise SlideError(path, "cannot be read (permission denied)")
 
-        suffix = path.suffix.lower()
+        suffix = file.suffix.lower()
         errors: list[str] = []
         self._handle = None
         if suffix not in PLAIN_SUFFIXES:
@@ -98,7 +149,7 @@ class Slide:
                 if opener is _open_tiffslide and suffix not in TIFF_SUFFIXES:
                     continue
                 try:
-                    self._handle, self.backend = opener(path)
+                    self._handle, self.backend = opener(file)
                     break
                 except SlideError:
                     raise
@@ -106,7 +157,7 @@ class Slide:
                     errors.append(f"{opener.__name__[6:]}: {_first_line(exc)}")
         if self._handle is None and (suffix in PLAIN_SUFFIXES or suffix in TIFF_SUFFIXES):
             try:
-                self._handle, self.backend = _open_pillow(path)
+                self._handle, self.backend = _open_pillow(file)
             except SlideError:
                 raise
             except Exception as exc:
@@ -124,6 +175,7 @@ class Slide:
         self.vendor = props.get("openslide.vendor") or props.get("tiffslide.vendor")
         power = props.get("openslide.objective-power") or props.get("tiffslide.objective-power")
         self.objective_power = _to_float(power)
+        self._series_uid = props.get("dicom.SeriesInstanceUID") if self.vendor == "dicom" else None
         self._metadata_mpp = _metadata_mpp(props)
         self._check_readable()
 
@@ -184,7 +236,14 @@ class Slide:
             raise SlideError(self.path, "has no resolution (mpp) in its metadata; pass the slide's µm/px with --slide-mpp")
         return mpp
 
-    def info(self) -> SlideInfo:
+    @property
+    def dicom_series_uid(self) -> str | None:
+        """The Series Instance UID of a DICOM slide (None for other formats)."""
+        return self._series_uid
+
+    def info(self, *, series_uid: bool = False) -> SlideInfo:
+        """What outputs may record about the slide; a DICOM slide's Series Instance UID only with ``series_uid``
+        (it links the result back to the study in the PACS)."""
         return SlideInfo(
             slide_id=self.slide_id,
             backend=self.backend,
@@ -194,6 +253,7 @@ class Slide:
             objective_power=self.objective_power,
             level_dimensions=self.level_dimensions,
             level_downsamples=self.level_downsamples,
+            dicom_series_uid=self.dicom_series_uid if series_uid else None,
         )
 
     def best_level_for_downsample(self, downsample: float) -> int:

@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from calciscope._version import __version__
-from calciscope.data.slides import SLIDE_SUFFIXES, safe_id, slide_id_from_path
+from calciscope.data.slides import SLIDE_SUFFIXES, find_slides, is_slide_path, safe_id, slide_id_from_path, slides_among
 from calciscope.errors import CalciscopeError
 from calciscope.inference.config import PredictConfig
 from calciscope.inference.predict import Predictor, check_writable
@@ -78,7 +78,8 @@ class Outcome:
 
 
 def read_jobs(source: str | Path) -> list[SlideJob]:
-    """Slides to score from a manifest CSV, a folder (its slide files, sorted), a glob pattern or one slide file.
+    """Slides to score from a manifest CSV, a folder (its slide files and DICOM series: ``find_slides``), a glob
+    pattern (``slides_among``) or one slide (a file, a DICOM file or a DICOM series folder).
 
     Ids come from the manifest's ``slide_id`` or the file name, sanitised so each names one folder inside the
     output; ids that collide (case-insensitively) get a short hash of the file path appended.
@@ -88,27 +89,23 @@ def read_jobs(source: str | Path) -> list[SlideJob]:
     if path.is_file() and path.suffix.lower() == ".csv":
         entries = _manifest_entries(path)
     elif path.is_dir():
-        files = sorted(p for p in path.iterdir() if _is_slide_file(p))
+        files = find_slides(path)
         if not files:
-            raise CalciscopeError(f"{path}: no slide files in this folder ({', '.join(sorted(SLIDE_SUFFIXES))})")
+            raise CalciscopeError(f"{path}: no slide files in this folder ({', '.join(sorted(SLIDE_SUFFIXES))}) and "
+                                  f"no DICOM series")
         entries = [(None, str(p), None) for p in files]
-    elif _is_slide_file(path):
+    elif is_slide_path(path):
         entries = [(None, text, None)]
     elif path.exists():
         raise CalciscopeError(f"{path}: expected a manifest .csv, a folder of slides, a glob pattern or a slide file "
-                              f"({', '.join(sorted(SLIDE_SUFFIXES))})")
+                              f"({', '.join(sorted(SLIDE_SUFFIXES))}, .dcm)")
     else:
         matches = sorted(glob.glob(text, recursive=True))
-        files = [m for m in matches if _is_slide_file(Path(m))]
+        files = [str(p) for p in slides_among(matches)]
         if not files:
             raise CalciscopeError(f"{text}: no such file or folder, and no slide files match it as a pattern")
         entries = [(None, m, None) for m in files]
     return _assign_ids(entries)
-
-
-def _is_slide_file(path: Path) -> bool:
-    name = path.name.lower()
-    return path.is_file() and not name.startswith(".") and any(name.endswith(s) for s in SLIDE_SUFFIXES)
 
 
 def _manifest_entries(path: Path) -> list[tuple[str | None, str, float | None]]:
