@@ -1,9 +1,19 @@
 """Lesion annotations (GeoJSON as QuPath exports it) → per-finding masks → multi-label tile vectors.
 
-QuPath writes a FeatureCollection (or, from older versions, a bare list of features) whose geometries are
-Polygon/MultiPolygon in level-0 pixel coordinates and whose class is ``properties.classification.name``.
-Class names map onto the label set through case-insensitive aliases; unknown classes are ignored and
-reported, never guessed.
+QuPath (File → Export objects as GeoJSON) writes a FeatureCollection, or a bare list of features, whose geometries
+are Polygon/MultiPolygon (holes as inner rings) in level-0 pixel coordinates. Every QuPath version's way of
+writing an object is read:
+
+- the class: ``classification: {name, color}`` (0.4+), ``{names: [...], color}`` for a derived class such as
+  "thrombosis: organising" (0.4+), ``{name, colorRGB[, parentClass]}`` (0.2-0.3) or a plain string;
+- the object type: ``objectType`` (0.3+: annotation, detection, cell, tile, tmaCore, root) or the 0.2 type held in
+  ``id`` ("PathAnnotationObject", ...). Annotations, detections and cells are truth; tiles are not (``predict``
+  exports one per scored tile, classified by the model's own call), nor are TMA cores and the root;
+- ``measurements`` (a map, or 0.2's list of {name, value}), ``metadata``, ``color``, ``isLocked`` and
+  ``nucleusGeometry`` carry nothing a label needs and are never read.
+
+Class names map onto the label set through case-insensitive aliases, a derived class by its full name first and
+then its base class; unknown classes are ignored and reported, never guessed.
 """
 
 from __future__ import annotations
@@ -49,6 +59,13 @@ class LabelingConfig:
     raster_mpp: float | None = None  # resolution of the rasterised masks; default tile size / 32
 
 
+# QuPath object types whose outlines are truth (an unknown or missing type is an annotation, as QuPath reads it)
+NOT_TRUTH_TYPES = frozenset({"tile", "tmacore", "tma_core", "root"})
+_LEGACY_TYPE_IDS = {"PathAnnotationObject": "annotation", "PathDetectionObject": "detection",
+                    "PathCellObject": "cell", "PathTileObject": "tile", "TMACoreObject": "tmaCore",
+                    "PathRootObject": "root"}
+
+
 @dataclass
 class Annotations:
     """Polygons per label in level-0 pixels; each polygon is a list of rings (outer first, then holes)."""
@@ -66,15 +83,39 @@ def norm_name(name: str) -> str:
 
 
 def resolve_label(name: str | None, labels: Sequence[str], aliases: Mapping[str, str]) -> str | None:
-    """The label a class name stands for, or None."""
+    """The label a class name stands for, or None; a derived class ("thrombosis: organising") that matches none
+    stands for its base class."""
     if not name:
         return None
-    key = norm_name(name)
     by_norm = {norm_name(label): label for label in labels}
-    if key in by_norm:
-        return by_norm[key]
-    target = {norm_name(k): v for k, v in aliases.items()}.get(key)
-    return target if target in labels else None
+    by_alias = {norm_name(k): v for k, v in aliases.items()}
+    for key in dict.fromkeys((norm_name(name), norm_name(base_class(name)))):
+        if key in by_norm:
+            return by_norm[key]
+        if by_alias.get(key) in labels:
+            return by_alias[key]
+    return None
+
+
+def base_class(name: str) -> str:
+    """The base of a QuPath derived class name ("vessel: thrombosed" → "vessel"); the name itself otherwise."""
+    return str(name).split(":", 1)[0]
+
+
+def object_type(feature: Mapping) -> str:
+    """A feature's QuPath object type, lower case: ``properties.objectType`` (or its older spellings), the 0.2 type
+    in ``id``, else "annotation" (what QuPath makes of a feature without one)."""
+    props = feature.get("properties") or {}
+    for key in ("objectType", "object_type", "type"):
+        if isinstance(props.get(key), str):
+            return props[key].lower()
+    legacy = _LEGACY_TYPE_IDS.get(feature.get("id")) if isinstance(feature.get("id"), str) else None
+    return (legacy or "annotation").lower()
+
+
+def is_truth(feature: Mapping) -> bool:
+    """Whether a feature's outline can be truth: annotations, detections and cells, not tiles, TMA cores or the root."""
+    return object_type(feature) not in NOT_TRUTH_TYPES
 
 
 def read_features(path: str | Path, what: str = "annotation") -> list:
@@ -84,7 +125,7 @@ def read_features(path: str | Path, what: str = "annotation") -> list:
     if not path.is_file():
         raise AnnotationError(path, f"no such {what} file")
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        doc = json.loads(path.read_text(encoding="utf-8-sig"))  # a byte-order mark from Windows editors is fine
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise AnnotationError(path, f"not valid GeoJSON ({exc})") from exc
     if isinstance(doc, dict) and doc.get("type") == "FeatureCollection":
@@ -99,7 +140,7 @@ def read_features(path: str | Path, what: str = "annotation") -> list:
 
 
 def read_geojson(path: str | Path, config: LabelingConfig = LabelingConfig()) -> Annotations:
-    """Read a QuPath GeoJSON export and sort its polygons by label."""
+    """Read a QuPath GeoJSON export and sort its polygons by label (tiles and other non-truth objects skipped)."""
     path = Path(path)
     features = read_features(path)
     polygons: dict[str, list[list[np.ndarray]]] = {label: [] for label in config.labels}
@@ -107,6 +148,8 @@ def read_geojson(path: str | Path, config: LabelingConfig = LabelingConfig()) ->
     for i, feature in enumerate(features):
         if not isinstance(feature, dict):
             raise AnnotationError(path, f"feature {i} is not an object")
+        if not is_truth(feature):
+            continue
         name = class_name(feature.get("properties") or {})
         label = resolve_label(name, config.labels, config.aliases)
         if label is None:
@@ -121,12 +164,25 @@ def read_geojson(path: str | Path, config: LabelingConfig = LabelingConfig()) ->
 
 
 def class_name(props: Mapping) -> str | None:
+    """A feature's class as QuPath names it ("base: derived" for a derived class), or None. Without a
+    ``classification``, the object's ``name`` stands in."""
     cls = props.get("classification")
-    if isinstance(cls, Mapping):
-        return cls.get("name")
     if isinstance(cls, str):
         return cls
+    if isinstance(cls, Mapping):
+        return ": ".join(_class_names(cls)) or None
     return props.get("name") if isinstance(props.get("name"), str) else None
+
+
+def _class_names(cls: Mapping, depth: int = 0) -> list[str]:
+    """The names of a QuPath classification object, base first: ``names`` (0.4+), or ``name`` under the chain of
+    ``parentClass`` objects (0.2-0.3)."""
+    names = cls.get("names")
+    if isinstance(names, list):
+        return [str(n) for n in names if isinstance(n, str)]
+    parent = cls.get("parentClass")
+    chain = _class_names(parent, depth + 1) if isinstance(parent, Mapping) and depth < 16 else []
+    return chain + ([cls["name"]] if isinstance(cls.get("name"), str) else [])
 
 
 def geometry_polygons(geometry: Mapping) -> list[list[np.ndarray]]:

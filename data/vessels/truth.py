@@ -3,7 +3,10 @@
 The phantom's ``<slide_id>.vessels.geojson`` carries one Polygon per vessel (the outer wall, its first hole the
 lumen) with properties ``vessel_id``, ``kind``, ``compartment``, ``outer_diameter_um``, ``lumen_diameter_um``
 (fitted-ellipse minor axes), ``outer_major_um``, ``wall_thickness_um`` and ``findings``. Any QuPath export works
-too: every property is optional, and a Polygon's first hole, when present, is read as the lumen outline.
+too (``predict``'s vessels.geojson edited in QuPath and exported back, in any QuPath version's format: see
+:mod:`calciscope.data.annotations`): every property is optional (QuPath keeps only its own: class, name, colour,
+measurements, which are not read), a derived class such as "vessel: thrombosed" is a vessel, tiles are not
+vessels, and a Polygon's hole, when it has one, is the lumen outline (the largest, when it has several).
 A MultiPolygon becomes one vessel per part.
 """
 
@@ -16,8 +19,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from calciscope.data.annotations import base_class, geometry_polygons, is_truth, norm_name, read_features
 from calciscope.data.annotations import class_name as feature_class
-from calciscope.data.annotations import geometry_polygons, norm_name, read_features
 from calciscope.data.vessels.frames import level0_to_mask_px
 from calciscope.errors import AnnotationError
 
@@ -47,7 +50,7 @@ def read_vessels(path: str | Path, class_name: str = VESSEL_CLASS) -> list[Vesse
     vessels: list[Vessel] = []
     for i, feature in enumerate(_features(path)):
         props = feature.get("properties") or {}
-        if norm_name(feature_class(props) or "") != norm_name(class_name):
+        if not (is_truth(feature) and _is_class(feature_class(props), class_name)):
             continue
         try:
             parts = geometry_polygons(feature.get("geometry") or {})
@@ -100,6 +103,11 @@ def _fixed_point(poly: np.ndarray, downsample: float, origin_xy) -> np.ndarray:
     return np.round(level0_to_mask_px(poly, downsample, origin_xy) * (1 << _SHIFT)).astype(np.int32)
 
 
+def _is_class(name: str | None, wanted: str) -> bool:
+    """Whether a QuPath class name is ``wanted`` or a class derived from it (case and separators aside)."""
+    return bool(name) and norm_name(wanted) in (norm_name(name), norm_name(base_class(name)))
+
+
 def _features(path: Path) -> list:
     features = read_features(path, "vessel annotation")
     if not all(isinstance(f, dict) for f in features):
@@ -111,7 +119,8 @@ def _vessel(path: Path, vid: str, rings: list[np.ndarray], props: dict) -> Vesse
     if not rings:
         raise AnnotationError(path, f"vessel {vid}: polygon has no coordinates")
     outer = _open_ring(path, vid, rings[0], "outline")
-    lumen = _open_ring(path, vid, rings[1], "lumen") if len(rings) > 1 else None
+    holes = [_open_ring(path, vid, ring, "lumen") for ring in rings[1:]]
+    lumen = max(holes, key=lambda ring: abs(cv2.contourArea(ring.astype(np.float32)))) if holes else None
     findings = props.get("findings") or ()
     if isinstance(findings, str) or not all(isinstance(f, str) for f in findings):
         raise AnnotationError(path, f"vessel {vid}: findings must be a list of names, got {findings!r}")
@@ -150,9 +159,11 @@ def _text(value) -> str | None:
 
 def read_artifact_polygons(path: Path, class_names: tuple[str, ...] = (ARTIFACT_CLASS,)) -> list[np.ndarray]:
     """Outer rings (level-0 px) of every feature of the given classes in a GeoJSON file."""
-    wanted = {norm_name(c) for c in class_names}
     polys = []
     for feature in read_features(path, "artifact annotation"):
-        if norm_name(feature_class(feature.get("properties") or {}) or "") in wanted:
+        if not (isinstance(feature, dict) and is_truth(feature)):
+            continue
+        name = feature_class(feature.get("properties") or {})
+        if any(_is_class(name, wanted) for wanted in class_names):
             polys += [np.asarray(rings[0], np.float64) for rings in geometry_polygons(feature.get("geometry") or {})]
     return polys

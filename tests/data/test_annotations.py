@@ -42,6 +42,33 @@ def test_reads_qupath_exports_in_each_shape_with_aliases(tmp_path):
         assert ann.ignored == {"Tumor": 1}
 
 
+def test_every_qupath_version_s_classes_and_object_types(tmp_path):
+    """0.4+ {name, color} and {names: [...]} (derived classes), 0.2-0.3 {name, colorRGB, parentClass}, a plain
+    string; annotations, detections and cells are truth, tiles (predict's per-tile calls) are not."""
+    def feature(classification, object_type="annotation", **extra):
+        props = {"objectType": object_type, "classification": classification,
+                 "measurements": [{"name": "Area", "value": 1.0}] if extra.pop("legacy", False) else {"Area": 1.0}}
+        if object_type is None:
+            del props["objectType"]
+        return {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": SQUARE}, "properties": props,
+                **extra}
+
+    doc = [
+        feature({"names": ["Thrombosis", "organising"], "color": [200, 0, 0]}),  # derived class → its base
+        feature({"name": "organising", "colorRGB": -65536, "parentClass": {"name": "thrombus", "colorRGB": -1}},
+                object_type=None, id="PathDetectionObject", legacy=True),  # QuPath 0.2
+        feature("Medial calcification: ring", "cell"),
+        feature({"name": "vasculitis", "color": [240, 150, 0]}, "tile"),  # the model's call, not truth
+        feature({"name": "vasculitis", "color": [240, 150, 0]}, None, id="PathTileObject"),
+        feature({"name": "vasculitis", "color": [240, 150, 0]}, "tmaCore"),
+    ]
+    path = tmp_path / "export.geojson"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(doc).encode())  # with a byte-order mark
+    ann = read_geojson(path)
+    assert ann.count("thrombosis") == 2 and ann.count("medial_calcification") == 1 and ann.count("vasculitis") == 0
+    assert not ann.ignored
+
+
 def test_holes_are_cut_out_of_polygons(tmp_path, phantom):
     outer = [[0, 0], [2000, 0], [2000, 2000], [0, 2000], [0, 0]]
     hole = [[400, 400], [1600, 400], [1600, 1600], [400, 1600], [400, 400]]

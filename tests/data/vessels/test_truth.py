@@ -72,6 +72,34 @@ def test_plain_qupath_file_holes_multipolygons_and_other_classes(tmp_path):
     assert vessels[1].compartment is None and vessels[1].findings == ()
 
 
+def test_qupath_exports_read_as_vessels_whatever_the_version(tmp_path):
+    """A derived class of "vessel" is a vessel, tiles are not, QuPath's measurements are not read, and of several
+    holes the largest is the lumen."""
+    square = [[0, 0], [100, 0], [100, 100], [0, 100], [0, 0]]
+    small_hole = [[5, 5], [10, 5], [10, 10], [5, 10], [5, 5]]
+    lumen = [[30, 30], [70, 30], [70, 70], [30, 70], [30, 30]]
+
+    def feature(classification, object_type="annotation", rings=(square,)):
+        return {"type": "Feature", "id": "0e6c1b5c-6f0e-4b8e-9d43-2f0e8d6f7a10",
+                "geometry": {"type": "Polygon", "coordinates": list(rings)},
+                "properties": {"objectType": object_type, "classification": classification,
+                               "measurements": {"outer_diameter_um": "not read", "Area µm^2": float("nan")}}}
+
+    doc = {"type": "FeatureCollection", "features": [
+        feature({"name": "vessel", "color": [0, 170, 200]}, rings=(square, small_hole, lumen)),
+        feature({"names": ["Vessel", "thrombosed"], "color": [0, 170, 200]}, "detection"),
+        feature("vessel: capillary"),
+        feature({"name": "vessel", "color": [0, 170, 200]}, "tile"),
+        feature({"name": "vessel wall", "color": [0, 170, 200]}),  # another class, not a derived one
+    ]}
+    path = tmp_path / "qupath.geojson"
+    path.write_text(json.dumps(doc))
+    vessels = read_vessels(path)
+    assert len(vessels) == 3 and vessels[0].vessel_id == "0e6c1b5c-6f0e-4b8e-9d43-2f0e8d6f7a10"
+    assert np.array_equal(vessels[0].lumen_polygon, np.asarray(lumen[:-1], float))
+    assert vessels[0].outer_diameter_um is None
+
+
 def test_ring_mask_fills_back_to_the_outer_polygon(vessel_phantoms):
     """Wall = outer minus lumen at downsample 4; filling the lumens gives the vessel's area back: within
     +25 % from 20 µm up (the one-pixel outline that keeps thin walls closed adds ~half a mask pixel all round:
