@@ -41,6 +41,7 @@ import cv2
 import numpy as np
 import tifffile
 
+from calciscope.data.phantom.looks import STYLES
 from calciscope.data.phantom.raster import render_strip
 from calciscope.data.phantom.scene import build_scene
 from calciscope.errors import CalciscopeError
@@ -99,6 +100,11 @@ def _check_common(size_px, mpp) -> None:
         raise CalciscopeError(f"mpp must be a positive number of micrometres per pixel, got {mpp!r}")
 
 
+def _check_style(style) -> None:
+    if style not in STYLES:
+        raise CalciscopeError(f"style must be one of {', '.join(STYLES)}, got {style!r}")
+
+
 def _check_names(names, what: str) -> None:
     for name in names:
         if name not in ALL_FINDINGS:
@@ -122,11 +128,16 @@ def _check_labels(labels: Mapping[str, int]) -> dict[str, int]:
 # --------------------------------------------------------------------------------------------- one slide
 def generate_slide(out_dir, slide_id: str, labels: Mapping[str, int], *, size_px: int = 4096, mpp: float = 0.5,
                    seed: int = 0, patient_id: str | None = None, artifacts: bool = True, subcutis: bool = True,
-                   calcium_artifacts: float = 0.0) -> PhantomSlide:
+                   calcium_artifacts: float = 0.0, style: str = "random") -> PhantomSlide:
     """Draw one phantom slide with the given finding labels and write its files into out_dir.
 
-    Same (seed, slide_id, labels, size_px, mpp, artifacts, subcutis, calcium_artifacts) -> byte-identical
-    files. `artifacts=False` leaves out pen marks, folds, blur and the black border (stain/scanner variation
+    Same (seed, slide_id, labels, size_px, mpp, artifacts, subcutis, calcium_artifacts, style) -> byte-identical
+    files.
+
+    `style` "random" (domain randomisation, phantom.looks) draws every finding and confounder in one of the several
+    appearances it has in real tissue, with stains, textures, sizes and colours drawn per slide; the vessel and
+    lesion GeoJSON properties ``appearance`` say which. "classic" draws each finding one way, as the phantoms the
+    shipped demo model was trained on (byte-identical to them); vessels and lesions lie in the same places in both. `artifacts=False` leaves out pen marks, folds, blur and the black border (stain/scanner variation
     and the histologic confounders stay).
 
     `subcutis=False` draws a shave / shallow punch: epidermis and dermis to the deep edge, no fat, so every
@@ -141,6 +152,7 @@ def generate_slide(out_dir, slide_id: str, labels: Mapping[str, int], *, size_px
     everything outside their polygons is as with calcium_artifacts = 0, which draws none.
     """
     _check_common(size_px, mpp)
+    _check_style(style)
     if isinstance(calcium_artifacts, bool) or not isinstance(calcium_artifacts, (int, float)) \
             or not 0 <= calcium_artifacts <= 1:
         raise CalciscopeError(f"calcium_artifacts must be a probability in [0, 1], got {calcium_artifacts!r}")
@@ -154,14 +166,14 @@ def generate_slide(out_dir, slide_id: str, labels: Mapping[str, int], *, size_px
     size_px, mpp = int(size_px), float(mpp)
     ss = np.random.SeedSequence([int(seed), zlib.crc32(slide_id.encode())])
     scene, fields, drawn = build_scene(size_px, mpp, ss, labels, artifacts, subcutis=bool(subcutis),
-                                       calcium_p=float(calcium_artifacts))
+                                       calcium_p=float(calcium_artifacts), style=style)
     paths = {k: out / f"{slide_id}{ext}" for k, ext in (
         ("tiff", ".tiff"), ("les", ".geojson"), ("ves", ".vessels.geojson"), ("art", ".artifacts.geojson"),
         ("mask", ".tissue.png"))}
     mask = _write_tiff(paths["tiff"], scene, fields, fields["style"]["jpeg_quality"])
     _atomic_bytes(paths["mask"], cv2.imencode(".png", mask)[1].tobytes())
-    lesions = [_feature(slide_id, "lesion", i, name, poly, FINDING_COLORS[name], size_px)
-               for i, (name, poly) in enumerate(scene.lesions)]
+    lesions = [_feature(slide_id, "lesion", i, name, poly, FINDING_COLORS[name], size_px, *props)
+               for i, (name, poly, *props) in enumerate(scene.lesions)]
     _write_geojson(paths["les"], lesions)
     vessels = []
     for v in scene.vessels:
@@ -172,11 +184,13 @@ def generate_slide(out_dir, slide_id: str, labels: Mapping[str, int], *, size_px
                  "outer_major_um": round(o_major * mpp, 2),
                  "wall_thickness_um": round((o_minor - l_minor) / 2 * mpp, 2),
                  "findings": _drawn_findings(v.findings, labels)}
+        if v.looks:
+            props["appearance"] = dict(v.looks)
         vessels.append(_feature(slide_id, "vessel", v.vid, "vessel", outer, ARTIFACT_COLORS["vessel"], size_px,
                                 props, holes=[lumen]))
     _write_geojson(paths["ves"], vessels)
-    arts = [_feature(slide_id, "artifact", i, name, poly, ARTIFACT_COLORS[name], size_px)
-            for i, (name, poly) in enumerate(scene.artifacts)]
+    arts = [_feature(slide_id, "artifact", i, name, poly, ARTIFACT_COLORS[name], size_px, *props)
+            for i, (name, poly, *props) in enumerate(scene.artifacts)]
     arts += [_feature(slide_id, "artifact", len(scene.artifacts) + j, "calcium_artifact", poly,
                       ARTIFACT_COLORS["calcium_artifact"], size_px, {"kind": kind, "vessel_id": vid})
              for j, (kind, vid, poly) in enumerate(scene.calcium_artifacts)]
@@ -184,7 +198,7 @@ def generate_slide(out_dir, slide_id: str, labels: Mapping[str, int], *, size_px
     del drawn
     # the labels are what was drawn: a finding asked for but left without a lesion (no eligible vessel, or its only
     # vessel already calcified in the media) is 0, so every label has pixels behind it
-    shown = {name for name, _ in scene.lesions}
+    shown = {lesion[0] for lesion in scene.lesions}
     labels = {k: int(bool(v) and k in shown) for k, v in labels.items()}
     return PhantomSlide(slide_id, patient_id or slide_id, paths["tiff"], paths["les"], paths["ves"], paths["art"],
                         paths["mask"], labels, mpp, size_px)
@@ -322,16 +336,18 @@ def _sample_labels(rng: np.random.Generator, findings: Sequence[str], prevalence
 def generate_dataset(out_dir, n_slides: int, *, size_px: int = 4096, mpp: float = 0.5, seed: int = 0,
                      prevalence: Mapping[str, float] | None = None, slides_per_patient: int = 2,
                      findings: Sequence[str] = FINDINGS, artifacts: bool = True, subcutis: bool = True,
-                     calcium_artifacts: float = 0.0, progress: Callable[[int, int], None] | None = None) -> Path:
+                     calcium_artifacts: float = 0.0, style: str = "random",
+                     progress: Callable[[int, int], None] | None = None) -> Path:
     """Write n_slides phantoms and ``manifest.csv`` into out_dir; returns the manifest path.
 
     Slide i (0-based) is named ``phantom_{i+1:04d}``; its labels and drawing seed come from
     SeedSequence([seed, i]), so slide i is the same whatever n_slides is. `slides_per_patient`
     consecutive slides share a patient id ``P0001``... `progress(done, n_slides)` is called after each slide.
-    `subcutis` and `calcium_artifacts` are passed to every slide (see generate_slide); when not at their
+    `subcutis`, `calcium_artifacts` and `style` are passed to every slide (see generate_slide); when not at their
     defaults the manifest gains a column ``subcutis`` (0) / ``calcium_artifact`` (1 when the slide has any).
     """
     _check_common(size_px, mpp)
+    _check_style(style)
     if not isinstance(n_slides, (int, np.integer)) or n_slides < 1:
         raise CalciscopeError(f"n_slides must be an integer >= 1, got {n_slides!r}")
     if not isinstance(slides_per_patient, (int, np.integer)) or slides_per_patient < 1:
@@ -361,7 +377,8 @@ def generate_dataset(out_dir, n_slides: int, *, size_px: int = 4096, mpp: float 
                                 prevalence)
         sid, pid = f"phantom_{i + 1:04d}", f"P{i // slides_per_patient + 1:04d}"
         slide = generate_slide(out, sid, labels, size_px=size_px, mpp=mpp, seed=slide_seed, patient_id=pid,
-                               artifacts=artifacts, subcutis=subcutis, calcium_artifacts=calcium_artifacts)
+                               artifacts=artifacts, subcutis=subcutis, calcium_artifacts=calcium_artifacts,
+                               style=style)
         drawn = drawn_artifacts(slide)
         flags = {"subcutis": 0, "calcium_artifact": int("calcium_artifact" in drawn)}
         labels = slide.labels  # as drawn

@@ -43,6 +43,9 @@ def synth(
     no_subcutis: bool = typer.Option(False, "--no-subcutis", help="Epidermis and dermis only (a shave): no fat."),
     calcium_artifacts: float = typer.Option(0.0, "--calcium-artifacts", metavar="P",
                                             help="Probability that a calcified vessel gets a hole, tear or chatter."),
+    style: str = typer.Option("random", "--style", help="random: each finding in one of its several real "
+                              "appearances (domain randomisation); classic: one drawing each, as the shipped demo "
+                              "model was trained on."),
 ):
     """Generate synthetic H&E phantom slides with ground-truth lesion polygons and a manifest."""
     from calciscope.data.synthetic import generate_dataset
@@ -59,6 +62,7 @@ def synth(
             artifacts=not no_artifacts,
             subcutis=not no_subcutis,
             calcium_artifacts=calcium_artifacts,
+            style=style,
             progress=update,
         )
     out.print(manifest)

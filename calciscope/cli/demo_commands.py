@@ -28,7 +28,8 @@ def demo(
 
     check_writable(out_dir)
     findings = {"medial_calcification": 1, "small_vessel_calcification": 0, "thrombosis": 1, "vasculitis": 0}
-    phantom = generate_slide(out_dir / "slides", "demo_slide", findings, size_px=size, seed=seed)
+    # the classic drawing, the one the shipped demo model learned (style "random" once it is retrained on it)
+    phantom = generate_slide(out_dir / "slides", "demo_slide", findings, size_px=size, seed=seed, style="classic")
     predictor = Predictor("demo", PredictConfig(workers=workers))
     with progress_bar("scoring") as update:
         result = predictor.predict_and_write(phantom.path, out_dir, progress=update)

@@ -11,15 +11,26 @@ from calciscope.data.phantom.geometry import TWO_PI, Vessel
 from calciscope.data.phantom.raster import SHIFT, Scene
 
 
-def rbcs(scene: Scene, rng: np.random.Generator, x, y) -> None:
+def rbcs(scene: Scene, rng: np.random.Generator, x, y, value=(1.6, 2.1)) -> None:
     """Red cells, 7-8 um, biconcave (paler centre), seen at random tilts."""
     n = len(x)
     r = scene.px(rng.uniform(3.4, 3.9, n))
     b = r * rng.uniform(0.55, 1.0, n)
     ang = rng.uniform(0, 180, n)
-    val = rng.uniform(1.6, 2.1, n)
+    val = rng.uniform(value[0], value[1], n)
     scene.ellipses("rbc", x, y, r, b, ang, val)
     scene.ellipses("rbc_core", x, y, r * 0.45, b * 0.45, ang, val * 0.72)
+
+
+def plasma_cells(scene: Scene, rng: np.random.Generator, x, y) -> None:
+    """Plasma cells: oval purple-pink cytoplasm ~10 x 7 um, round nucleus ~5 um set off to one side."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    n = len(x)
+    ang = rng.uniform(0, TWO_PI, n)
+    scene.ellipses("cyto", x, y, scene.px(5.0), scene.px(3.6), np.degrees(ang), rng.uniform(0.9, 1.2, n))
+    d = scene.px(1.6)
+    r = scene.px(rng.uniform(2.3, 2.8, n))
+    scene.ellipses("nuc", x + d * np.cos(ang), y + d * np.sin(ang), r, r * 0.92, 0.0, rng.uniform(1.5, 2.0, n))
 
 
 def lymphocytes(scene: Scene, rng: np.random.Generator, x, y) -> None:

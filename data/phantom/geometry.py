@@ -61,6 +61,7 @@ class Vessel:
     cuff: float = 0.0  # perivascular infiltrate width (vasculitis / lymphocytic cuff), px
     lumen: np.ndarray | None = None  # the drawn lumen outline (N, 2) px, set by draw_vessel
     calc_arc: tuple[float, float, float, float] | None = None  # calcified arc: th0, span (rad), r_in, r_out px
+    looks: dict[str, str] = field(default_factory=dict)  # style "random": finding (or "confounder") -> appearance
 
     def rho(self, th: np.ndarray) -> np.ndarray:
         r = np.ones_like(th)

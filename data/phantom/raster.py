@@ -145,12 +145,14 @@ def render_strip(scene: Scene, fields: dict, y0: int, y1: int) -> tuple[np.ndarr
     del coll
     rng = np.random.default_rng([fields["seed"], y0, 7])
     grain = rng.random((h, w), dtype=np.float32)
-    Ht, Et = _stain_densities(scene, fields, canvases, grain, ya, yb)
+    Ht, Et, Ct = _stain_densities(scene, fields, canvases, grain, ya, yb)
     if scene.cuts:
-        _apply_cuts(scene.cuts, Ht, Et, ya)
+        _apply_cuts(scene.cuts, Ht, Et, ya, Ct)
     Ht *= T
     Et *= T
-    rgb = _to_rgb(scene, fields["style"], Ht, Et, canvases["P"], mid, grain)
+    if Ct is not None:
+        Ct *= T
+    rgb = _to_rgb(scene, fields["style"], Ht, Et, canvases["P"], mid, grain, Ct)
     for cx, cy, rx, ry, sigma in scene.blurs:
         _blur_region(rgb, ya, cx, cy, rx, ry, sigma)
     if scene.border is not None:
@@ -210,8 +212,15 @@ def _stain_densities(scene: Scene, fields: dict, canvases: dict, grain, ya: int,
     C = cv2.GaussianBlur(canvases["C"], (3, 3), 0.6) * (0.7 + 0.6 * grain)
     sv = upsample_rows(fields["stain_var"], LR_DS, ya, yb, scene.size)
     st = fields["style"]
-    Ht = (H + N + C) * (st["h_scale"] * sv)
-    Et = (E * (1.0 - 0.25 * np.clip(N, 0, 1)) * (0.75 + 0.5 * chrom) + 0.15 * C) * (st["e_scale"] * sv)
+    Ct = None
+    if "calc_vec" in st:  # style "random": part of the calcium drawn with its own absorbance vector
+        k = st["calc_mix"]
+        Ct = cv2.GaussianBlur(C * (k * st["h_scale"]) * sv, (3, 3), 0.55)
+        Ht = (H + N + (1.0 - k) * C) * (st["h_scale"] * sv)
+        Et = (E * (1.0 - 0.25 * np.clip(N, 0, 1)) * (0.75 + 0.5 * chrom) + st["calc_e"] * C) * (st["e_scale"] * sv)
+    else:
+        Ht = (H + N + C) * (st["h_scale"] * sv)
+        Et = (E * (1.0 - 0.25 * np.clip(N, 0, 1)) * (0.75 + 0.5 * chrom) + 0.15 * C) * (st["e_scale"] * sv)
     Ht = cv2.GaussianBlur(Ht, (3, 3), 0.55)
     Et = cv2.GaussianBlur(Et, (3, 3), 0.55)
     D = canvases["D"]
@@ -219,10 +228,12 @@ def _stain_densities(scene: Scene, fields: dict, canvases: dict, grain, ya: int,
         D = cv2.GaussianBlur(D, (0, 0), scene.px(4.0))
         Ht *= 1.0 + st["fold_gain"] * D
         Et *= 1.0 + st["fold_gain"] * D
-    return Ht, Et
+        if Ct is not None:
+            Ct *= 1.0 + st["fold_gain"] * D
+    return Ht, Et, Ct
 
 
-def _to_rgb(scene: Scene, st: dict, Ht, Et, pen, mid, grain) -> np.ndarray:
+def _to_rgb(scene: Scene, st: dict, Ht, Et, pen, mid, grain, Ct=None) -> np.ndarray:
     """Beer-Lambert: RGB uint8 from the stain densities, pen ink (blurred, uneven), glass and sensor noise."""
     h, w = Ht.shape
     P = pen
@@ -232,6 +243,8 @@ def _to_rgb(scene: Scene, st: dict, Ht, Et, pen, mid, grain) -> np.ndarray:
     glass = st["glass_od"]
     for c in range(3):
         od = Ht * (st["h_vec"][c] + RESID_OD[c]) + Et * (st["e_vec"][c] + RESID_OD[c]) + glass[c]
+        if Ct is not None:
+            od += Ct * st["calc_vec"][c]
         if P is not pen or P.any():
             od += P * st["ink"][c]
         od += (grain - 0.5) * 0.02
@@ -239,7 +252,7 @@ def _to_rgb(scene: Scene, st: dict, Ht, Et, pen, mid, grain) -> np.ndarray:
     return rgb
 
 
-def _apply_cuts(cuts: list, Ht: np.ndarray, Et: np.ndarray, ya: int) -> None:
+def _apply_cuts(cuts: list, Ht: np.ndarray, Et: np.ndarray, ya: int, Ct: np.ndarray | None = None) -> None:
     """Calcium sectioning artifacts on the stain densities of a strip; nothing changes outside a polygon."""
     h, w = Ht.shape
     for kind, poly, prm in cuts:
@@ -253,6 +266,8 @@ def _apply_cuts(cuts: list, Ht: np.ndarray, Et: np.ndarray, ya: int) -> None:
         if kind == "gap":
             Ht[r0:r1, x0:x1][inside] = 0.0
             Et[r0:r1, x0:x1][inside] = 0.0
+            if Ct is not None:
+                Ct[r0:r1, x0:x1][inside] = 0.0
             continue
         X = np.arange(x0, x1, dtype=np.float32)[None, :] - prm["cx"]
         Y = np.arange(ya + r0, ya + r1, dtype=np.float32)[:, None] - prm["cy"]
@@ -270,6 +285,8 @@ def _apply_cuts(cuts: list, Ht: np.ndarray, Et: np.ndarray, ya: int) -> None:
         factor = np.where(inside, 1.0 - prm["amp"] * fade * band, 1.0).astype(np.float32)
         Ht[r0:r1, x0:x1] *= factor
         Et[r0:r1, x0:x1] *= factor
+        if Ct is not None:
+            Ct[r0:r1, x0:x1] *= factor
 
 
 def _blur_region(rgb: np.ndarray, ya: int, cx, cy, rx, ry, sigma) -> None:

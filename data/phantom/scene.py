@@ -12,13 +12,17 @@ import math
 import numpy as np
 
 from calciscope.data.phantom.artifacts import CALCIUM_STREAM, border_artifact, calcium_artifacts, slide_artifacts
+from calciscope.data.phantom.calcium import periadipocytic
 from calciscope.data.phantom.cells import lymphocytes, spindles
 from calciscope.data.phantom.extravascular import calcified_fibres, calcified_membrane, debris, necrosis
 from calciscope.data.phantom.fields import LR_DS, MR_DS, collagen_field, sample_points, smooth_noise
 from calciscope.data.phantom.geometry import TWO_PI, Vessel, chaikin
+from calciscope.data.phantom.inflammation import cuff, debris_varied
 from calciscope.data.phantom.layout import draw_layout
+from calciscope.data.phantom.looks import LOOK_STREAM, draw_look, pick, randomise_style
 from calciscope.data.phantom.raster import Scene
 from calciscope.data.phantom.stain import draw_style
+from calciscope.data.phantom.varied import CALCIUM, choose_looks, draw_vessel_varied
 from calciscope.data.phantom.vessels import draw_vessel, lymphocytic_cuff
 
 VESSEL_KINDS = ("capillary", "arteriole", "venule", "small_artery")
@@ -51,13 +55,19 @@ class _Builder:
     """Places tissue, vessels, cells, lesions, confounders and artifacts into a Scene."""
 
     def __init__(self, size: int, mpp: float, ss: np.random.SeedSequence, labels: dict, artifacts: bool,
-                 subcutis: bool = True):
+                 subcutis: bool = True, style: str = "classic"):
         self.rng = rng = np.random.default_rng(ss)
         self.sc = sc = Scene(size, mpp)
         self.size, self.mpp, self.labels, self.artifacts = size, mpp, labels, artifacts
         self.subcutis = subcutis
         px = sc.px
         self.style = draw_style(rng)
+        self.look = self.look_rng = None  # style "random": the slide's look and its own random stream
+        if style == "random":
+            self.look_rng = np.random.default_rng(np.random.SeedSequence(ss.entropy,
+                                                                         spawn_key=(*ss.spawn_key, LOOK_STREAM)))
+            self.look = draw_look(self.look_rng)
+            self.style = randomise_style(self.style, self.look, self.look_rng)
         if artifacts and rng.random() < 0.25:
             sc.border = (int(rng.integers(4)), int(min(px(rng.uniform(25, 100)), 0.04 * size)))
         self.lay = draw_layout(rng, size, mpp, sc.border, subcutis)
@@ -228,6 +238,9 @@ class _Builder:
             v.cuff = self.sc.px(rng.uniform(10, 30))
 
     def draw_vessels(self) -> None:
+        if self.look is not None:
+            self._draw_vessels_varied()
+            return
         rng, emit = self.rng, set(self.labels)
         allow_fibro = self.labels.get("intimal_fibrosis", None) != 0
         for v in self.sc.vessels:
@@ -241,6 +254,26 @@ class _Builder:
             draw_vessel(self.sc, rng, v, emit, hyaline=hyaline, packed=packed, fibroplasia=fibro)
         for v in self.cuffed:
             self.sc.artifacts.append(("perivascular_infiltrate", lymphocytic_cuff(self.sc, rng, v)))
+
+    def _draw_vessels_varied(self) -> None:
+        """Style "random": each vessel in the appearance its look picks; cuffs of the slide's kinds."""
+        rng, lr, look, emit = self.rng, self.look_rng, self.look, set(self.labels)
+        allow_fibro = self.labels.get("intimal_fibrosis", None) != 0
+        calcified = any(self.labels.get(k) for k in CALCIUM)
+        for v in self.sc.vessels:
+            F = set(v.findings)
+            fibro = allow_fibro and (("medial_calcification" in F and lr.random() < 0.4)
+                                     or ("small_vessel_calcification" in F and lr.random() < 0.3))
+            choose_looks(lr, v, look, self.mpp, calcified_slide=calcified, intimal_ok=allow_fibro)
+            fibro = fibro or any(x.endswith("/intimal") for x in v.looks.values())
+            if fibro and "intimal_fibrosis" in emit and "intimal_fibrosis" not in F:
+                v.findings.append("intimal_fibrosis")
+            draw_vessel_varied(self.sc, rng, v, emit, look, fibroplasia=fibro)
+        for v in self.cuffed:
+            kind = pick(lr, look["cuff"])
+            v.looks["confounder"] = f"cuff/{kind}"
+            self.sc.artifacts.append(("perivascular_infiltrate", cuff(self.sc, rng, v, look, kind),
+                                      {"appearance": kind}))
 
     def adipocytes(self) -> None:
         """Voronoi adipocytes (50-150 um) in the fat; cells near vessels and septa are left as stroma."""
@@ -351,14 +384,23 @@ class _Builder:
             if (edge and not (0.3 * r < f[0] < r + px(40))) or (not edge and f[0] < r) or \
                     not self.far_from_vessels(p[None], r + px(10))[0]:
                 continue
-            sc.artifacts.append(("debris", debris(sc, rng, p[0], p[1], r)))
+            if self.look is None:
+                sc.artifacts.append(("debris", debris(sc, rng, p[0], p[1], r)))
+            else:
+                kind = pick(self.look_rng, self.look["debris"])
+                sc.artifacts.append(("debris", debris_varied(sc, rng, p[0], p[1], r, self.look, kind),
+                                     {"appearance": kind}))
             n -= 1
         if self.labels.get("extravascular_calcification") and not self.subcutis:
             self._dermal_calcification()
         if self.labels.get("extravascular_calcification") and self.cells:
             k = max(int(round(rng.uniform(2, 6) * min(self.af, 4.0))), 1)
             for i in rng.choice(len(self.cells), min(k, len(self.cells)), replace=False):
-                calcified_membrane(sc, rng, self.cells[int(i)])
+                if self.look is None:
+                    calcified_membrane(sc, rng, self.cells[int(i)])
+                else:
+                    periadipocytic(sc, rng, self.cells, int(i), self.look,
+                                   pick(self.look_rng, self.look["periadipocytic"]))
         for c, r in self.necrosis_regions:
             necrosis(sc, rng, c, r, in_fat=self.subcutis)
 
@@ -409,14 +451,16 @@ class _Builder:
 
 
 def build_scene(size: int, mpp: float, ss: np.random.SeedSequence, labels: dict, artifacts: bool, *,
-                subcutis: bool = True, calcium_p: float = 0.0):
+                subcutis: bool = True, calcium_p: float = 0.0, style: str = "classic"):
     """Everything one slide draws, plus the fields the renderer needs and the artifacts drawn.
 
     Calcium artifacts (probability calcium_p per calcified vessel) draw from their own stream, the child of
     `ss` with spawn key word CALCIUM_STREAM (made directly, so `ss` spawns nothing): the rest of the scene is
-    the same whatever calcium_p is, and calcium_p = 0 draws nothing from it.
+    the same whatever calcium_p is, and calcium_p = 0 draws nothing from it. `style` "random" draws each finding
+    and confounder in an appearance the slide's look picks (looks.draw_look, from a stream of its own as well, so
+    vessels and lesions sit where they sit in "classic", the one drawing of each finding the demo model knows).
     """
-    b = _Builder(size, mpp, ss, labels, artifacts, subcutis)
+    b = _Builder(size, mpp, ss, labels, artifacts, subcutis, style)
     b.septa()
     b.vessels()
     b.assign_lesions()
