@@ -50,6 +50,9 @@ class PredictConfig:
     min_tissue: float = _opt(0.5, "Score tiles with at least this tissue fraction.")
     slide_mpp: float | None = _opt(None, "Override the slide's level-0 µm/px (score: for slides whose file has none; "
                                          "a manifest 'mpp' wins).")
+    record_series_uid: bool = _opt(False, "Record a DICOM slide's Series Instance UID in result.json "
+                                          "(slide.dicom_series_uid), to find the slide in the PACS again; off by "
+                                          "default, as the UID can lead back to the patient's study.")
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N.")
     amp: str = _opt("auto", "Autocast: auto (bf16 on CPUs that have it, fp16 on CUDA), bf16, fp16 or off.")
     runtime: str = _opt("torch", "torch (a checkpoint) or onnxruntime (an ONNX export: CPU, fp32, no saliency).")

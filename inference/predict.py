@@ -82,7 +82,7 @@ class Predictor:
         cfg = self.config
         mpp = slide_mpp if slide_mpp is not None else cfg.slide_mpp
         with open_slide(slide_path, mpp=mpp) as slide:
-            info = slide.info()
+            info = slide.info(series_uid=cfg.record_series_uid)
             mask = detect_tissue(slide, TissueConfig())
             grid = make_grid(slide, mask, self.tiling)
             if len(grid) == 0:

@@ -108,6 +108,7 @@ class SlideResult:
                 "mpp": self.slide.mpp,
                 "mpp_source": self.slide.mpp_source,
                 "objective_power": self.slide.objective_power,
+                **({"dicom_series_uid": self.slide.dicom_series_uid} if self.slide.dicom_series_uid else {}),
             },
             "model": {
                 "name": card.name,

@@ -66,6 +66,8 @@ def predict_options(exclude: tuple[str, ...] = ()):
         for f in shared:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+            if _without_none(hints[f.name]) is bool:
+                flag = f"{flag}/--no-{flag[2:]}"
             option = typer.Option(None, flag, help=f.metadata["help"],
                                   show_default=str(default) if default is not None else False)
             params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY,
