@@ -226,8 +226,13 @@ def _ring(poly, size: int) -> list[list[float]]:
 
 
 def _axes(ring: list[list[float]]) -> tuple[float, float]:
-    """(minor, major) axis in px of the ellipse cv2.fitEllipse fits to a written ring."""
-    _, axes, _ = cv2.fitEllipse(np.asarray(ring[:-1], np.float32))
+    """(minor, major) axis in px of the ellipse cv2.fitEllipse fits to a written ring (of the minimum-area rectangle
+    for a ring clipped by the slide edge to a sliver: fitEllipse gives such a degenerate ring no reproducible fit)."""
+    pts = np.asarray(ring[:-1], np.float32)
+    if cv2.contourArea(pts) < 1.0:
+        _, (w, h), _ = cv2.minAreaRect(pts)
+        return float(min(w, h)), float(max(w, h))
+    _, axes, _ = cv2.fitEllipse(pts)
     return float(min(axes)), float(max(axes))
 
 

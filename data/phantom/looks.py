@@ -76,7 +76,7 @@ def draw_look(rng: np.random.Generator) -> dict:
         "calc_e": float(rng.uniform(0.0, 0.35)),  # eosin taken up by calcium (lilac when high)
         "crack_um": float(rng.uniform(0.8, 2.5)),  # width of fracture lines in plates
         "sclerosis_p": float(rng.uniform(0.1, 0.45)),  # share of normal arterioles with arteriolosclerosis
-        "monckeberg_p": float(rng.uniform(0.0, 0.6)),  # share of those, in slides without calcification, calcified
+        "monckeberg_p": float(rng.uniform(0.1, 0.6)),  # share of arteries >= 60 um, in slides without calcification
         "packed_p": float(rng.uniform(0.1, 0.45)),  # share of normal venules packed with red cells
         "cell_density": float(rng.uniform(0.6, 1.4)),  # inflammatory cell density scale
         "rbc_value": float(rng.uniform(1.3, 2.2)),  # red-cell eosin density

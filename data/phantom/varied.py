@@ -39,12 +39,10 @@ def choose_looks(rng: np.random.Generator, v: Vessel, look: dict, mpp: float, *,
         v.looks["vasculitis"] = pick(rng, look["vasculitis"])
     if F:
         return
-    d_um = 2 * v.ro * mpp
-    if v.kind in MUSCULAR and rng.random() < look["sclerosis_p"]:
-        allowed = ["hyaline", "hypertrophic"]
-        if not calcified_slide and d_um >= 80 and rng.random() < look["monckeberg_p"]:
-            allowed = ["monckeberg"]
-        v.looks["confounder"] = pick(rng, look["arteriolosclerosis"], allowed)
+    if v.kind in MUSCULAR and not calcified_slide and 2 * v.ro * mpp >= 60 and rng.random() < look["monckeberg_p"]:
+        v.looks["confounder"] = "monckeberg"
+    elif v.kind in MUSCULAR and rng.random() < look["sclerosis_p"]:
+        v.looks["confounder"] = pick(rng, look["arteriolosclerosis"], ("hyaline", "hypertrophic"))
     elif v.kind == "venule" and rng.random() < look["packed_p"]:
         v.looks["confounder"] = "packed"
 
