@@ -29,28 +29,32 @@ def phantom_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def phantom(phantom_dir):
-    """A 2048² phantom (1 × 1 mm at 0.5 µm/px) with every finding drawn and artifacts on."""
+    """A 2048² phantom (1 × 1 mm at 0.5 µm/px) with every finding drawn and artifacts on.
+
+    The shared phantoms keep the classic drawing: the facts tests quote about them (vessel counts, lumens, what the
+    shipped demo model scores) were measured on it, and the demo model learned it. Until the demo is retrained on
+    the randomised phantom, tests/data/test_phantom_looks.py and benchmarks/bench_transfer.py cover that style."""
     from calciscope.data.synthetic import generate_slide
 
-    return generate_slide(phantom_dir, "pos", ALL_FINDINGS, size_px=2048, seed=11, artifacts=True)
+    return generate_slide(phantom_dir, "pos", ALL_FINDINGS, size_px=2048, seed=11, artifacts=True, style="classic")
 
 
 @pytest.fixture(scope="session")
 def clean_phantom(phantom_dir):
-    """A 2048² phantom with no findings and no artifacts."""
+    """A 2048² phantom with no findings and no artifacts (classic drawing, as ``phantom``)."""
     from calciscope.data.synthetic import generate_slide
 
-    return generate_slide(phantom_dir, "neg", NO_FINDINGS, size_px=2048, seed=12, artifacts=False)
+    return generate_slide(phantom_dir, "neg", NO_FINDINGS, size_px=2048, seed=12, artifacts=False, style="classic")
 
 
 @pytest.fixture(scope="session")
 def vessel_phantoms(tmp_path_factory, clean_phantom):
     """The all-findings phantom ``pos`` without artifacts (seed 11, 11 vessels) and ``clean_phantom`` (seed 12,
-    4 vessels): what the vessel tests measure against."""
+    4 vessels): what the vessel tests measure against (classic drawing, as ``phantom``)."""
     from calciscope.data.synthetic import generate_slide
 
     pos = generate_slide(tmp_path_factory.mktemp("vessel_phantoms"), "pos", ALL_FINDINGS, size_px=2048, seed=11,
-                         artifacts=False)
+                         artifacts=False, style="classic")
     return [pos, clean_phantom]
 
 
