@@ -3,7 +3,9 @@
 Two layouts are read into one :class:`TileTable`:
 
 * a directory ``root/<class_name>/<file>`` (files found recursively inside each class folder; extensions
-  ``IMAGE_SUFFIXES``; hidden files and folders skipped). Class names are sorted; labels are one-hot.
+  ``IMAGE_SUFFIXES``; hidden files and folders skipped). Class names are sorted; labels are one-hot. When root
+  holds only ``train``, ``val`` and ``test`` folders (``train`` among them), each of those holds the class folders
+  and gives its tiles' split (without ``val``, validation is carved from the train patients).
   Patient ids come from an optional ``root/patients.csv`` (columns ``file,patient_id``, ``file`` relative to
   ``root`` with ``/`` separators; every tile must be listed). Without it each tile's group is its file stem,
   so tiles are split one by one: only safe when no patient contributes more than one tile.
@@ -14,7 +16,8 @@ Two layouts are read into one :class:`TileTable`:
 
 Images are decoded with OpenCV, converted to RGB and brought to ``tile_px`` × ``tile_px``: the shorter side is
 resized to ``tile_px`` (INTER_AREA when shrinking, INTER_LINEAR when enlarging) and a non-square image is
-centre-cropped, so tissue is never stretched.
+centre-cropped, so tissue is never stretched. A training transform that crops by itself (``crop_px`` set, e.g. a
+random-resized crop) gets the whole image instead, its shorter side at most ``2 × tile_px``.
 """
 
 from __future__ import annotations
@@ -95,22 +98,30 @@ def _visible(path: Path, root: Path) -> bool:
 
 
 def _read_folder(root: Path):
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not class_dirs:
+    """``root/<class>/...``, or ``root/<split>/<class>/...`` when every folder of root is train, val or test (the
+    split then comes from the folder)."""
+    top = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not top:
         raise CalciscopeError(f"{root}: no class folders (expected {root}/<class_name>/<tile image>)")
-    paths, class_index = [], []
-    for k, folder in enumerate(class_dirs):
-        files = sorted(p for p in folder.rglob("*")
-                       if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and _visible(p, root))
-        if not files:
-            raise CalciscopeError(f"{folder}: class folder has no images ({' '.join(IMAGE_SUFFIXES)})")
-        paths += files
-        class_index += [k] * len(files)
-    matrix = np.zeros((len(paths), len(class_dirs)), np.float32)
+    splits = top if {p.name for p in top} <= set(SPLITS) and any(p.name == "train" for p in top) else [root]
+    names = sorted({p.name for part in splits for p in part.iterdir() if p.is_dir() and not p.name.startswith(".")})
+    paths, class_index, split = [], [], []
+    for part in splits:
+        for k, name in enumerate(names):
+            folder = part / name
+            files = sorted(p for p in folder.rglob("*")
+                           if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and _visible(p, root)
+                           ) if folder.is_dir() else []
+            if not files and (part is root or part.name == "train"):
+                raise CalciscopeError(f"{folder}: class folder has no images ({' '.join(IMAGE_SUFFIXES)})")
+            paths += files
+            class_index += [k] * len(files)
+            split += [None if part is root else part.name] * len(files)
+    matrix = np.zeros((len(paths), len(names)), np.float32)
     matrix[np.arange(len(paths)), class_index] = 1.0
     patients = root / PATIENTS_FILE
     groups = _folder_groups(patients, root, paths) if patients.is_file() else [p.stem for p in paths]
-    return paths, [d.name for d in class_dirs], matrix, groups, None
+    return paths, names, matrix, groups, split if splits[0] is not root else None
 
 
 def _folder_groups(patients: Path, root: Path, paths: list[Path]) -> list[str]:
@@ -226,8 +237,10 @@ def _label_columns(path: Path, rows, columns: list[str], labels: list[str] | Non
 
 
 # -- images ---------------------------------------------------------------------------------------------------
-def read_tile_image(path: str | Path, tile_px: int) -> np.ndarray:
-    """Decode an image file as RGB uint8 (tile_px, tile_px, 3): shorter side resized, centre-cropped to square."""
+def read_tile_image(path: str | Path, tile_px: int, *, whole: bool = False) -> np.ndarray:
+    """Decode an image file as RGB uint8 (tile_px, tile_px, 3): shorter side resized, centre-cropped to square.
+    ``whole``: the whole image instead (shrunk so its shorter side is at most ``2 × tile_px``), for a transform that
+    crops it itself."""
     path = Path(path)
     try:
         data = np.fromfile(path, dtype=np.uint8)
@@ -236,7 +249,14 @@ def read_tile_image(path: str | Path, tile_px: int) -> np.ndarray:
     bgr = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
     if bgr is None:
         raise CalciscopeError(f"{path}: not a readable image (empty, truncated or not an image)")
-    return fit_square(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), tile_px)
+    rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    if not whole:
+        return fit_square(rgb, tile_px)
+    h, w = rgb.shape[:2]
+    if min(h, w) > 2 * tile_px:
+        scale = 2 * tile_px / min(h, w)
+        rgb = cv2.resize(rgb, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+    return np.ascontiguousarray(rgb)
 
 
 def fit_square(rgb: np.ndarray, tile_px: int) -> np.ndarray:
@@ -276,11 +296,12 @@ class TileFileDataset(Dataset):
         return len(self.indices)
 
     def read(self, i: int) -> np.ndarray:
-        """Tile ``i`` as RGB uint8 HWC, after the transform."""
-        rgb = read_tile_image(self.table.paths[self.indices[i]], self.tile_px)
+        """Tile ``i`` as RGB uint8 HWC (tile_px square), after the transform."""
+        whole = getattr(self.transform, "crop_px", None) == self.tile_px
+        rgb = read_tile_image(self.table.paths[self.indices[i]], self.tile_px, whole=whole)
         if self.transform is not None:
             rgb = self.transform(rgb, hash((self.seed, self.epoch, int(i))) % 2**32)
-        return rgb
+        return fit_square(rgb, self.tile_px) if whole else rgb
 
     def __getitem__(self, i: int):
         image = torch.from_numpy(np.ascontiguousarray(self.read(i).transpose(2, 0, 1)))

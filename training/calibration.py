@@ -29,11 +29,11 @@ def _nll(logits: np.ndarray, y: np.ndarray, temperature: float) -> float:
     return float(np.mean(np.logaddexp(0.0, z) - y * z))
 
 
-def fit_temperature(logits, y_true) -> np.ndarray:
+def fit_temperature(logits, y_true, bounds: tuple[float, float] = (T_MIN, T_MAX)) -> np.ndarray:
     """Per-label temperatures (L,) minimising the validation BCE of ``sigmoid(logits / T)``.
 
     logits, y_true: (N, L) (or (N,) for one label). A label whose y_true holds a single class keeps T = 1.
-    T is searched in [0.05, 20].
+    T is searched in ``bounds`` ([0.05, 20] by default).
     """
     z, y = to_numpy(logits), to_numpy(y_true)
     if z.ndim == 1:
@@ -48,12 +48,60 @@ def fit_temperature(logits, y_true) -> np.ndarray:
             continue
         result = minimize_scalar(
             lambda log_t: _nll(z[:, j], y[:, j], float(np.exp(log_t))),
-            bounds=(np.log(T_MIN), np.log(T_MAX)),
+            bounds=(np.log(bounds[0]), np.log(bounds[1])),
             method="bounded",
             options={"xatol": 1e-6},
         )
         temperatures[j] = float(np.exp(result.x))
     return temperatures
+
+
+def robust_calibration(logits, y_true, labels: Sequence[str], *, fit: bool = True, robust: bool = True,
+                       min_per_class: int = 20, max_temperature: float = 5.0,
+                       choose=None) -> tuple[np.ndarray, dict[str, float], dict[str, dict], list[str]]:
+    """Per label, a temperature and a decision threshold from validation logits, where validation can support them.
+
+    Returns (temperatures (L,), thresholds {label: p}, record {label: method, temperature, threshold, counts,
+    reason}, warnings). ``choose(y, p)`` picks a threshold on calibrated probabilities (Youden or a target
+    sensitivity). With ``robust``: a separable label (every positive logit above every negative one: temperature
+    scaling would sharpen without bound and Youden puts the threshold at the lowest positive) keeps T = 1 and gets the
+    max-margin threshold, the middle of the gap in logits; a label with fewer than ``min_per_class`` positives or
+    negatives gets T bounded to [1, ``max_temperature``] (a handful of examples never sharpens the model). Either way
+    the card should warn: its probabilities were not checked on enough data. One class only: T = 1, threshold 0.5.
+    """
+    z, y = to_numpy(logits), to_numpy(y_true)
+    temperatures, thresholds, record, warnings = np.ones(len(labels)), {}, {}, []
+    for j, label in enumerate(labels):
+        zj, yj = z[:, j], y[:, j]
+        n_pos, n_neg = int(yj.sum()), int(len(yj) - yj.sum())
+        entry = {"n_pos": n_pos, "n_neg": n_neg}
+        if n_pos == 0 or n_neg == 0:
+            entry.update(method="none", reason="validation holds one class only")
+            thresholds[label] = 0.5
+        elif robust and zj[yj == 1].min() > zj[yj == 0].max():
+            gap = (float(zj[yj == 1].min()), float(zj[yj == 0].max()))
+            thresholds[label] = float(1 / (1 + np.exp(-(gap[0] + gap[1]) / 2)))
+            entry.update(method="none", reason=f"validation is separable ({n_pos} positives, {n_neg} negatives): "
+                                               "temperature 1, threshold at the middle of the gap")
+        else:
+            small = robust and min(n_pos, n_neg) < min_per_class
+            if fit:
+                bounds = (1.0, max_temperature) if small else (T_MIN, T_MAX)
+                temperatures[j] = fit_temperature(zj[:, None], yj[:, None], bounds)[0]
+            thresholds[label] = float(choose(yj, 0.5 * (1 + np.tanh(0.5 * zj / temperatures[j])))) if choose else 0.5
+            few = f"{min(n_pos, n_neg)} validation {'positives' if n_pos < n_neg else 'negatives'}"
+            if small:
+                entry.update(method="bounded" if fit else "none", reason=f"only {few} (< calibration.min_per_class "
+                             f"= {min_per_class})" + (f": temperature kept in [1, {max_temperature:g}]" if fit else ""))
+            else:
+                entry.update(method="fit" if fit else "none",
+                             reason="fit on validation" if fit else "calibration.temperature is off")
+        entry.update(temperature=float(temperatures[j]), threshold=thresholds[label])
+        record[label] = entry
+        if entry["reason"] not in ("fit on validation", "calibration.temperature is off"):
+            warnings.append(f"calibration of {label!r} not checked on enough data: {entry['reason']}; judge its "
+                            "probabilities (ECE) on held-out data of your own")
+    return temperatures, thresholds, record, warnings
 
 
 def temperatures_by_label(labels: Sequence[str], temperatures) -> dict[str, float]:

@@ -82,7 +82,8 @@ def _slides_bundle(config: TrainConfig, progress) -> DataBundle:
 def _tiles_bundle(config: TrainConfig) -> DataBundle:
     table = read_tile_table(config.data.tiles, config.data.labels or None)
     config.data.labels = list(table.label_names)
-    train_tf = build_train_transform(config.augment, stain_normalize=config.data.stain_normalize)
+    train_tf = build_train_transform(config.augment, stain_normalize=config.data.stain_normalize,
+                                     tile_px=config.data.tile_px)
     eval_tf = build_eval_transform(stain_normalize=config.data.stain_normalize)
 
     def make(units: np.ndarray, train: bool) -> Dataset:

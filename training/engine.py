@@ -243,10 +243,16 @@ class Trainer:
 
     ``epochs`` is the number of epochs (for the step trainers: chunks of steps between resume points);
     ``patience`` > 0 stops after that many epochs without a better validation ``score``.
+    ``prefer_later_ties``: a score within ``tie_tolerance`` of the best also counts as improved (the later epoch of
+    a tie is kept: validation cannot tell them apart, and the later one has trained longer); ``saturation``: an epoch
+    scoring at least this never counts toward ``patience`` (a saturated validation cannot show progress).
     """
 
     epochs: int = 1
     patience: int = 0
+    prefer_later_ties: bool = False
+    tie_tolerance: float = 0.0
+    saturation: float | None = None
 
     def on_train_start(self) -> None:
         """After a resume (or none), before the first epoch."""
@@ -283,7 +289,7 @@ def run_epochs(trainer: Trainer, folder: RunFolder, *, rank: int = 0, world: int
                progress: Callable[[str], None] | None = None) -> dict:
     """Run ``trainer``'s epochs, resuming from ``folder.state_file`` when it exists; returns the loop's counters
     (``epoch`` last done, ``best`` score, ``bad_epochs``, ``history`` rows)."""
-    state: dict[str, Any] = {"epoch": -1, "best": -np.inf, "bad_epochs": 0, "history": []}
+    state: dict[str, Any] = {"epoch": -1, "best": -np.inf, "bad_epochs": 0, "history": [], "best_epoch": -1}
     if folder.state_file.is_file():  # resume: the last completed epoch's weights, optimiser, schedule and counters
         saved = load_state(folder.state_file)
         trainer.load_state(saved)
@@ -296,12 +302,10 @@ def run_epochs(trainer: Trainer, folder: RunFolder, *, rank: int = 0, world: int
         stats = trainer.train_epoch(epoch)
         if rank == 0:
             row = trainer.validate(epoch, stats)
-            score = row.pop("score", None)
-            improved = score is not None and score > state["best"]
-            state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
-            state["best"] = max(state["best"], score) if score is not None else state["best"]
+            improved = _score_epoch(trainer, state, row.pop("score", None))
             state["history"].append(row)
             if improved:
+                state["best_epoch"] = epoch
                 trainer.on_improved(epoch)
             state["epoch"] = epoch
             save_state(folder.state_file, **trainer.state(), **state)
@@ -313,6 +317,19 @@ def run_epochs(trainer: Trainer, folder: RunFolder, *, rank: int = 0, world: int
         if world > 1:
             _broadcast(state)
     return state
+
+
+def _score_epoch(trainer: Trainer, state: dict, score: float | None) -> bool:
+    """Update ``best`` and ``bad_epochs`` with an epoch's score; whether the epoch becomes the best one."""
+    if score is None:
+        state["bad_epochs"] += 1
+        return False
+    better = score > state["best"]
+    tie = trainer.prefer_later_ties and not better and score >= state["best"] - trainer.tie_tolerance
+    saturated = trainer.saturation is not None and score >= trainer.saturation
+    state["bad_epochs"] = 0 if better or saturated else state["bad_epochs"] + 1
+    state["best"] = max(state["best"], score)
+    return better or tie
 
 
 def _broadcast(state: dict) -> None:

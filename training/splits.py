@@ -66,9 +66,10 @@ def fixed_splits(groups: np.ndarray, y: np.ndarray, config: SplitConfig, seed: i
                  fixed: Sequence[str | None]) -> tuple[np.ndarray, list[Fold]]:
     """Honour a manifest's split column.
 
-    An example without a split takes its patient's. If the column names only "test", the other patients are
-    split at random as ``config`` says (``test_fraction`` is then ignored); otherwise every patient must have a
-    split and the column gives the one fold.
+    An example without a split takes its patient's. If the column names no "val" (only "test", or "train" and
+    "test": the usual train/test folders), validation is carved out of the other patients at random as ``config``
+    says (``split.val_fraction``, ``split.folds``; ``test_fraction`` is then ignored); otherwise every patient must
+    have a split and the column gives the one fold.
     """
     if len(fixed) != len(groups):
         raise CalciscopeError(f"split column: {len(fixed)} values for {len(groups)} examples")
@@ -86,11 +87,12 @@ def fixed_splits(groups: np.ndarray, y: np.ndarray, config: SplitConfig, seed: i
                               "a patient's examples must all be in one split")
     patient_split = np.array([next(iter(by_patient[p]), "") for p in groups])
     used = set(patient_split) - {""}
-    if used == {"test"}:
+    if "val" not in used:
         test = np.flatnonzero(patient_split == "test")
         rest = np.flatnonzero(patient_split != "test")
         if len(rest) == 0:
-            raise CalciscopeError("split column puts every example in test: the train split is empty")
+            raise CalciscopeError("split column puts every example in test: the train split is empty (mark some "
+                                  "examples train, or leave their split empty)")
         no_test = SplitConfig(val_fraction=config.val_fraction, test_fraction=0.0, folds=config.folds)
         _, folds = _random_splits(groups[rest], y[rest], no_test, seed)
         return test, [Fold(f.index, rest[f.train], rest[f.val]) for f in folds]
@@ -98,13 +100,13 @@ def fixed_splits(groups: np.ndarray, y: np.ndarray, config: SplitConfig, seed: i
     if unassigned:
         shown = ", ".join(unassigned[:5]) + (f" (and {len(unassigned) - 5} more)" if len(unassigned) > 5 else "")
         raise CalciscopeError(f"split column leaves {len(unassigned)} patient(s) without a split: {shown}; "
-                              "give every patient train/val/test, or only mark test patients")
+                              "give every patient train/val/test, or leave val out (validation is then carved from "
+                              "the train patients)")
     if config.folds > 1:
         raise CalciscopeError(f"split.folds = {config.folds} cannot be used with a split column that names train "
                               "and val; remove the column's train/val values or set split.folds: 1")
-    for name in ("train", "val"):
-        if name not in used:
-            raise CalciscopeError(f"split column has no {name!r} examples: the {name} split would be empty")
+    if "train" not in used:
+        raise CalciscopeError("split column has no 'train' examples: the train split would be empty")
     test = np.flatnonzero(patient_split == "test")
     fold = Fold(0, np.flatnonzero(patient_split == "train"), np.flatnonzero(patient_split == "val"))
     return test, [fold]
@@ -158,7 +160,8 @@ def _random_splits(groups: np.ndarray, y: np.ndarray, config: SplitConfig, seed:
     if n_patients < needed:
         what = f"{config.folds} folds" if config.folds > 1 else "a train and a validation split"
         test = " plus a test split" if config.test_fraction > 0 else ""
-        raise CalciscopeError(f"split: {n_patients} patient(s) cannot make {what}{test}; at least {needed} are needed")
+        raise CalciscopeError(f"split: {n_patients} patient(s) cannot make {what}{test}; at least {needed} are needed "
+                              "(lower split.folds or split.test_fraction, or add patients)")
     all_indices = np.arange(len(groups))
     test = np.array([], dtype=np.int64)
     if config.test_fraction > 0:
@@ -166,14 +169,15 @@ def _random_splits(groups: np.ndarray, y: np.ndarray, config: SplitConfig, seed:
         test, rest = _fraction_split(groups, y, config.test_fraction, seed, max_k=n_patients,
                                      max_m=n_patients - folds_needed)
         if len(test) == 0:
-            raise CalciscopeError(f"split: test_fraction {config.test_fraction} gave an empty test split")
+            raise CalciscopeError(f"split: split.test_fraction {config.test_fraction} gave an empty test split; raise it")
     else:
         rest = all_indices
     rest_groups, rest_y = groups[rest], y[rest]
     n_rest = len(np.unique(rest_groups))
     if config.folds > 1:
         if n_rest < config.folds:
-            raise CalciscopeError(f"split: {n_rest} patient(s) outside the test split cannot make {config.folds} folds")
+            raise CalciscopeError(f"split: {n_rest} patient(s) outside the test split cannot make {config.folds} folds "
+                                  "(lower split.folds)")
         folds = [Fold(i, rest[tr], rest[va]) for i, (tr, va) in
                  enumerate(_group_kfold(rest_groups, rest_y, config.folds, seed))]
     else:
@@ -183,7 +187,8 @@ def _random_splits(groups: np.ndarray, y: np.ndarray, config: SplitConfig, seed:
         for name, part in (("train", fold.train), ("validation", fold.val)):
             if len(part) == 0:
                 raise CalciscopeError(f"split: fold {fold.index} has an empty {name} split "
-                                      f"({n_rest} patients, val_fraction {config.val_fraction}, folds {config.folds})")
+                                      f"({n_rest} patients, split.val_fraction {config.val_fraction}, split.folds "
+                                      f"{config.folds}); change one of them")
     return np.sort(test).astype(np.int64), folds
 
 
@@ -193,7 +198,8 @@ def _fraction_split(groups, y, fraction: float, seed: int, *, max_k: int, max_m:
     candidates = [(abs(m / k - fraction), k, m) for k in range(2, max_k + 1) for m in range(1, min(k - 1, max_m) + 1)]
     if not candidates:
         n_patients = len(np.unique(groups))
-        raise CalciscopeError(f"split: {n_patients} patient(s) are too few to split off a fraction {fraction}")
+        raise CalciscopeError(f"split: {n_patients} patient(s) are too few to split off a fraction {fraction} "
+                              "(split.val_fraction / split.test_fraction)")
     _, k, m = min(candidates)
     parts = [val for _, val in _group_kfold(groups, y, k, seed)]
     picked = np.sort(np.concatenate(parts[:m]))
@@ -221,8 +227,8 @@ def _check_positives(y: np.ndarray, folds: Sequence[Fold], labels: Sequence[str]
             names = ", ".join(repr(labels[j]) if labels is not None and j < len(labels)
                               else f"{'class' if y.ndim == 1 else 'label'} {j}" for j in missing)
             raise CalciscopeError(f"split: fold {fold.index} train split has no positive example of {names} "
-                                  f"({len(fold.train)} training examples); add positives or use fewer folds / a "
-                                  "smaller val_fraction")
+                                  f"({len(fold.train)} training examples); add positives, lower split.folds or "
+                                  "split.val_fraction, or drop the label from data.labels")
 
 
 def _onehot(y: np.ndarray) -> np.ndarray:

@@ -35,7 +35,7 @@ from calciscope.model import create_model, load_checkpoint, save_checkpoint
 from calciscope.model.demo import resolve_model
 from calciscope.model.precision import Precision, choose_precision
 from calciscope.training import metrics
-from calciscope.training.config import TrainConfig, load_config
+from calciscope.training.config import TrainConfig, auto_epochs, load_config
 from calciscope.training.data import DataBundle, load_data
 from calciscope.training.engine import (
     EpochBar,
@@ -63,12 +63,16 @@ from calciscope.training.loaders import (
 )
 from calciscope.training.mil import mil_head_for
 from calciscope.training.selection import (
+    SWA,
     FoldResult,
     add_card_metrics,
+    choose_shipped,
     finalize_fold,
     make_card,
+    mark_shipped,
     natural_labels,
     prior_shift,
+    recompute_batchnorm,
 )
 from calciscope.training.splits import Fold, describe_splits, make_splits
 
@@ -78,12 +82,20 @@ __all__ = ["fit", "train_fold", "TileTrainer", "build_model", "init_from_checkpo
 
 # -- the recipe ------------------------------------------------------------------------------------------------
 def fit(config: TrainConfig | None, *, resume: str | Path | None = None, show_progress: bool = True) -> Path:
-    """Train as ``config`` says (or continue the run in ``resume``); returns the run directory."""
+    """Train as ``config`` says (or continue the run in ``resume``); returns the run directory.
+
+    A new run that fails before its first epoch (bad data, bad splits) removes what it wrote, so the same command
+    runs again once the data or config is fixed."""
     rank, world = setup_distributed()
     config, run = _start_run(config, resume, rank, world)
-    data = load_data(config, progress=count_lines("preparing data", show_progress and rank == 0))
-    test_units, folds = make_splits(data.groups, data.unit_labels, config.split, config.seed, data.fixed_split,
-                                    labels=data.labels)
+    try:
+        data = load_data(config, progress=count_lines("preparing data", show_progress and rank == 0))
+        test_units, folds = make_splits(data.groups, data.unit_labels, config.split, config.seed, data.fixed_split,
+                                        labels=data.labels)
+    except BaseException:
+        if resume is None and rank == 0:
+            _remove_unstarted(run)
+        raise
     if rank == 0:
         write_json(run.root / "splits.json", {
             "data": data.describe,
@@ -127,9 +139,9 @@ def _start_run(config: TrainConfig | None, resume: str | Path | None, rank: int,
         config = load_config(run.config_file)
     else:
         run = RunFolder(Path(config.out))
-        if run.config_file.exists():
+        if _has_epochs(run):
             raise CalciscopeError(f"{run.root}: already holds a run; continue it with --resume {run.root} "
-                                  f"or choose another out")
+                                  f"or choose another out (the config's 'out' key, or --out)")
     if world > 1:  # every rank has looked before rank 0 writes config.yaml (else a late rank sees it and refuses)
         dist.barrier()
     if rank == 0:
@@ -137,20 +149,43 @@ def _start_run(config: TrainConfig | None, resume: str | Path | None, rank: int,
     return config, run
 
 
+def _has_epochs(run: RunFolder) -> bool:
+    """Whether a folder holds a run that trained (a folder a failed start left behind, or no folder, does not)."""
+    return any(p.exists() for p in (run.metrics_csv, run.state_file, run.root / "model", run.root / "fold0"))
+
+
+def _remove_unstarted(run: RunFolder) -> None:
+    """Remove what a run wrote before its first epoch (config.yaml, splits.json), and its folder when that leaves it
+    empty (an embedding cache inside it stays for the next try)."""
+    if _has_epochs(run):
+        return
+    for name in ("config.yaml", "splits.json"):
+        (run.root / name).unlink(missing_ok=True)
+    try:
+        run.root.rmdir()
+    except OSError:
+        pass
+
+
 def train_fold(config: TrainConfig, data: DataBundle, fold: Fold, fold_dir: Path, precision: Precision,
                rank: int, world: int, show_progress: bool) -> FoldResult:
-    """Model → optimiser → schedule → (resume) → epochs → calibration → card, for one fold."""
+    """Model → optimiser → schedule → (resume) → epochs → which weights ship → calibration → card, for one fold."""
     fold_dir.mkdir(parents=True, exist_ok=True)
     trainer = TileTrainer(config, data, fold, fold_dir, precision, rank, world, show_progress)
-    state = run_epochs(trainer, RunFolder(fold_dir), rank=rank, world=world,
-                       progress=_printer(show_progress and rank == 0))
+    folder = RunFolder(fold_dir)
+    state = run_epochs(trainer, folder, rank=rank, world=world, progress=_printer(show_progress and rank == 0))
     result = None
     if rank == 0:
+        record = choose_shipped(config.optim, state["history"], state.get("best_epoch", -1), trainer.val_counts)
+        folder.write_history(mark_shipped(state["history"], record))
+        if show_progress:
+            print(f"shipping {record['policy']}: {record['reason']}", flush=True)
+        weights = "best" if record["policy"] == "best_val" else trainer.save_shipped(record)
         labels = dataset_labels(trainer.train_set) if config.data.source == "slides" else trainer.train_labels
         shift = prior_shift(labels, trainer.weights, trainer.pos_weight,
                             natural_labels(data, fold, trainer.train_labels, config))
         result = finalize_fold(config, data, fold, fold_dir, trainer.val_set, precision, state["best"],
-                               prior_shift=shift)
+                               prior_shift=shift, weights=weights, selection=record)
     if world > 1:
         dist.barrier()
     return result or FoldResult(fold.index, fold_dir, state["best"], {})
@@ -166,9 +201,14 @@ class TileTrainer(Trainer):
         self.config, self.data, self.fold, self.fold_dir = config, data, fold, fold_dir
         self.precision, self.rank, self.world, self.show = precision, rank, world, show_progress
         optim = config.optim
-        self.epochs, self.patience = optim.epochs, optim.patience
         self.train_set = data.make_dataset(fold.train, True)
         self.val_set = data.make_dataset(fold.val, False)
+        self.epochs, self.patience = optim.epochs or auto_epochs(len(self.train_set)), optim.patience
+        if optim.epochs is None and rank == 0 and show_progress:
+            print(f"optim.epochs not set: {self.epochs} epochs of {len(self.train_set)} training examples", flush=True)
+        self.prefer_later_ties, self.tie_tolerance, self.saturation = True, optim.tie_tolerance, optim.saturation
+        self.val_counts = {"n": 0, "min_class": 0}
+        self.swa = SWA(optim.swa_epochs, self.epochs) if optim.select == "swa" else None
 
         torch.manual_seed(config.seed)
         self.model = build_model(config, data).to(precision.device)
@@ -189,7 +229,7 @@ class TileTrainer(Trainer):
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
         per_epoch = steps_per_epoch(len(self.train_set), optim, world)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, warmup_cosine(per_epoch * optim.epochs, int(round(optim.warmup_epochs * per_epoch))))
+            self.optimizer, warmup_cosine(per_epoch * self.epochs, int(round(optim.warmup_epochs * per_epoch))))
         self.scaler = grad_scaler(precision)
         self.mined: list[int] = []
         self.trained, self.board, self.weights = self.model, None, None
@@ -199,7 +239,8 @@ class TileTrainer(Trainer):
     def state(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else {},
-                "mined": self.mined}
+                "mined": self.mined, "swa": self.swa.state() if self.swa is not None else {},
+                "val_counts": dict(self.val_counts)}
 
     def load_state(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
@@ -208,6 +249,9 @@ class TileTrainer(Trainer):
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.mined = state.get("mined", [])
+        self.val_counts = state.get("val_counts", self.val_counts)
+        if self.swa is not None:
+            self.swa.load(state.get("swa", {}))
 
     # -- the loop --------------------------------------------------------------------------------------------------
     def on_train_start(self) -> None:
@@ -231,7 +275,7 @@ class TileTrainer(Trainer):
         optim = self.config.optim
         loader = train_loader(self.train_set, self.weights, self.config, epoch, self.rank, self.world,
                               self.data.collate, self.epoch_size)
-        bar = EpochBar(f"epoch {epoch + 1}/{optim.epochs}", len(self.train_set) // self.world,
+        bar = EpochBar(f"epoch {epoch + 1}/{self.epochs}", len(self.train_set) // self.world,
                        self.show and self.rank == 0)
         stats = train_one_epoch(self.trained, loader, self.criterion, self.optimizer, self.scheduler, self.precision,
                                 self.mean, self.std, accumulate=optim.accumulate, scaler=self.scaler,
@@ -245,6 +289,7 @@ class TileTrainer(Trainer):
                                               self.precision, self.mean, self.std)
         probs = 1 / (1 + np.exp(-logits))
         val = metrics.multilabel_metrics(y, probs, self.data.labels)
+        self.val_counts = {"n": int(len(y)), "min_class": int(min(y.sum(0).min(), (1 - y).sum(0).min()))}
         slides = slide_auroc(probs, self.data, self.val_set, positions, self.config)
         device = self.precision.device
         val_loss = float(self.criterion(torch.from_numpy(logits).to(device), torch.from_numpy(y).to(device)))
@@ -264,6 +309,8 @@ class TileTrainer(Trainer):
         save_checkpoint(self.fold_dir / "best", self.model, make_card(self.config, self.data, self.model, {}))
 
     def on_epoch_end(self, epoch: int, row: dict) -> None:
+        if self.swa is not None:
+            self.swa.update(self.model, epoch)
         if self.board is not None:
             for key, value in row.items():
                 self.board.add_scalar(key, value, epoch + 1)
@@ -271,6 +318,16 @@ class TileTrainer(Trainer):
 
     def epoch_line(self, epoch: int, row: dict) -> str:
         return self._line
+
+    def save_shipped(self, record: dict) -> str:
+        """Write the weights ``record`` ships (the last epoch's, or the average of the last ones) to ``shipped/``."""
+        if record["policy"] == "swa":
+            self.swa.apply(self.model)
+            recompute_batchnorm(self.model, train_loader(self.train_set, None, self.config, 0, 0, 1,
+                                                         self.data.collate, self.epoch_size),
+                                self.precision, self.mean, self.std)
+        save_checkpoint(self.fold_dir / "shipped", self.model, make_card(self.config, self.data, self.model, {}))
+        return "shipped"
 
 
 # -- building blocks -------------------------------------------------------------------------------------------

@@ -123,3 +123,20 @@ def test_hed_scale_and_shift_are_recovered_by_deconvolution(tissue_tile):
 def test_hed_jitter_with_zero_range_is_the_identity(tissue_tile):
     assert np.array_equal(hed_jitter(tissue_tile, np.random.default_rng(0), sigma=0.0, bias=0.0), tissue_tile)
 
+
+
+def test_reinhard_brings_an_altered_tile_to_the_target_statistics_and_round_trips(tissue_tile):
+    import cv2
+
+    from calciscope.data.stain import REFERENCE_LAB_MEAN, ReinhardNormalizer, normalizer_from_spec
+
+    altered = hed_scale_shift(tissue_tile, [1.4, 0.7, 1.0], [0.05, -0.05, 0.0])
+    out = ReinhardNormalizer().transform(altered)
+    lab = cv2.cvtColor(out.astype(np.float32) / 255, cv2.COLOR_RGB2LAB).reshape(-1, 3)
+    before = cv2.cvtColor(altered.astype(np.float32) / 255, cv2.COLOR_RGB2LAB).reshape(-1, 3)
+    tissue = np.all(altered.reshape(-1, 3) <= 205, axis=1)
+    assert np.abs(lab[tissue].mean(0) - REFERENCE_LAB_MEAN).max() < np.abs(before[tissue].mean(0)
+                                                                             - REFERENCE_LAB_MEAN).max()
+    spec = ReinhardNormalizer().to_dict()
+    assert np.array_equal(normalizer_from_spec(spec).transform(altered), out)
+    assert normalizer_from_spec("reinhard").to_dict() == spec and normalizer_from_spec(False) is None

@@ -14,7 +14,8 @@ from calciscope.errors import CalciscopeError
 from calciscope.training.augment import build_eval_transform, build_train_transform
 from calciscope.training.config import AugmentConfig
 
-ALL_OFF = AugmentConfig(flips=False, rot90=False, hed_jitter=0.0, brightness_contrast=0.0, blur_prob=0.0, jpeg_prob=0.0)
+ALL_OFF = AugmentConfig(flips=False, rot90=False, stain="none", hed_jitter=0.0, hue=0.0, saturation=0.0,
+                        brightness_contrast=0.0, blur_prob=0.0, jpeg_prob=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -69,16 +70,44 @@ def test_output_keeps_dtype_and_shape(tissue):
     assert out.dtype == np.uint8 and out.shape == (224, 224, 3) and out.flags["C_CONTIGUOUS"]
 
 
-@pytest.mark.parametrize("setting, value, step", [
-    ("flips", False, "HorizontalFlip"), ("rot90", False, "RandomRotate90"), ("hed_jitter", 0.0, "HEDJitter"),
-    ("brightness_contrast", 0.0, "RandomBrightnessContrast"), ("blur_prob", 0.0, "GaussianBlur"),
-    ("jpeg_prob", 0.0, "ImageCompression"),
+@pytest.mark.parametrize("changes, step, removed", [
+    ({"flips": False}, "HorizontalFlip", 2), ({"rot90": False}, "RandomRotate90", 1),
+    ({"stain": "none"}, "HEStain", 1), ({"stain_prob": 0.0}, "HEStain", 1),
+    ({"hue": 0.0, "saturation": 0.0}, "ColorJitter", 1),
+    ({"brightness_contrast": 0.0}, "RandomBrightnessContrast", 1), ({"blur_prob": 0.0}, "GaussianBlur", 1),
+    ({"jpeg_prob": 0.0}, "ImageCompression", 1),
 ])
-def test_each_step_is_switched_off_by_its_setting(setting, value, step):
+def test_each_step_is_switched_off_by_its_setting(changes, step, removed):
     on = build_train_transform(AugmentConfig(blur_prob=0.5, jpeg_prob=0.5))
-    off = build_train_transform(replace(AugmentConfig(blur_prob=0.5, jpeg_prob=0.5), **{setting: value}))
+    off = build_train_transform(replace(AugmentConfig(blur_prob=0.5, jpeg_prob=0.5), **changes))
     assert step in on.steps and step not in off.steps
-    assert len(off.steps) == len(on.steps) - (2 if setting == "flips" else 1)
+    assert len(off.steps) == len(on.steps) - removed
+
+
+def test_the_default_stain_step_is_albumentations_hestain_and_hed_jitter_is_the_alternative():
+    assert build_train_transform(AugmentConfig()).steps[3:5] == ["HEStain", "ColorJitter"]
+    hed = build_train_transform(AugmentConfig(stain="hed", hed_jitter=0.05)).steps
+    assert "HEDJitter" in hed and "HEStain" not in hed
+    assert "HEDJitter" not in build_train_transform(AugmentConfig(stain="hed", hed_jitter=0.0)).steps
+
+
+def test_hestain_moves_the_stain_colours_of_real_tissue(tissue):
+    transform = build_train_transform(replace(ALL_OFF, stain="hestain", stain_prob=1.0))
+    hue = [np.median(rgb_to_hed(transform(tissue, seed))[..., 0]) for seed in range(12)]
+    assert np.ptp(hue) > 0.05  # haematoxylin amount varies from seed to seed
+
+
+def test_tiles_larger_than_tile_px_get_a_random_resized_crop_and_smaller_ones_the_centre_crop(tissue):
+    big = np.ascontiguousarray(np.concatenate([tissue, tissue[::-1]], axis=0))  # 448 x 224
+    big = np.ascontiguousarray(np.concatenate([big, big], axis=1))  # 448 x 448
+    transform = build_train_transform(replace(ALL_OFF, crop_scale=0.5), tile_px=112)
+    assert transform.steps == ["RandomResizedCropToTile"] and transform.crop_px == 112
+    crops = {transform(big, seed).tobytes() for seed in range(8)}
+    assert len(crops) == 8 and all(transform(big, s).shape == (112, 112, 3) for s in range(3))
+    assert np.array_equal(transform(big, 3), transform(big, 3))
+    small = tissue[:100, :100]
+    assert transform(small, 0).shape == (112, 112, 3)
+    assert build_train_transform(replace(ALL_OFF, crop_scale=1.0), tile_px=112).crop_px is None
 
 
 def test_everything_off_is_the_identity(tissue):
@@ -95,7 +124,7 @@ def test_geometry_only_gives_one_of_the_eight_dihedral_images(tissue):
 
 def test_hed_jitter_scales_and_shifts_h_and_e_within_the_configured_range(tissue):
     sigma = 0.1
-    transform = build_train_transform(replace(ALL_OFF, hed_jitter=sigma))
+    transform = build_train_transform(replace(ALL_OFF, stain="hed", hed_jitter=sigma))
     before = rgb_to_hed(tissue)
     slopes, intercepts = [], []
     for seed in range(20):
@@ -124,4 +153,6 @@ def test_invalid_settings_are_refused():
         build_train_transform(AugmentConfig(blur_prob=1.5))
     with pytest.raises(CalciscopeError, match="augment.hed_jitter"):
         build_train_transform(AugmentConfig(hed_jitter=-0.1))
+    with pytest.raises(CalciscopeError, match="augment.crop_scale"):
+        build_train_transform(AugmentConfig(crop_scale=0.0))
 

@@ -120,9 +120,20 @@ def test_unknown_split_name_is_refused():
         make_splits(["a", "b"], np.eye(2), SplitConfig(), seed=0, fixed=["train", "holdout"])
 
 
-def test_fixed_split_without_validation_examples_is_an_empty_split_error():
-    with pytest.raises(CalciscopeError, match="no 'val' examples"):
-        make_splits(["a", "b", "c"], np.eye(3)[:, :2], SplitConfig(), seed=0, fixed=["train", "train", "test"])
+def test_a_train_and_test_split_column_carves_validation_from_the_train_patients():
+    patients, y = cohort(n_patients=40)
+    test_patients = {"P0000", "P0001", "P0002", "P0003"}
+    fixed = ["test" if p in test_patients else "train" for p in patients]
+    test, (fold,) = make_splits(patients, y, SplitConfig(val_fraction=0.25), seed=0, fixed=fixed)
+    assert patients_of(patients, test) == test_patients
+    train, val = patients_of(patients, fold.train), patients_of(patients, fold.val)
+    assert val and not train & val and not (train | val) & test_patients
+    assert abs(len(val) / 36 - 0.25) < 0.05
+
+
+def test_a_split_column_without_train_examples_is_refused():
+    with pytest.raises(CalciscopeError, match="no 'train' examples"):
+        make_splits(["a", "b", "c"], np.eye(3)[:, :2], SplitConfig(), seed=0, fixed=["val", "val", "test"])
 
 
 def test_too_few_patients_for_the_folds_is_refused():
