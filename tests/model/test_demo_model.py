@@ -39,8 +39,11 @@ def test_the_demo_calcium_artifact_classifier_ships_with_its_validation_and_unse
 
 @pytest.fixture(scope="module")
 def held_out_manifest(tmp_path_factory):
-    """The recipe's held-out set (configs/demo.yaml): 24 phantoms of 2048² from a seed never trained on."""
-    return generate_dataset(tmp_path_factory.mktemp("held_out"), 24, size_px=2048, seed=HELD_OUT_SEED)
+    """The recipe's held-out set (configs/demo.yaml): 24 phantoms of 2048² from a seed never trained on, in the
+    classic style the shipped demo was trained on (its card's held-out figures are on it; issue 22 retrains it on
+    the randomised phantom, and this set follows)."""
+    return generate_dataset(tmp_path_factory.mktemp("held_out"), 24, size_px=2048, seed=HELD_OUT_SEED,
+                            style="classic")
 
 
 @pytest.fixture(scope="module")
