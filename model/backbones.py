@@ -1,4 +1,5 @@
-"""Backbone registry: name -> torchvision trunk that maps tiles (N, 3, H, W) to embeddings (N, D).
+"""Backbone registry: name -> trunk that maps tiles (N, 3, H, W) to embeddings (N, D): torchvision CNNs, the small
+CNNs, and the pathology foundation encoders of ``model.encoders`` (timm, local publisher weights).
 
 Backbones are always built with ``weights=None`` (torchvision never downloads). ImageNet weights
 come from a local file: a path the user gives, or torchvision's standard file name in the torch hub
@@ -21,6 +22,7 @@ from torch.fx.experimental.optimization import fuse
 from torchvision import models
 
 from calciscope.errors import CalciscopeError
+from calciscope.model.encoders import ENCODERS, EncoderSpec, build_encoder
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -42,6 +44,7 @@ class BackboneSpec:
     gradcam_layer: str
     imagenet_weights: type[models.WeightsEnum] | None = None
     classifier_prefixes: tuple[str, ...] = field(default_factory=tuple)
+    encoder: EncoderSpec | None = None  # a foundation encoder (model.encoders): weights from the publisher's file
 
 
 def _conv_bn_relu(in_ch: int, out_ch: int) -> list[nn.Module]:
@@ -117,6 +120,23 @@ BACKBONES: dict[str, BackboneSpec] = {
         ),
     )
 }
+
+
+def _encoder_backbone(spec: EncoderSpec) -> BackboneSpec:
+    # Grad-CAM needs a spatial map: the patch embedding's convolution is the one a ViT has
+    return BackboneSpec(spec.name, partial(build_encoder, spec.name), spec.embed_dim, "net.patch_embed.proj",
+                        encoder=spec)
+
+
+def register_encoder_backbone(spec: EncoderSpec) -> EncoderSpec:
+    """Add a foundation encoder (e.g. a small ViT in a publisher's layout, for tests) as an encoder and a backbone."""
+    ENCODERS[spec.name] = spec
+    BACKBONES[spec.name] = _encoder_backbone(spec)
+    return spec
+
+
+for _spec in ENCODERS.values():
+    register_encoder_backbone(_spec)
 
 
 def get_backbone_spec(name: str) -> BackboneSpec:
@@ -197,8 +217,11 @@ def load_backbone_weights(trunk: nn.Module, name: str, weights: str | Path) -> P
 
 
 def build_backbone(name: str, weights: str | Path | None = None) -> nn.Module:
-    """The trunk for ``name`` (randomly initialised, or loaded from local ``weights``)."""
+    """The trunk for ``name`` (randomly initialised, or loaded from local ``weights``; a foundation encoder's are
+    the publisher's file or folder)."""
     spec = get_backbone_spec(name)
+    if spec.encoder is not None:
+        return build_encoder(name, weights)
     trunk = spec.build()
     if weights is not None:
         load_backbone_weights(trunk, name, weights)
@@ -207,7 +230,10 @@ def build_backbone(name: str, weights: str | Path | None = None) -> nn.Module:
 
 def fold_batchnorm(module: nn.Module) -> nn.Module:
     """An eval-mode copy of ``module`` with BatchNorm folded into the convolutions before it (torch.fx): the same
-    outputs to ~1e-5, faster on CPU. A module fx cannot trace is returned as it is (in eval mode)."""
+    outputs to ~1e-5, faster on CPU. A module fx cannot trace, or without BatchNorm (a foundation encoder: no copy
+    of its weights is made), is returned as it is (in eval mode)."""
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules()):
+        return module.eval()
     try:
         return fuse(copy.deepcopy(module).eval())
     except Exception:  # noqa: BLE001 - any tracing failure just means no fusion

@@ -19,26 +19,32 @@ from calciscope.errors import CalciscopeError
 from calciscope.model.backbones import build_backbone, get_backbone_spec
 
 HEADS = ("tile", "mil")
-HEAD_CONFIG_KEYS = ("dropout", "mil_hidden_dim", "mil_multi_branch")
+# encoder_weights: a foundation encoder's local weights (model.encoders; not in the checkpoint, named by the card)
+HEAD_CONFIG_KEYS = ("dropout", "mil_hidden_dim", "mil_multi_branch", "encoder_weights", "tile_hidden_dim")
 
 
 class MultiLabelTileModel(nn.Module):
-    """backbone (global pool included) -> dropout -> Linear(feature_dim, n_labels)."""
+    """backbone (global pool included) -> dropout -> Linear(feature_dim, n_labels), or with ``hidden_dim`` an MLP
+    head Linear -> ReLU -> dropout -> Linear (e.g. on a frozen foundation encoder)."""
 
     head_kind = "tile"
 
     def __init__(self, backbone: str, labels: Sequence[str], *, weights: str | Path | None = None,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, encoder_weights: str | None = None, hidden_dim: int = 0):
         super().__init__()
         spec = get_backbone_spec(backbone)
         self.backbone_name = backbone
         self.labels = list(labels)
         self.feature_dim = spec.feature_dim
         self.gradcam_layer = f"backbone.{spec.gradcam_layer}"
-        self.head_config = {"dropout": float(dropout)}
-        self.backbone = build_backbone(backbone, weights)
+        self.head_config = {"dropout": float(dropout), **_encoder_config(encoder_weights)}
+        if hidden_dim:
+            self.head_config["tile_hidden_dim"] = int(hidden_dim)
+        self.backbone = build_backbone(backbone, encoder_weights or weights)
         self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(spec.feature_dim, len(self.labels))
+        n = len(self.labels)
+        self.head = (nn.Sequential(nn.Linear(spec.feature_dim, hidden_dim), nn.ReLU(inplace=True), nn.Dropout(dropout),
+                                   nn.Linear(hidden_dim, n)) if hidden_dim else nn.Linear(spec.feature_dim, n))
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Tiles (N, 3, H, W) -> embeddings (N, D)."""
@@ -109,7 +115,8 @@ class MILSlideModel(nn.Module):
     head_kind = "mil"
 
     def __init__(self, backbone: str, labels: Sequence[str], *, weights: str | Path | None = None,
-                 dropout: float = 0.0, hidden_dim: int = 128, multi_branch: bool = True):
+                 dropout: float = 0.0, hidden_dim: int = 128, multi_branch: bool = True,
+                 encoder_weights: str | None = None):
         super().__init__()
         spec = get_backbone_spec(backbone)
         self.backbone_name = backbone
@@ -117,8 +124,8 @@ class MILSlideModel(nn.Module):
         self.feature_dim = spec.feature_dim
         self.gradcam_layer = f"backbone.{spec.gradcam_layer}"
         self.head_config = {"dropout": float(dropout), "mil_hidden_dim": int(hidden_dim),
-                            "mil_multi_branch": bool(multi_branch)}
-        self.backbone = build_backbone(backbone, weights)
+                            "mil_multi_branch": bool(multi_branch), **_encoder_config(encoder_weights)}
+        self.backbone = build_backbone(backbone, encoder_weights or weights)
         self.mil = GatedAttentionMIL(spec.feature_dim, len(self.labels), hidden_dim=hidden_dim,
                                      multi_branch=multi_branch, dropout=dropout)
 
@@ -146,6 +153,11 @@ class MILSlideModel(nn.Module):
         return self.aggregate(emb, mask)
 
 
+def _encoder_config(encoder_weights: str | Path | None) -> dict:
+    """The head_config entry that names a foundation encoder's weights file (absolute), if any."""
+    return {"encoder_weights": str(Path(encoder_weights).expanduser().resolve())} if encoder_weights else {}
+
+
 def create_model(
     backbone: str,
     labels: Sequence[str],
@@ -155,19 +167,24 @@ def create_model(
     dropout: float = 0.0,
     mil_hidden_dim: int = 128,
     mil_multi_branch: bool = True,
+    encoder_weights: str | None = None,
+    tile_hidden_dim: int = 0,
 ) -> MultiLabelTileModel | MILSlideModel:
     """Build a model by backbone name (see ``BACKBONES``) with one output per label.
 
     weights: None (random init), a local .pth/.pt/.safetensors file with that backbone's ImageNet
     weights, or "imagenet" (torchvision's file in ``torch.hub.get_dir()/checkpoints/``; never downloaded).
+    encoder_weights: a foundation encoder's (``model.encoders``) publisher file or folder; it goes into the
+    ``head_config`` (the card), not into the checkpoint. tile_hidden_dim > 0: an MLP tile head.
     head: "tile" (multi-label tile classifier) or "mil" (attention-MIL slide model).
     """
     labels = list(labels)
     if not labels or not all(isinstance(l, str) and l for l in labels) or len(set(labels)) != len(labels):
         raise CalciscopeError(f"labels must be distinct non-empty strings, got {labels!r}")
     if head == "tile":
-        return MultiLabelTileModel(backbone, labels, weights=weights, dropout=dropout)
+        return MultiLabelTileModel(backbone, labels, weights=weights, dropout=dropout,
+                                   encoder_weights=encoder_weights, hidden_dim=tile_hidden_dim)
     if head == "mil":
-        return MILSlideModel(backbone, labels, weights=weights, dropout=dropout,
-                             hidden_dim=mil_hidden_dim, multi_branch=mil_multi_branch)
+        return MILSlideModel(backbone, labels, weights=weights, dropout=dropout, hidden_dim=mil_hidden_dim,
+                             multi_branch=mil_multi_branch, encoder_weights=encoder_weights)
     raise CalciscopeError(f"unknown head {head!r}; choose one of: {', '.join(HEADS)}")

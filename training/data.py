@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 
 from calciscope.data.tile_folders import TileFileDataset, read_tile_table
 from calciscope.errors import CalciscopeError
+from calciscope.model.precision import resolve_device
 from calciscope.training.augment import build_eval_transform, build_train_transform
 from calciscope.training.config import TrainConfig
 from calciscope.training.mil import BagDataset, build_bag_cache, collate_bags
@@ -104,11 +105,13 @@ def _tiles_bundle(config: TrainConfig) -> DataBundle:
 
 def _bags_bundle(config: TrainConfig, progress) -> DataBundle:
     if not config.data.encoder:
-        raise CalciscopeError("data.encoder is required for source 'slide_labels' (a checkpoint or backbone name)")
+        raise CalciscopeError("data.encoder is required for source 'slide_labels' (a foundation encoder name with "
+                              "data.encoder_weights, a checkpoint folder, or a backbone name)")
     records = read_manifest(config.data.manifest, config.data.labels, need_labels=True)
     cache_dir = config.data.cache_dir or str(config.out) + "/embeddings"
     paths = build_bag_cache([r.path for r in records], config.data.encoder, tiling_config(config), cache_dir,
-                            workers=config.optim.workers, progress=progress)
+                            workers=config.optim.workers, progress=progress, weights=config.data.encoder_weights,
+                            device=resolve_device("auto"), slide_ids=[r.slide_id for r in records])
     labels = np.stack([r.labels for r in records]).astype(np.float32)
 
     def make(units: np.ndarray, train: bool) -> Dataset:

@@ -39,6 +39,7 @@ from calciscope.model import (
     load_card,
     load_checkpoint,
 )
+from calciscope.model.encoders import ENCODERS, build_encoder, resolve_weights
 from calciscope.model.precision import device_of
 
 CACHE_FORMAT = 1  # bump when what a cache file holds, or how it is computed, changes
@@ -56,14 +57,20 @@ class _Embed(nn.Module):
         return self.model.embed(x)
 
 
-def load_encoder(spec: str, *, labels_hint: Sequence[str] = ()) -> tuple[nn.Module, dict]:
-    """The tile encoder named by ``spec`` (in eval mode) and what it expects.
+def load_encoder(spec: str, *, labels_hint: Sequence[str] = (), weights: str | Path | None = None,
+                 device: str | torch.device | None = None) -> tuple[nn.Module, dict]:
+    """The tile encoder named by ``spec`` (in eval mode, on ``device``) and what it expects.
 
-    spec: a calciscope checkpoint directory (its tile model's ``embed``; mean/std/tile_px/mpp from its card), or a
+    spec: a foundation encoder's name (``model.encoders``; ``weights`` is then the publisher's local file or folder),
+    a calciscope checkpoint directory (its tile model's ``embed``; mean/std/tile_px/mpp from its card), or a
     backbone name, built with a fixed-seed random init: only sensible for tests, the embeddings mean nothing.
     Returns (module mapping normalised float (N, 3, H, W) → (N, D), info) with info keys name, backbone,
-    embed_dim, mean, std, tile_px, mpp (None for a bare backbone) and weights_sha256 (``"random:<name>"``).
+    embed_dim, mean, std, tile_px, mpp (None for a bare backbone), weights_sha256 (``"random:<name>"``) and, for a
+    foundation encoder, encoder_weights (the file) and preprocessing.
     """
+    if spec in ENCODERS:
+        encoder, info = _foundation_encoder(spec, weights)
+        return encoder.to(device or "cpu").eval(), info
     path = Path(spec)
     if path.exists():
         model, card = load_checkpoint(path)
@@ -79,6 +86,22 @@ def load_encoder(spec: str, *, labels_hint: Sequence[str] = ()) -> tuple[nn.Modu
         info = {"name": spec, "backbone": spec, "embed_dim": int(model.feature_dim), "mean": list(IMAGENET_MEAN),
                 "std": list(IMAGENET_STD), "tile_px": None, "mpp": None, "weights_sha256": f"random:{spec}"}
     return _Embed(model).eval(), info
+
+
+def _foundation_encoder(name: str, weights: str | Path | None) -> tuple[nn.Module, dict]:
+    if weights is None:
+        raise CalciscopeError(f"encoder {name!r} needs its weights: the publisher's local file or folder "
+                              f"(data.encoder_weights, or --weights); nothing is downloaded")
+    encoder = build_encoder(name, weights)
+    return encoder, foundation_info(name, encoder.weights)
+
+
+def foundation_info(name: str, weights_file: Path) -> dict:
+    """What a foundation encoder's embeddings depend on (the cache key and ``features.json`` hold it)."""
+    spec = ENCODERS[name]
+    return {"name": name, "backbone": name, "embed_dim": spec.embed_dim, "mean": list(spec.mean),
+            "std": list(spec.std), "tile_px": None, "mpp": None, "weights_sha256": sha256_file(weights_file),
+            "encoder_weights": str(Path(weights_file).resolve()), "preprocessing": spec.preprocessing()}
 
 
 def _card_info(card, embed_dim: int, weights_sha256: str | None = None) -> dict:
@@ -203,35 +226,78 @@ def encode_slide(slide_path, encoder: nn.Module, encoder_info: dict, tiling: Til
 
 def build_bag_cache(slide_paths: Sequence[str | Path], encoder_spec: str | tuple[nn.Module, dict],
                     tiling: TilingConfig, cache_dir: str | Path, *, batch_size: int = 64, workers: int = 0,
-                    progress: Callable[[int, int], None] | None = None) -> list[Path]:
-    """Cache every slide's embeddings (slides already cached under the same key are skipped); paths in input order.
+                    progress: Callable[[int, int], None] | None = None, weights: str | Path | None = None,
+                    device: str | torch.device | None = None, slide_ids: Sequence[str] | None = None) -> list[Path]:
+    """Cache every slide's embeddings (slides already cached under the same key are skipped: a stopped run resumes
+    per slide); paths in input order.
 
-    encoder_spec: what :func:`load_encoder` takes, or an already loaded ``(encoder, info)`` pair. The encoder is
-    loaded only when some slide needs encoding. ``progress(done, total)`` is called after each slide.
+    encoder_spec: what :func:`load_encoder` takes (with ``weights`` for a foundation encoder), or an already loaded
+    ``(encoder, info)`` pair. The encoder is loaded only when some slide needs encoding. The cache folder's
+    ``features.json`` names the encoder and tiling that wrote it: a folder written by another is refused, before
+    anything is written. ``index.csv`` lists each slide's file. ``progress(done, total)`` follows each slide.
     """
     cache = EmbeddingCache(cache_dir)
-    encoder, info = encoder_spec if isinstance(encoder_spec, tuple) else _encoder_info_only(encoder_spec)
+    if isinstance(encoder_spec, tuple):
+        encoder, info = encoder_spec
+    else:
+        encoder, info = _encoder_info_only(encoder_spec, weights)
     _check_preprocessing(info, tiling)
-    paths = []
+    claim_cache(cache.root, info, tiling)
+    paths, index = [], []
     for n, slide_path in enumerate(slide_paths, start=1):
         key = cache.key(slide_path, info, tiling)
         path = cache.path(key)
         if not cache.has(key):
             if encoder is None:
-                encoder, info = load_encoder(encoder_spec)
+                encoder, info = load_encoder(encoder_spec, weights=weights, device=device)
             embeddings, xy = encode_slide(slide_path, encoder, info, tiling, batch_size=batch_size, workers=workers)
             path = cache.put(key, embeddings, xy, metadata={
                 "slide": Path(slide_path).name, "encoder": str(info["name"]),
                 "encoder_weights_sha256": str(info["weights_sha256"]),
                 "tiling": json.dumps(dataclasses.asdict(tiling), sort_keys=True)})
         paths.append(path)
+        index.append({"slide_id": slide_ids[n - 1] if slide_ids else Path(slide_path).name,
+                      "path": str(slide_path), "file": path.name})
+        write_index(cache.root / "index.csv", index)
         if progress is not None:
             progress(n, len(slide_paths))
     return paths
 
 
-def _encoder_info_only(spec: str) -> tuple[nn.Module | None, dict]:
-    """(None, info) from a checkpoint's card alone, so a fully cached run loads no weights; else load_encoder."""
+def claim_cache(root: Path, info: dict, tiling: TilingConfig) -> None:
+    """Write ``root/features.json`` (the encoder and tiling), or refuse a folder another encoder or tiling wrote."""
+    identity = {"format": CACHE_FORMAT, "encoder": info["name"], "weights_sha256": info["weights_sha256"],
+                "embed_dim": int(info["embed_dim"]), "mean": list(info["mean"]), "std": list(info["std"]),
+                "tiling": dataclasses.asdict(tiling), "preprocessing": info.get("preprocessing")}
+    path = root / "features.json"
+    if path.is_file():
+        try:
+            held = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise CalciscopeError(f"{path}: unreadable ({exc}); remove it or use another cache folder") from None
+        for key in ("encoder", "weights_sha256", "embed_dim", "tiling"):
+            if held.get(key) != identity[key]:
+                raise CalciscopeError(
+                    f"{path}: this cache was written by encoder {held.get('encoder')!r} (weights sha256 "
+                    f"{str(held.get('weights_sha256'))[:12]}, tiling {held.get('tiling')}); its {key} differs from "
+                    f"{identity['encoder']!r}'s here: use another cache folder (--out, or data.cache_dir)")
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(path, (json.dumps(identity, indent=2) + "\n").encode())
+
+
+def write_index(path: Path, rows: list[dict]) -> None:
+    text = "slide_id,path,file\n" + "".join(f"{r['slide_id']},{r['path']},{r['file']}\n" for r in rows)
+    write_bytes_atomic(path, text.encode())
+
+
+def _encoder_info_only(spec: str, weights: str | Path | None = None) -> tuple[nn.Module | None, dict]:
+    """(None, info) from a checkpoint's card, or a foundation encoder's weights file hash, alone, so a fully cached
+    run loads no weights; else load_encoder."""
+    if spec in ENCODERS:
+        if weights is None:
+            return _foundation_encoder(spec, weights)  # the one-line error
+        return None, foundation_info(spec, resolve_weights(ENCODERS[spec], weights))
     path = Path(spec)
     if path.exists():
         card = load_card(path)
@@ -318,7 +384,14 @@ class CachedBagMIL(MILSlideModel):
 
 
 def mil_head_for(config, data) -> CachedBagMIL:
-    """The model the "slide_labels" recipe trains: the encoder's backbone (frozen) + a fresh attention head."""
+    """The model the "slide_labels" recipe trains: the encoder's backbone (frozen) + a fresh attention head. A
+    foundation encoder's weights stay the publisher's file, named in the card (``head_config.encoder_weights``)."""
+    if config.data.encoder in ENCODERS:
+        model = CachedBagMIL(config.data.encoder, data.labels, dropout=config.model.dropout,
+                             encoder_weights=str(resolve_weights(ENCODERS[config.data.encoder],
+                                                                 config.data.encoder_weights or "")))
+        model.backbone.requires_grad_(False)
+        return model
     encoder, info = load_encoder(config.data.encoder, labels_hint=data.labels)
     model = CachedBagMIL(info["backbone"], data.labels, dropout=config.model.dropout)
     model.backbone.load_state_dict(encoder.model.backbone.state_dict())

@@ -18,8 +18,10 @@ from calciscope.errors import CalciscopeError
 from calciscope.io import sha256_file, write_json
 from calciscope.model import IMAGENET_MEAN, IMAGENET_STD, ModelCard, load_checkpoint, save_checkpoint
 from calciscope.model.aggregate import apply_slide_calibration
+from calciscope.model.backbones import get_backbone_spec
 from calciscope.model.calibration import apply_temperature
 from calciscope.model.cua import CUARule
+from calciscope.model.encoders import env_variable
 from calciscope.model.precision import Precision, prepare_inputs
 from calciscope.training import calibration, metrics
 from calciscope.training.config import OptimConfig, TrainConfig
@@ -130,7 +132,8 @@ def choose_thresholds(y, probs, config: TrainConfig, labels) -> dict[str, float]
 
 def make_card(config: TrainConfig, data: DataBundle, model: nn.Module, report: dict, *, thresholds=None,
               temperature=None) -> ModelCard:
-    return ModelCard(
+    encoder = get_backbone_spec(getattr(model, "backbone_name", config.model.backbone)).encoder
+    card = ModelCard(
         name=config.model.name,
         version=config.model.version,
         labels=list(data.labels),
@@ -138,8 +141,8 @@ def make_card(config: TrainConfig, data: DataBundle, model: nn.Module, report: d
         head=getattr(model, "head_kind", config.model.head),
         tile_px=config.data.tile_px,
         mpp=config.data.mpp,
-        mean=list(IMAGENET_MEAN),
-        std=list(IMAGENET_STD),
+        mean=list(encoder.mean if encoder else IMAGENET_MEAN),
+        std=list(encoder.std if encoder else IMAGENET_STD),
         thresholds=thresholds or {},
         temperature=temperature or {},
         cua_rule=CUARule.from_dict(config.cua_rule).to_dict(),
@@ -151,6 +154,11 @@ def make_card(config: TrainConfig, data: DataBundle, model: nn.Module, report: d
                "sampling": config.data.sampling,
                "calciscope_version_trained": __version__},
     )
+    if encoder is not None:  # the publisher's preprocessing and weights travel with the card
+        weights = getattr(model, "head_config", {}).get("encoder_weights")
+        card.extra["encoder"] = {**encoder.preprocessing(), "weights": weights,
+                                 "weights_env": env_variable(encoder.name)}
+    return card
 
 
 def _normalizer_spec(config: TrainConfig) -> dict | bool:

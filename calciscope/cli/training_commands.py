@@ -47,6 +47,30 @@ def train(
     out.print(f"metrics: {run_dir / 'metrics.json'}", highlight=False)
 
 
+@app.command()
+def features(
+    slides: list[str] = typer.Argument(..., help="Slides: files, folders, quoted globs or a manifest CSV."),
+    encoder: str = typer.Option(..., "--encoder", help="uni, uni2-h, virchow2, h-optimus-0, h-optimus-1, phikon-v2, "
+                                "conch, prov-gigapath (or a calciscope checkpoint folder)."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="The publisher's weights file or folder (local; "
+                                           "nothing is downloaded)."),
+    out_dir: Path = typer.Option(..., "--out", help="Feature cache folder (data.cache_dir for training)."),
+    mpp: Optional[float] = typer.Option(None, "--mpp", help="Tile resolution, µm/px (default: the encoder's, 0.5)."),
+    tile_px: Optional[int] = typer.Option(None, "--tile-px", help="Tile size in px (default: the encoder's)."),
+    batch_size: int = typer.Option(64, "--batch-size"),
+    workers: int = typer.Option(2, "--workers", help="Tile-decoding processes per slide."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA when there is one), cpu or cuda:N."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
+):
+    """Cache tile embeddings (with level-0 coordinates) of slides with a frozen encoder, one file per slide;
+    rerun the same command to resume. Train attention-MIL on them with data.source slide_labels and data.cache_dir."""
+    from calciscope.training.features import extract_features
+
+    files = extract_features(slides, encoder, weights, out_dir, mpp=mpp, tile_px=tile_px, batch_size=batch_size,
+                             workers=workers, device=device, progress=_lines(quiet))
+    out.print(f"{len(files)} slides: {out_dir}", highlight=False, soft_wrap=True)
+
+
 @app.command("fit-vessel-head")
 def fit_vessel_head_cmd(
     model: Path = typer.Option(..., "--model", help="The checkpoint folder to add the vessel head to."),
