@@ -42,12 +42,14 @@ def write_outputs(result: SlideResult, out_root: str | Path) -> Path:
     final = child_dir(out_root, result.slide_id)
     with atomic_dir(final) as tmp:
         images = {"thumbnail.png": result.thumbnail}
+        ood_tiles = getattr(result.ood, "tile_ood", None)
+        marked = result.grid.xy[ood_tiles] if ood_tiles is not None else None
         for j, label in enumerate(result.labels):
             top_xy = np.array([(t.x, t.y) for t in result.top_tiles.get(label, [])], dtype=np.int64)
             kind = "attention" if result.score_kind == "attention" else "tile probability"
             images[f"heatmap_{safe_id(label)}.png"] = heatmap_image(
                 result.thumbnail, result.slide.level_dimensions[0][0], result.grid.xy, result.grid.size0_px,
-                result.tile_scores[:, j], title=f"{label}: {kind}", highlight=top_xy)
+                result.tile_scores[:, j], title=f"{label}: {kind}", highlight=top_xy, marked=marked)
         for tiles in result.top_tiles.values():
             for t in tiles:
                 saliency = result.saliency_maps.get((t.finding, t.rank))

@@ -27,10 +27,12 @@ def tile_raster(shape_hw: tuple[int, int], scale: float, xy: np.ndarray, size0: 
 
 
 def heatmap_image(thumbnail: np.ndarray, slide_width: int, xy: np.ndarray, size0: int, values: np.ndarray, *,
-                  title: str = "", highlight: np.ndarray | None = None, alpha: float = 0.75) -> np.ndarray:
+                  title: str = "", highlight: np.ndarray | None = None, marked: np.ndarray | None = None,
+                  alpha: float = 0.75) -> np.ndarray:
     """The thumbnail with tile values (0..1, inferno) blended where tiles are, a colour bar and a title: RGB.
 
-    Opacity rises from 0.12 (value 0) to ``alpha`` (value 1).
+    Opacity rises from 0.12 (value 0) to ``alpha`` (value 1). ``highlight`` (the top tiles' level-0 corners) are
+    cyan squares; ``marked`` (tiles unlike the model's training data) white squares crossed by a diagonal.
     """
     th, tw = thumbnail.shape[:2]
     scale = tw / slide_width
@@ -39,8 +41,12 @@ def heatmap_image(thumbnail: np.ndarray, slide_width: int, xy: np.ndarray, size0
     # opacity grows with the value, so low-scoring tissue stays readable and high scores stand out
     weight = np.where(covered, 0.12 + (alpha - 0.12) * np.clip(value_map, 0, 1) ** 0.5, 0.0)[..., None]
     image = (thumbnail * (1 - weight) + colour * weight).round().astype(np.uint8)
+    side = max(2, int(round(size0 * scale)))
+    for x, y in np.asarray(marked if marked is not None else []).reshape(-1, 2):  # out-of-distribution tiles
+        x0, y0 = int(x * scale), int(y * scale)
+        cv2.rectangle(image, (x0, y0), (x0 + side - 1, y0 + side - 1), (255, 255, 255), 1)
+        cv2.line(image, (x0, y0), (x0 + side - 1, y0 + side - 1), (255, 255, 255), 1)
     if highlight is not None:  # the top tiles: cyan squares
-        side = max(2, int(round(size0 * scale)))
         for x, y in np.asarray(highlight).reshape(-1, 2):
             x0, y0 = int(x * scale), int(y * scale)
             cv2.rectangle(image, (x0, y0), (x0 + side - 1, y0 + side - 1), (0, 230, 255), max(1, tw // 500))

@@ -27,6 +27,7 @@ from calciscope.data.tissue import QCConfig, TissueConfig, detect_tissue, slide_
 from calciscope.errors import CalciscopeError, SlideError
 from calciscope.inference.config import PredictConfig
 from calciscope.inference.export import write_outputs
+from calciscope.inference.ood import OODCheck, OODMonitor
 from calciscope.inference.result import SlideResult
 from calciscope.inference.tile_scoring import TileScorer
 from calciscope.inference.vessel_stage import VesselStage
@@ -65,6 +66,7 @@ class Predictor:
         # the vessel networks run where the tile model runs (the CPU beside an ONNX tile model)
         self.vessel_stage = VesselStage(self.card, self.model_path, self.config, self.tiles.device)
         self.sampling = self.vessel_stage.sampling
+        self.ood = OODMonitor(self.tiles.backbone, self.card, self.vessel_stage)  # hooks: outputs do not change
 
     def slide_thresholds(self) -> dict[str, float]:
         return self.vessel_stage.slide_thresholds()
@@ -90,10 +92,14 @@ class Predictor:
                                              f"{self.card.mpp:g} µm/px ({self.card.tile_px} px tiles): nothing to score")
             thumbnail = slide.thumbnail(1024)
             vessels = None
+            self.ood.start()
             if self.vessel_stage.segmenter is not None:
                 vessels = self.vessel_stage.run(slide, mask, self.score_tiles, self.tiling)
+            self.ood.vessels_done(slide, mask, vessels)
         sha = sha256 or sha256_file(slide_path)
+        self.ood.tiles_start()
         logits_or_emb, qc_values = self.tiles.stream(slide_path, mpp, grid, progress)
+        ood = self.ood.finish(grid, vessels)  # flags OOD vessels and restates adequacy without them
         qc = slide_qc(mask, QCConfig(), blurry_tile_fraction=float((qc_values[:, 0] < QCConfig().blur_laplacian_var).mean()))
 
         if self.card.head == "mil":
@@ -109,21 +115,23 @@ class Predictor:
         return SlideResult(
             slide_id=slide_id or info.slide_id, path=slide_path, sha256=sha, slide=info, card=self.card,
             model_sha256=self.model_sha256, labels=self.labels, probabilities=probabilities,
-            thresholds=self.slide_thresholds(), cua=self._cua(probabilities, vessels), qc=qc.to_dict(), grid=grid,
-            tile_probs=tile_probs, tile_scores=scores, tile_qc=qc_values, top_tiles=top, saliency_maps=maps,
+            thresholds=self.slide_thresholds(), cua=self._cua(probabilities, vessels, ood), qc=ood.qc(qc.to_dict()),
+            grid=grid, tile_probs=tile_probs, tile_scores=scores, tile_qc=qc_values, top_tiles=top, saliency_maps=maps,
             top_tile_images=images, thumbnail=thumbnail, aggregation=self.aggregation, saliency_method=cfg.saliency,
             seconds=time.perf_counter() - start,
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), runtime=cfg.runtime,
             vessels=vessels, sampling=self.sampling, vessel_classifier=self.vessel_stage.classifier_info(),
-            settings=cfg.to_dict(),
+            settings=cfg.to_dict(), ood=ood,
         )
 
-    def _cua(self, probabilities: dict[str, float], vessels=None) -> dict[str, Any]:
+    def _cua(self, probabilities: dict[str, float], vessels=None, ood: OODCheck | None = None) -> dict[str, Any]:
         if not self.rule_applies:
             return {"score": None, "status": "not_applicable",
                     "reason": f"the model's labels {self.labels} do not include every finding the rule reads "
                               f"({list(self.rule.labels)})"}
         scored = _rounded(explain({label: probabilities[label] for label in self.rule.labels}, self.rule))
+        if ood is not None and ood.flagged:  # never a bare negative on tissue the model has never seen
+            return {"status": "not_assessable", "reason": ood.reason, **scored}
         if vessels is not None and vessels.adequacy["status"] != "sufficient":
             return {"status": "insufficient_sampling", "reason": vessels.adequacy["reason"], **scored}
         return {"status": "scored", **scored}

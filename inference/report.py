@@ -20,6 +20,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 
 from calciscope._version import __version__
 from calciscope.data.slides import safe_id
+from calciscope.inference.ood import ood_section
 from calciscope.inference.result import SlideResult, positive_findings
 from calciscope.model.card import SYNTHETIC_DEMO_NOTICE
 from calciscope.model.vessel_detection import COMPARTMENTS, SIZE_BANDS, VESSEL_POSITIVE, VesselRecord
@@ -29,6 +30,8 @@ QC_EXPLANATIONS = {
     "folds_or_dark": "very dark areas (folds, thick sections, debris); they can mimic or hide calcium",
     "blur": "many tiles are out of focus; fine calcium and thrombus texture may be missed",
     "low_tissue": "little tissue; few vessels may have been seen",
+    "out_of_distribution": "the slide is unlike the slides the model was trained on (see the banner at the top); "
+                           "its scores are not reliable",
 }
 TERM_TEXT = {
     "calcification": "calcification (medial or small-vessel)",
@@ -69,7 +72,7 @@ def render_report(result: SlideResult, images: dict[str, np.ndarray]) -> str:
     env = _environment()
     return env.get_template("report.html.j2").render(
         csp=_csp(env), slide_id=result.slide_id, demo_notice=SYNTHETIC_DEMO_NOTICE if card.synthetic_demo else None,
-        cua=_cua(result), findings=_findings(result), qc=_qc(result), vessels=_vessels(result),
+        ood=ood_section(result.ood), cua=_cua(result), findings=_findings(result), qc=_qc(result), vessels=_vessels(result),
         vessel_positive=f"{VESSEL_POSITIVE:g}", thumbnail_uri=thumbnail_uri, heatmaps=heatmaps,
         top_tiles=_top_tiles(result, images), model=_model(result), facts=facts)
 
@@ -118,7 +121,8 @@ def _cua(result: SlideResult) -> dict[str, Any]:
     terms = [{"name": TERM_TEXT.get(term, term), "value": _fmt(info["value"]), "driver": info.get("driver") or "-",
               "inputs": ", ".join(f"{k} {_fmt(v)}" for k, v in info["inputs"].items()) or "none"}
              for term, info in cua["terms"].items()]
-    return {"scored": True, "insufficient": cua.get("status") == "insufficient_sampling", "reason": reason,
+    return {"scored": True, "insufficient": cua.get("status") == "insufficient_sampling",
+            "not_assessable": cua.get("status") == "not_assessable", "reason": reason,
             "score": _fmt(cua["score"]), "combine": "product" if cua["combine"] == "product" else "minimum",
             "terms": terms, "limiting": TERM_TEXT.get(cua["limiting_term"], cua["limiting_term"])}
 
@@ -148,6 +152,8 @@ def _adequacy(adequacy: dict[str, Any]) -> dict[str, Any]:
         "small": int(adequacy.get("small_fat_vessels", 0)), "need": int(adequacy.get("min_small_fat_vessels", 0)),
         "small_max_um": f"{float(adequacy.get('small_max_um', 100.0)):g}",
         "sufficient": adequacy.get("status") == "sufficient", "reason": str(adequacy.get("reason", "")),
+        "not_assessable": adequacy.get("status") == "not_assessable",
+        "unknown": int(adequacy.get("small_fat_vessels_out_of_distribution", 0)),
     }
 
 

@@ -78,6 +78,7 @@ class SlideResult:
     sampling: str = "grid"  # which tiles the slide probabilities aggregate: grid | vessels | both
     vessel_classifier: dict[str, Any] | None = None  # provenance of the per-vessel classifier, when one judged them
     settings: dict[str, Any] | None = None  # the resolved PredictConfig it was scored with
+    ood: Any = None  # calciscope.inference.ood.OODCheck: is the slide unlike the networks' training data
 
     @property
     def decisions(self) -> dict[str, bool]:
@@ -140,6 +141,7 @@ class SlideResult:
             },
             "sampling": self.sampling,
             "vessel_classifier": self.vessel_classifier,
+            "out_of_distribution": None if self.ood is None else self.ood.to_dict(),
             "cua_pattern": self.cua,
             "vessels": None if self.vessels is None else self.vessels.to_dict({k: VESSEL_POSITIVE for k in self.labels}),
             "top_tiles": {

@@ -4,7 +4,8 @@ A card is the JSON file that travels with a network's weights (``<name>.safetens
 ``pretrained_cfg``, everything inference must know (input size and scale, mean/std, output names, thresholds,
 calibration) goes with the weights and is never guessed. :class:`CardBase` holds what every card shares (schema
 version, name, version, weights sha256, creation date, intended use, the synthetic-demo flag, the library version,
-training provenance and metrics) and reads a card strictly: unknown keys refused, every field's type checked
+training provenance and metrics, the out-of-distribution reference of ``model.ood``) and reads a card strictly:
+unknown keys refused, every field's type checked
 (``calciscope.io.check_type`` plus the card's own checks), the schema version checked, each failure one
 :class:`CheckpointError` line naming the file. A card kind names its files and rebuilds its network through
 ``build()``; saving and loading weights with their card is ``calciscope.model.checkpoint``.
@@ -30,6 +31,7 @@ from calciscope.errors import CalciscopeError, CheckpointError
 from calciscope.io import check_type
 from calciscope.model.backbones import BACKBONES, IMAGENET_MEAN, IMAGENET_STD
 from calciscope.model.heads import HEAD_CONFIG_KEYS, HEADS, create_model
+from calciscope.model.ood import OODReference, reference_problem
 
 SCHEMA_VERSION = 1  # the tile model's card (ModelCard.SCHEMA_VERSION)
 SYNTHETIC_DEMO_NOTICE = "synthetic demo, not for clinical use"
@@ -70,6 +72,8 @@ class CardBase:
     calciscope_version: str = __version__
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    # what the network's training data looked like to it (model.ood.OODReference.to_dict()); {}: none
+    ood_reference: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.schema_version = self.schema_version or self.SCHEMA_VERSION
@@ -101,6 +105,10 @@ class CardBase:
     def describe(self) -> str:
         """The architecture in a few words, for messages."""
         return self.KIND
+
+    def ood(self) -> OODReference | None:
+        """The card's out-of-distribution reference, or None when it has none."""
+        return OODReference.from_dict(self.ood_reference) if self.ood_reference else None
 
     # --- reading and writing --------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -308,6 +316,8 @@ _BASE_CHECKS = {
     "calciscope_version": _check(lambda v: isinstance(v, str), "a string"),
     "training": _check(lambda v: isinstance(v, dict), "an object"),
     "metrics": _check(lambda v: isinstance(v, dict), "an object"),
+    "ood_reference": lambda v: (lambda problem: problem and f"is not an OOD reference ({problem})")(
+        reference_problem(v)),
 }
 
 ModelCard.FIELD_CHECKS = {

@@ -24,6 +24,12 @@ whose slide map is then refit on 96 tuning phantoms (seeds 706 and 707; the conf
 ``configs/artifact_classifier.yaml`` trains the calcium-artifact classifier in ``demo/vessels/artifact_classifier/``:
 
     calciscope install-demo artifact-classifier runs/artifact_classifier
+
+Every network installed must carry an out-of-distribution reference (``model.ood``; the trainers fit one). The
+shipped networks, trained before there was one, got theirs from the demo's training phantoms (``configs/demo.yaml``):
+
+    calciscope install-demo ood --data phantoms/demo_phantoms/manifest.csv \
+        --calibration phantoms/ood_calibration/manifest.csv
 """
 
 from __future__ import annotations
@@ -82,6 +88,7 @@ def install(source: str | Path, held_out: str | Path | None = None, segmenter: s
     model, card = load_checkpoint(source)
     if not card.synthetic_demo:
         raise CalciscopeError(f"{source}: its card is not marked synthetic_demo; the demo model must be")
+    _check_ood(source, card)
     target = Path(str(files("calciscope.model"))) / "demo"
     if held_out is not None:
         card.metrics = {**card.metrics, "held_out": json.loads(Path(held_out).read_text())}
@@ -94,6 +101,7 @@ def install(source: str | Path, held_out: str | Path | None = None, segmenter: s
         _, seg_card = load_segmenter(segmenter)
         if not seg_card.synthetic_demo:
             raise CalciscopeError(f"{segmenter}: its card is not marked synthetic_demo; the demo segmenter must be")
+        _check_ood(Path(segmenter), seg_card)
         (target / "vessels").mkdir(exist_ok=True)
         for name in (SEG_WEIGHTS, SEG_CARD):
             shutil.copyfile(Path(segmenter) / name, target / "vessels" / name)
@@ -101,6 +109,13 @@ def install(source: str | Path, held_out: str | Path | None = None, segmenter: s
     if size > MAX_BYTES:
         raise CalciscopeError(f"{source}: {size / 2**20:.1f} MiB is over the {MAX_BYTES / 2**20:.0f} MiB demo budget")
     return target
+
+
+def _check_ood(source: Path, card) -> None:
+    """The demo must say when a slide is unlike its phantoms: a network without an OOD reference is not shipped."""
+    if not card.ood_reference:
+        raise CalciscopeError(f"{source}: its card has no out-of-distribution reference (the trainers fit one; for a "
+                              f"network trained without it: calciscope fit-ood --model FOLDER --data MANIFEST)")
 
 
 def _copy_classifier(source: Path, subfolder: str) -> Path:
@@ -124,6 +139,7 @@ def install_classifier(source: str | Path, held_out: str | Path | None = None) -
     _, card = load_classifier(source)
     if not card.synthetic_demo:
         raise CalciscopeError(f"{source}: its card is not marked synthetic_demo; the demo classifier must be")
+    _check_ood(source, card)
     missing = set(load_card(demo_model_dir()).labels) - set(card.labels)
     if missing:
         raise CalciscopeError(f"{source}: it does not judge {sorted(missing)}, which the demo model reports")
@@ -149,6 +165,7 @@ def install_artifact_classifier(source: str | Path, measured: dict | None = None
     if not card.synthetic_demo or not card.artifact_output:
         raise CalciscopeError(f"{source}: the demo artifact classifier must be marked synthetic_demo and have a "
                               f"calcium_artifact output")
+    _check_ood(source, card)
     target = _copy_classifier(source, "artifact_classifier")
     if measured is not None:
         update_card(ClassifierCard, target, metrics={**card.metrics, "held_out": measured})

@@ -63,6 +63,7 @@ from calciscope.training.loaders import (
 )
 from calciscope.training.mil import mil_head_for
 from calciscope.training.selection import (
+from calciscope.training.ood_reference import add_tile_reference
     SWA,
     FoldResult,
     add_card_metrics,
@@ -117,6 +118,7 @@ def fit(config: TrainConfig | None, *, resume: str | Path | None = None, show_pr
         if best.directory / "model" != final:
             shutil.copytree(best.directory / "model", final, dirs_exist_ok=True)
         summary = {"folds": [r.metrics for r in results]}
+        add_tile_reference(final, data, next(f for f in folds if f.index == best.fold), config, precision)
         if len(results) > 1:
             summary["cross_validation"] = metrics.summarize_folds([r.metrics["val"] for r in results])
             summary["model_from_fold"] = best.fold

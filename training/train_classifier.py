@@ -56,6 +56,7 @@ from calciscope.training.engine import (
     run_steps,
     set_random_state,
 )
+from calciscope.training.ood_reference import as_card_field, classifier_reference
 from calciscope.training.segmenter_data import split_patients
 
 __all__ = ["ClassifierTrainConfig", "ClassifierTrainer", "load_config", "train_classifier", "validate"]
@@ -94,6 +95,8 @@ def train_classifier(config: ClassifierTrainConfig | None, progress: Callable[[s
     card.metrics["validation"] = validate(trainer.model, card, val, np.stack(val_slide_y), judge,
                                           config.artifact_max_false_rate)
     run.write_history(history + [{"step": trainer.steps, **_summary(card.metrics["validation"])}])
+    card.ood_reference = as_card_field(classifier_reference(trainer.model, card, trainer.x, trainer.e, val,
+                                                            [rows[i][0] for i in val_ids]))
     card.training = {"description": config.description,
                      "manifests": [str(Path(m).parent.name) + "/" + Path(m).name for m in config.manifests],
                      "segmenter": config.segmenter,

@@ -38,6 +38,7 @@ from calciscope.training.engine import (
     set_random_state,
     warmup_cosine,
 )
+from calciscope.training.ood_reference import as_card_field, segmenter_reference
 from calciscope.training.segmenter_data import (
     SegmenterTrainConfig,
     SlideData,
@@ -83,6 +84,7 @@ def train_segmenter(config: SegmenterTrainConfig | None, progress: Callable[[str
                                                    [slides[i] for i in val_ids])
         run.write_history(history + [{"step": config.steps, **{f"val_{k}": v for k, v in metrics["validation"].items()
                                                                if k != "per_slide"}}])
+        card.ood_reference = as_card_field(segmenter_reference(model, card, slides, train_ids, val_ids))
     seconds = trainer.seconds + time.perf_counter() - start
     card = dataclasses.replace(card, metrics=metrics,
                                training=_provenance(config, slides, train_ids, val_ids, seconds))

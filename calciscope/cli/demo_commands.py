@@ -86,3 +86,20 @@ def install_demo_artifact_classifier(
     out.print(str(install_artifact_classifier(classifier, figures)), highlight=False, soft_wrap=True)
 
 
+
+
+@install_demo.command("ood")
+def install_demo_ood(
+    data: list[Path] = typer.Option(..., "--data", help="The demo's training phantoms' manifest (repeat for several)."),
+    calibration: list[Path] = typer.Option([], "--calibration", help="Manifest of phantoms no demo network trained on."),
+    description: str = typer.Option("", "--description", help="What the slides are (recipe and seeds), for the cards."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
+):
+    """Fit the out-of-distribution references of the shipped demo model, segmenter and classifiers (their cards
+    change, their weights do not); see configs/demo.yaml."""
+    from calciscope.cli.training_commands import ood_table
+    from calciscope.inference.fit_ood import fit_ood
+
+    progress = None if quiet else (lambda line: out.print(line, highlight=False))
+    refs = fit_ood("demo", data, calibration, description=description, allow_demo=True, progress=progress)
+    out.print(ood_table(refs))

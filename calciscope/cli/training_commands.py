@@ -1,4 +1,5 @@
-"""``train``, ``train-vessels``, ``train-vessel-classifier``, ``fit-vessel-head`` and ``calibrate-slides``."""
+"""``train``, ``train-vessels``, ``train-vessel-classifier``, ``fit-vessel-head``, ``calibrate-slides`` and
+``fit-ood``."""
 
 from __future__ import annotations
 
@@ -172,3 +173,35 @@ def calibrate_slides(
     out.print(str(classifier / "classifier.json"), highlight=False, soft_wrap=True)
 
 
+
+
+@app.command("fit-ood")
+def fit_ood_cmd(
+    model: Path = typer.Option(..., "--model", help="The checkpoint folder (its vessels/ networks are fit too)."),
+    data: list[Path] = typer.Option(..., "--data", help="Manifest of the slides the networks were trained on "
+                                    "(repeat for several)."),
+    calibration: list[Path] = typer.Option([], "--calibration", help="Manifest of slides no network trained on, to "
+                                           "set the thresholds (default: a quarter of --data's patients)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
+):
+    """Fit the out-of-distribution reference of a model and of the vessel networks beside it from the slides they
+    were trained on, and write it into their cards (the weights do not change). The trainers fit it themselves; this
+    adds one to networks trained without it."""
+    from calciscope.inference.fit_ood import fit_ood
+
+    refs = fit_ood(model, data, calibration, progress=_lines(quiet))
+    out.print(ood_table(refs))
+
+
+def ood_table(refs: dict) -> Table:
+    """One row per fitted reference: units, components, thresholds, validation false alarms."""
+    table = Table(title="out-of-distribution references")
+    for column in ("network", "units (reference / calibration)", "components", "unit threshold",
+                   "slide threshold", "calibration slides flagged"):
+        table.add_column(column, justify="left" if column == "network" else "right")
+    for name, ref in refs.items():
+        fit = ref.fit
+        table.add_row(name, f"{fit['n_train_units']} / {fit['n_validation_units']} {ref.unit}s",
+                      str(fit["components"]), f"{ref.unit_threshold:.3f}", f"{ref.slide_threshold:.0%}",
+                      f"{fit.get('validation_slides_flagged', '-')} of {fit.get('n_validation_slides', '-')}")
+    return table

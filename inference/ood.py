@@ -1,0 +1,300 @@
+"""Out-of-distribution checks of one slide: is it unlike the slides the networks that scored it were trained on?
+
+Each network whose card carries an OOD reference (``model.ood``) is checked on the units it saw: the tile model on
+the grid tiles, the vessel segmenter on its windows, the vessel and calcium-artifact classifiers on the vessel crops.
+The features come from forward hooks while ``predict`` runs (``model.ood_features``): no extra forward pass, and no
+score, probability or call of an in-distribution slide changes. A flagged slide gets:
+
+- ``out_of_distribution`` in its QC flags (and so in ``summary.csv``), and the result's ``out_of_distribution``
+  block: per network the slide score (fraction of OOD units), its threshold and the unit counts;
+- a CUA-pattern status of ``not_assessable`` with the reason (never a bare negative), and the report's banner;
+- its OOD tiles outlined on the heatmaps.
+
+Vessels found on a segmenter window, or judged on a crop, that its network does not know are flagged
+``out_of_distribution`` and do not count towards sampling adequacy; a slide whose segmenter is flagged cannot be
+judged for adequacy at all (``not_assessable``), so "sufficient" is never said from vessels on unknown tissue.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from calciscope.data.slides import Slide
+from calciscope.data.tiling import TileGrid
+from calciscope.data.tissue import TissueMask
+from calciscope.inference.vessels import VesselAnalysis
+from calciscope.model.ood import OODReference
+from calciscope.model.ood_features import FeatureTap
+from calciscope.model.segmenter import MARGIN_PX, WINDOW_PX, SegmenterCard
+from calciscope.model.vessel_classifier import calibrated
+
+OOD_FLAG = "out_of_distribution"
+BANNER = "this slide is unlike the slides the model was trained on; its scores are not reliable"
+NETWORKS = ("tile_model", "segmenter", "vessel_classifier", "artifact_classifier")
+WHAT = {"tile_model": "tile model", "segmenter": "vessel segmenter", "vessel_classifier": "vessel classifier",
+        "artifact_classifier": "calcium-artifact classifier"}
+
+
+@dataclass
+class SlideFeatures:
+    """The features each checked network computed on one slide, and where its units lie."""
+
+    rows: dict[str, np.ndarray] = field(default_factory=dict)  # network -> (N, D)
+    windows: np.ndarray | None = None  # (W, 2) segmenter window origins in map px, in run order
+    window_step_level0: float | None = None  # a window's centre side in level-0 px
+    vessel_rows: list[int] | None = None  # per listed vessel, its row of the vessel classifier's features (or -1)
+
+
+@dataclass
+class OODCheck:
+    """The checks of one slide: per network its summary, which grid tiles and vessels are OOD, the verdict."""
+
+    networks: dict[str, dict[str, Any]]
+    tile_ood: np.ndarray | None  # (N,) bool per grid tile, None when the tile model was not checked
+    flagged: bool
+    details: str  # which networks flagged the slide, with their scores and thresholds ("" when none did)
+
+    @property
+    def reason(self) -> str:
+        return f"{BANNER} ({self.details})" if self.flagged else ""
+
+    def to_dict(self) -> dict[str, Any]:
+        tiles = self.networks.get("tile_model", {})
+        return {"status": OOD_FLAG if self.flagged else ("in_distribution" if self.checked else "not_checked"),
+                "flagged": self.flagged, "reason": self.reason,
+                "score": tiles.get("score"), "threshold": tiles.get("threshold"),
+                "fraction_ood_tiles": tiles.get("score"), "n_ood_tiles": tiles.get("n_ood_units"),
+                "networks": self.networks}
+
+    def qc(self, qc: dict[str, Any]) -> dict[str, Any]:
+        """The slide's QC values with ``out_of_distribution`` added to its flags when the slide is flagged."""
+        return {**qc, "flags": [*qc.get("flags", []), OOD_FLAG]} if self.flagged else qc
+
+    @property
+    def checked(self) -> bool:
+        return any("score" in s for s in self.networks.values())
+
+
+class OODMonitor:
+    """Taps on the networks of a ``Predictor`` that carry an OOD reference. Per slide: ``start()`` before the vessel
+    stage, ``vessels_done(slide, tissue, vessels)`` after it, ``tiles_start()`` before the grid tiles stream,
+    ``finish(grid, vessels)`` after them."""
+
+    def __init__(self, tile_backbone: torch.nn.Module | None, tile_card, vessel_stage, *, collect: bool = False):
+        self.collect = collect  # tap every network, with a reference or not (to fit references: inference.fit_ood)
+        self.refs: dict[str, OODReference | None] = {}
+        self.taps: dict[str, FeatureTap] = {}
+        self.missing: dict[str, str] = {}
+        self._add("tile_model", tile_backbone, tile_card, "scored with an ONNX export, which gives no tile embeddings")
+        self.seg_card: SegmenterCard | None = None
+        if vessel_stage is not None and vessel_stage.segmenter is not None:
+            self.seg_card = vessel_stage.segmenter[1]
+            self._add("segmenter", *vessel_stage.segmenter)
+        for name in ("vessel_classifier", "artifact_classifier"):
+            pair = getattr(vessel_stage, name, None) if vessel_stage is not None else None
+            if pair is not None:
+                self._add(name, *pair, outputs=name == "vessel_classifier")
+        self.features = SlideFeatures()
+
+    def _add(self, name: str, network, card, why_not: str = "", outputs: bool = False) -> None:
+        ref = card.ood() if card is not None else None
+        self.refs[name] = ref
+        if network is None:
+            self.missing[name] = why_not
+            return
+        if ref is None:
+            self.missing[name] = "its card has no OOD reference"
+        if ref is not None or self.collect:
+            self.taps[name] = FeatureTap(network, card, outputs=outputs)
+
+    def start(self) -> None:
+        for tap in self.taps.values():
+            tap.clear()
+        self.features = SlideFeatures()
+
+    def vessels_done(self, slide: Slide, tissue: TissueMask, vessels: VesselAnalysis | None) -> None:
+        """Keep the vessel networks' features of this slide and where their units lie."""
+        f = self.features
+        for name in ("segmenter", "vessel_classifier", "artifact_classifier"):
+            if name in self.taps:
+                f.rows[name] = self.taps[name].take()
+        if self.seg_card is not None and vessels is not None:
+            f.windows, step = segmenter_windows(slide, tissue, self.seg_card)
+            f.window_step_level0 = step * self.seg_card.mpp / slide.mpp
+        if "vessel_classifier" in self.taps and vessels is not None:
+            card = self.taps["vessel_classifier"].card
+            logits = self.taps["vessel_classifier"].take_outputs()
+            probs = calibrated(logits, card) if len(logits) else logits
+            f.vessel_rows = match_rows(vessels, probs, list(card.outputs))
+
+    def tiles_start(self) -> None:
+        """The grid tiles come next (the tile model may have scored vessel tiles before)."""
+        if "tile_model" in self.taps:
+            self.taps["tile_model"].clear()
+
+    def finish(self, grid: TileGrid, vessels: VesselAnalysis | None) -> OODCheck:
+        if "tile_model" in self.taps:
+            self.features.rows["tile_model"] = self.taps["tile_model"].take()
+        return check(self.refs, self.features, grid, vessels, self.missing)
+
+    def close(self) -> None:
+        for tap in self.taps.values():
+            tap.close()
+
+
+def check(refs: dict[str, OODReference | None], features: SlideFeatures, grid: TileGrid | None,
+          vessels: VesselAnalysis | None, missing: dict[str, str]) -> OODCheck:
+    """Score each network's units against its reference, flag the OOD vessels, and give the slide's verdict."""
+    networks: dict[str, dict[str, Any]] = {}
+    unit_ood: dict[str, np.ndarray] = {}
+    for name in NETWORKS:
+        ref = refs.get(name)
+        rows = features.rows.get(name)
+        if name not in refs:
+            continue
+        if ref is None or rows is None:
+            networks[name] = {"status": "not_checked", "reason": missing.get(name, "it did not run on this slide")}
+            continue
+        if len(rows) and rows.shape[1] != ref.dim:
+            networks[name] = {"status": "not_checked", "reason": f"its features have {rows.shape[1]} dimensions, "
+                                                                 f"its reference {ref.dim}"}
+            continue
+        distances = ref.distances(rows) if len(rows) else np.zeros(0)
+        unit_ood[name] = distances > ref.unit_threshold
+        summary = ref.summary(distances)
+        networks[name] = {"status": OOD_FLAG if summary["flagged"] else "in_distribution", **summary}
+    tile_ood = unit_ood.get("tile_model")
+    if tile_ood is not None and grid is not None and len(tile_ood) != len(grid):
+        networks["tile_model"] = {"status": "not_checked",
+                                  "reason": f"{len(tile_ood)} tile embeddings for {len(grid)} tiles"}
+        tile_ood = None
+    if vessels is not None:
+        _flag_vessels(vessels, features, unit_ood, networks)
+    flagged_by = [n for n, s in networks.items() if s.get("flagged")]
+    details = "; ".join(f"{WHAT[n]}: {networks[n]['score']:.0%} of its {networks[n]['unit']}s unlike its training "
+                        f"data, threshold {networks[n]['threshold']:.0%}" for n in flagged_by)
+    return OODCheck(networks, tile_ood, bool(flagged_by), details)
+
+
+def _flag_vessels(vessels: VesselAnalysis, features: SlideFeatures, unit_ood: dict[str, np.ndarray],
+                  networks: dict[str, dict[str, Any]]) -> None:
+    """Flag vessels on OOD segmenter windows or with OOD classifier crops; restate adequacy without them."""
+    on_unknown = np.zeros(len(vessels.vessels), bool)
+    windows = unit_ood.get("segmenter")
+    if windows is not None and features.windows is not None:
+        if len(features.windows) == len(windows):
+            on_unknown |= _on_windows(vessels, features.windows, windows, features.window_step_level0)
+        else:
+            networks["segmenter"]["vessels_attributed"] = False
+    crops = unit_ood.get("vessel_classifier")
+    if crops is not None and features.vessel_rows is not None:
+        rows = np.asarray(features.vessel_rows, int)
+        known = rows >= 0
+        on_unknown[known] |= crops[rows[known]]
+    artifact = unit_ood.get("artifact_classifier")
+    if artifact is not None and len(artifact) == len(vessels.vessels):
+        on_unknown |= artifact
+    for v, bad in zip(vessels.vessels, on_unknown):
+        if bad and OOD_FLAG not in v.flags:
+            v.flags.append(OOD_FLAG)
+    seg = networks.get("segmenter", {})
+    if on_unknown.any() or seg.get("flagged"):
+        vessels.adequacy = restate_adequacy(vessels, on_unknown, seg)
+
+
+def restate_adequacy(vessels: VesselAnalysis, on_unknown: np.ndarray, segmenter: dict[str, Any]) -> dict[str, Any]:
+    """The adequacy statement without the vessels on tissue the vessel networks do not know."""
+    a = dict(vessels.adequacy)
+    small = np.array([v.compartment == "fat" and v.geometry.outer_diameter_um < a["small_max_um"]
+                      for v in vessels.vessels], bool)
+    excluded = int((small & on_unknown).sum())
+    a["small_fat_vessels"] = int((small & ~on_unknown).sum())
+    a["small_fat_vessels_out_of_distribution"] = excluded
+    if segmenter.get("flagged"):
+        a["status"] = "not_assessable"
+        a["reason"] = (f"the vessel segmenter does not know this tissue ({segmenter['score']:.0%} of its windows are "
+                       f"unlike its training data, threshold {segmenter['threshold']:.0%}): the vessels it found here "
+                       f"cannot show whether the small vessels of the subcutaneous fat were sampled")
+        return a
+    sufficient = a["small_fat_vessels"] >= a["min_small_fat_vessels"]
+    a["status"] = "sufficient" if sufficient else "insufficient"
+    a["reason"] = (f"{a['small_fat_vessels']} small vessel(s) (< {a['small_max_um']:g} µm) in subcutaneous fat seen on "
+                   f"tissue the vessel networks know ({excluded} more on tissue they do not know, not counted); at "
+                   f"least {a['min_small_fat_vessels']} are needed to judge the small vessels (and to call vasculitis "
+                   f"absent)")
+    return a
+
+
+def _on_windows(vessels: VesselAnalysis, origins: np.ndarray, ood: np.ndarray, step0: float) -> np.ndarray:
+    """Per vessel, whether its centroid lies in an OOD window's centre (the part of the maps the window made)."""
+    cells = {(int(x), int(y)): bool(bad) for (x, y), bad in zip(np.asarray(origins), ood)}
+    step = WINDOW_PX - 2 * MARGIN_PX
+    out = np.zeros(len(vessels.vessels), bool)
+    for i, v in enumerate(vessels.vessels):
+        cx, cy = v.centroid
+        key = (int(cx // step0) * step, int(cy // step0) * step)
+        out[i] = cells.get(key, False)
+    return out
+
+
+def segmenter_windows(slide: Slide, tissue: TissueMask | None, card: SegmenterCard) -> tuple[np.ndarray, int]:
+    """((W, 2) origins in map px of the windows ``model.segmenter.segment_slide`` runs, in its order; the step).
+
+    The same rule as there: windows of WINDOW_PX every WINDOW_PX - 2 MARGIN_PX map px that touch tissue."""
+    downsample = card.mpp / slide.mpp
+    w0, h0 = slide.dimensions
+    out_w, out_h = int(np.ceil(w0 / downsample)), int(np.ceil(h0 / downsample))
+    step = WINDOW_PX - 2 * MARGIN_PX
+    origins = [(x, y) for y in range(0, out_h, step) for x in range(0, out_w, step)
+               if tissue is None or _touches(tissue, x, y, step, downsample)]
+    return np.array(origins, np.int64).reshape(-1, 2), step
+
+
+def _touches(tissue: TissueMask, x: int, y: int, step: int, downsample: float) -> bool:
+    scale = downsample / tissue.downsample
+    r0, c0 = int(y * scale), int(x * scale)
+    r1, c1 = int(np.ceil((y + step) * scale)) + 1, int(np.ceil((x + step) * scale)) + 1
+    return bool(tissue.tissue[r0:r1, c0:c1].any())
+
+
+def match_rows(vessels: VesselAnalysis, probabilities: np.ndarray, outputs: list[str]) -> list[int]:
+    """Per listed vessel, the row of the vessel classifier's (N, outputs) calibrated probabilities it was judged
+    with (-1: not found).
+
+    The classifier judges every outline (vessels, then candidates) and the listing keeps a subsequence of them in
+    order, so each listed vessel is the next row whose probabilities are the ones it carries."""
+    out, row = [], 0
+    labels = list(vessels.labels)
+    if not set(labels) <= set(outputs):
+        return [-1] * len(vessels.vessels)
+    columns = [outputs.index(k) for k in labels]
+    for v in vessels.vessels:
+        want = np.array([v.probabilities.get(k, np.nan) for k in labels])
+        while row < len(probabilities) and not np.array_equal(probabilities[row, columns], want):
+            row += 1
+        out.append(row if row < len(probabilities) else -1)
+        row += 1
+    return out
+
+
+def ood_section(check: OODCheck | None) -> dict[str, Any]:
+    """The report's plain values: the banner, and a row per network with what its check found."""
+    if check is None:
+        return {"flagged": False, "rows": [], "marked": False}
+    rows, rates = [], []
+    for name, s in check.networks.items():
+        if "score" not in s:
+            rows.append({"network": WHAT[name], "units": "-", "score": "-", "threshold": "-", "flagged": False,
+                         "status": f"not checked: {s.get('reason', '')}"})
+            continue
+        rates.append(s["unit_false_alarm"])
+        rows.append({"network": WHAT[name], "units": f"{s['n_units']} {s['unit']}s",
+                     "score": f"{s['n_ood_units']} ({s['score']:.0%})", "threshold": f"{s['threshold']:.0%}",
+                     "flagged": s["flagged"], "status": "out of distribution" if s["flagged"] else "in distribution"})
+    return {"flagged": check.flagged, "banner": BANNER, "details": check.details, "rows": rows,
+            "unit_false_alarm": f"{max(rates):.0%}" if rates else "-",
+            "marked": check.tile_ood is not None and bool(check.tile_ood.any())}
