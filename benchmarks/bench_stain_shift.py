@@ -68,6 +68,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=4096, help="phantom side in px at 0.5 µm/px")
     p.add_argument("--variants", nargs="*", default=list(VARIANTS), help=f"of {list(VARIANTS)}")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=None, help="the same number of epochs for every variant")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--work", type=Path, default=None, help="keep tiles and runs here (default: a temp dir)")
     p.add_argument("--json", type=Path, default=None)
@@ -192,6 +193,10 @@ def _accuracy(m: dict) -> float:
     return (m["sensitivity"] * pos + m["specificity"] * neg) / max(1, m["n"])
 
 
+def _epochs(args) -> dict:
+    return {"optim.epochs": args.epochs} if args.epochs else {}
+
+
 def report(title: str, results: dict) -> None:
     print(f"\n{title}\n{'variant':<16} {'AUROC':>6} {'acc':>6} {'ECE':>6} {'s':>6}  shipped")
     for name, r in results.items():
@@ -211,7 +216,10 @@ def main(args) -> int:
                 "model.backbone": "small", "model.dropout": 0.1, "optim.lr": 0.002}
         if args.quick:
             base["optim.epochs"] = 2
-        out["phantom"] = {v: run(work / "phantom", v, base, VARIANTS[v], args.workers) for v in args.variants}
+        if args.epochs:
+            base["optim.epochs"] = args.epochs
+        out["phantom"] = {v: run(work / "phantom", v, base, {**VARIANTS[v], **_epochs(args)}, args.workers)
+                          for v in args.variants}
         report("phantom, site A → site B (tile AUROC macro over the four findings)", out["phantom"])
     if args.only in (None, "real"):
         root = real_set(work / "real")
@@ -219,7 +227,7 @@ def main(args) -> int:
         if args.quick:
             base["optim.epochs"] = 1
         names = [v for v in args.variants if v in ("old defaults", "new defaults")]
-        out["real"] = {v: run(work / "real", v, base, VARIANTS[v], args.workers) for v in names}
+        out["real"] = {v: run(work / "real", v, base, {**VARIANTS[v], **_epochs(args)}, args.workers) for v in names}
         report("real-tile proxy (CMU skin, epithelium vs stroma), train site A → test site B", out["real"])
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))

@@ -51,8 +51,9 @@ class MultiLabelTileModel(nn.Module):
         return self.backbone(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Tiles (N, 3, H, W) -> logits (N, L), one per finding in ``self.labels`` order."""
-        return self.head(self.dropout(self.embed(x)))
+        """Tiles (N, 3, H, W) -> logits (N, L), one per finding in ``self.labels`` order; embeddings (N, D) already
+        computed by this backbone (a frozen encoder's cache) go straight to the head."""
+        return self.head(self.dropout(x if x.dim() == 2 else self.embed(x)))
 
 
 class GatedAttentionMIL(nn.Module):

@@ -71,6 +71,7 @@ class ModelConfig:
     head: str = "tile"  # "tile" (multi-label tile CNN) or "mil" (attention over tile embeddings)
     init: str | None = None  # start from this checkpoint's weights ("demo" or a folder; same backbone and labels)
     dropout: float = 0.0
+    hidden_dim: int = 0  # tile head on a frozen encoder (data.encoder): 0 linear, > 0 an MLP with this width
 
 
 SELECT = ("auto", "best_val", "last", "swa")

@@ -14,9 +14,11 @@ from torch.utils.data import Dataset
 
 from calciscope.data.tile_folders import TileFileDataset, read_tile_table
 from calciscope.errors import CalciscopeError
+from calciscope.model.encoders import ENCODERS
 from calciscope.model.precision import resolve_device
 from calciscope.training.augment import build_eval_transform, build_train_transform
 from calciscope.training.config import TrainConfig
+from calciscope.training.features import embed_examples
 from calciscope.training.mil import BagDataset, build_bag_cache, collate_bags
 from calciscope.training.sources import TileTrainingDataset, build_tile_examples, read_manifest, tiling_config
 
@@ -37,10 +39,13 @@ class DataBundle:
 
 def load_data(config: TrainConfig, progress=None) -> DataBundle:
     source = config.data.source
+    frozen = config.data.encoder in ENCODERS and config.model.head == "tile"
     if source == "slides":
-        return _slides_bundle(config, progress)
+        bundle = _slides_bundle(config, progress)
+        return embed_examples(bundle, config, progress) if frozen else bundle
     if source == "tiles":
-        return _tiles_bundle(config)
+        bundle = _tiles_bundle(config)
+        return embed_examples(bundle, config, progress) if frozen else bundle
     if source == "slide_labels":
         return _bags_bundle(config, progress)
     raise CalciscopeError(f"unknown data source {source!r}")

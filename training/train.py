@@ -33,6 +33,7 @@ from calciscope.errors import CalciscopeError
 from calciscope.io import write_json
 from calciscope.model import create_model, load_checkpoint, save_checkpoint
 from calciscope.model.demo import resolve_model
+from calciscope.model.encoders import ENCODERS, resolve_weights
 from calciscope.model.precision import Precision, choose_precision
 from calciscope.training import metrics
 from calciscope.training.config import TrainConfig, auto_epochs, load_config
@@ -63,7 +64,6 @@ from calciscope.training.loaders import (
 )
 from calciscope.training.mil import mil_head_for
 from calciscope.training.selection import (
-from calciscope.training.ood_reference import add_tile_reference
     SWA,
     FoldResult,
     add_card_metrics,
@@ -118,7 +118,6 @@ def fit(config: TrainConfig | None, *, resume: str | Path | None = None, show_pr
         if best.directory / "model" != final:
             shutil.copytree(best.directory / "model", final, dirs_exist_ok=True)
         summary = {"folds": [r.metrics for r in results]}
-        add_tile_reference(final, data, next(f for f in folds if f.index == best.fold), config, precision)
         if len(results) > 1:
             summary["cross_validation"] = metrics.summarize_folds([r.metrics["val"] for r in results])
             summary["model_from_fold"] = best.fold
@@ -336,6 +335,12 @@ class TileTrainer(Trainer):
 def build_model(config: TrainConfig, data: DataBundle) -> nn.Module:
     if config.data.source == "slide_labels":
         return mil_head_for(config, data)
+    if config.data.encoder in ENCODERS:  # a tile head on the frozen encoder's cached embeddings
+        weights = str(resolve_weights(ENCODERS[config.data.encoder], config.data.encoder_weights or ""))
+        model = create_model(config.data.encoder, data.labels, head="tile", dropout=config.model.dropout,
+                             encoder_weights=weights, tile_hidden_dim=config.model.hidden_dim)
+        model.backbone.requires_grad_(False)
+        return model
     model = create_model(config.model.backbone, data.labels, weights=config.model.weights, head=config.model.head,
                          dropout=config.model.dropout)
     if config.model.init:

@@ -124,3 +124,29 @@ def test_a_cache_written_by_another_encoder_is_refused(tmp_path, slides, tiny_un
     code, text = run_cli(args + ["--weights", str(other)], capsys)
     assert code == 1 and "features.json: this cache was written by encoder 'tiny-uni'" in text
     assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_an_mlp_tile_head_trains_on_the_frozen_encoders_cached_embeddings(tmp_path, slides, tiny_uni):
+    import cv2
+
+    from calciscope.data.slides import open_slide
+    from calciscope.data.tiling import TilingConfig, make_grid
+    from calciscope.model import load_checkpoint
+
+    root = tmp_path / "tiles"
+    for row in csv.DictReader(open(slides)):
+        cls = "thrombus_slide" if row["thrombosis"] == "1" else "other_slide"
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        with open_slide(slides.parent / row["path"]) as slide:
+            grid = make_grid(slide, None, TilingConfig(mpp=1.0, tile_px=64))
+            for i in range(0, len(grid), 4):
+                cv2.imwrite(str(root / cls / f"{row['slide_id']}_{i}.png"), grid.read(slide, i)[..., ::-1])
+    config = {"out": str(tmp_path / "run"), "data": {"source": "tiles", "tiles": str(root), "encoder": "tiny-uni",
+                                                      "encoder_weights": str(tiny_uni), "mpp": 1.0, "tile_px": 64},
+              "model": {"hidden_dim": 16}, "optim": {"epochs": 2, "batch_size": 16, "workers": 0}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    run = fit(load_config(tmp_path / "run.yaml"), show_progress=False)
+    assert len(list((run / "embeddings").glob("tiles-*.safetensors"))) == 1  # every tile embedded once
+    model, card = load_checkpoint(run / "model")
+    assert card.backbone == "tiny-uni" and card.head == "tile" and card.head_config["tile_hidden_dim"] == 16
+    assert model(torch.rand(3, 3, 64, 64)).shape == (3, 2)  # the saved model embeds tiles with the encoder
