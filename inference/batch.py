@@ -314,6 +314,16 @@ def run_local(jobs: list[SlideJob], model: str, config: PredictConfig, out_root:
                                        error=f"{job.path}: the worker process died twice scoring it (exit code {code})",
                                        attempts=attempts[job.slide_id]))
     except BaseException:  # Ctrl-C or a fatal error: stop now; interrupted writes leave only .partial folders
+        for w in pool:  # outcomes already sent are recorded, so the summary lists every slide the parent heard of
+            while w.job is not None and w.conn.poll(0):
+                try:
+                    kind, payload = w.conn.recv()
+                except (EOFError, OSError):
+                    break
+                if kind == "done":
+                    payload.attempts = attempts.get(payload.slide_id, 1)
+                    w.job = None
+                    on_outcome(payload)
         for w in pool:
             w.kill()
         raise

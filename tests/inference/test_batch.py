@@ -169,8 +169,12 @@ def test_ctrl_c_stops_the_batch_and_keeps_what_is_done(batch, tmp_path):
     run = json.loads((out / "run.json").read_text())
     summary = _summary(out)
     done = {sid for sid, row in summary.items() if row["status"] == "scored"}
-    assert run["interrupted"] and run["counts"]["scored"] == len(done) >= 3 and run["counts"]["not_run"] > 0
-    assert done <= set(_complete(out))  # every slide the summary calls scored has its finished folder ...
+    complete = set(_complete(out))
+    assert run["interrupted"] and run["counts"]["scored"] == len(done) >= 1 and run["counts"]["not_run"] > 0
+    assert len(complete) >= 3 and done <= complete  # every slide the summary calls scored has its finished folder;
+    # a worker may have renamed its folder into place when the Ctrl-C reached the parent before its message did: at
+    # most one such slide per worker, not in the summary as scored (a rerun resumes it)
+    assert len(complete - done) <= 2
     for sid in done:  # ... with a whole result (resuming from it is the SIGKILL test's business)
         assert json.loads((out / sid / "result.json").read_text())["slide"]["sha256"] == summary[sid]["sha256"]
 
