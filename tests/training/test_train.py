@@ -64,6 +64,8 @@ def test_short_run_learns_and_writes_its_files(tmp_path, small_manifest):
     assert set(card["thresholds"]) == set(card["labels"]) and set(card["temperature"]) == set(card["labels"])
     assert card["tile_px"] == 64 and card["mpp"] == 1.0 and card["backbone"] == "tiny"
     assert card["training"]["data_hashes"]["manifest"]
+    ood = card["ood_reference"]  # the training tiles' reference, calibrated on the validation slides' tiles
+    assert ood["unit"] == "tile" and ood["dim"] == card["embed_dim"] and ood["fit"]["n_validation_slides"] == 4
     report = json.loads((run / "metrics.json").read_text())["folds"][0]["val"]
     assert {"examples", "slides"} <= set(report)
     assert "cua_pattern" in report["slides"]
@@ -197,6 +199,7 @@ def test_slide_labels_train_an_attention_mil_model(tmp_path, small_manifest):
 
     model, card = load_checkpoint(run / "model")
     assert card.head == "mil" and card.backbone == "tiny"
+    assert card.ood().fit["n_validation_slides"] >= 1  # from the cached bag embeddings, one bag per slide
     assert len(list((run / "embeddings").glob("*.safetensors"))) == 12  # one cached bag per slide
     report = json.loads((run / "metrics.json").read_text())["folds"][0]["val"]
     assert report["examples"]["per_label"]["thrombosis"]["n"] == len(json.loads((run / "splits.json").read_text())["folds"][0]["val"])
@@ -222,6 +225,7 @@ def test_tiles_already_cut_train_a_multiclass_model(tmp_path, small_manifest):
         "optim.epochs": 1})), show_progress=False)
     card = json.loads((run / "model" / "model.json").read_text())
     assert card["labels"] == ["other_slide", "thrombus_slide"]
+    assert card["ood_reference"]["slide_threshold"] == 0.1  # tiles without slides: the floor
     assert json.loads((run / "splits.json").read_text())["data"]["multiclass"] is True
 
 
