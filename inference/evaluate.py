@@ -50,7 +50,7 @@ def evaluate_model(model_dir: str | Path, data_path: str | Path, out_dir: str | 
                         cache_dir=str(Path(out_dir) / "embeddings"),
                         manifest=str(data_path) if source != "tiles" else None,
                         tiles=str(data_path) if source == "tiles" else None,
-                        mpp=card.mpp, tile_px=card.tile_px, stain_normalize=bool(card.extra.get("stain_normalize")),
+                        mpp=card.mpp, tile_px=card.tile_px, stain_normalize=card.extra.get("stain_normalize") or False,
                         # the tiles it was trained on; vessel tiles from the manifest's annotated vessel outlines
                         sampling=str(card.extra.get("sampling", "grid")) if source == "slides" else "grid"),
         optim=OptimConfig(workers=workers, batch_size=64),
