@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import torch
 
 from calciscope.data.slides import open_slide
 from calciscope.data.tiling import TilingConfig, make_grid
@@ -27,6 +28,7 @@ from calciscope.data.tissue import QCConfig, TissueConfig, detect_tissue, slide_
 from calciscope.errors import CalciscopeError, SlideError
 from calciscope.inference.config import PredictConfig
 from calciscope.inference.export import write_outputs
+from calciscope.inference.progress import SlideProgress, forward_macs
 from calciscope.inference.ood import OODCheck, OODMonitor
 from calciscope.inference.result import SlideResult
 from calciscope.inference.tile_scoring import TileScorer
@@ -34,9 +36,11 @@ from calciscope.inference.vessel_stage import VesselStage
 from calciscope.io import sha256_file
 from calciscope.model.aggregate import aggregation_settings
 from calciscope.model.cua import CUARule, explain
+from calciscope.model.segmenter import WINDOW_PX
+from calciscope.model.vessel_classifier import N_EXTRA
 
 __all__ = ["PredictConfig", "Predictor", "SlideResult", "check_writable", "predict_slide"]
-Progress = Callable[[int, int], None]
+Progress = Callable[[SlideProgress], None]  # called with where predict is on the slide, as it moves
 
 
 class Predictor:
@@ -66,7 +70,26 @@ class Predictor:
         # the vessel networks run where the tile model runs (the CPU beside an ONNX tile model)
         self.vessel_stage = VesselStage(self.card, self.model_path, self.config, self.tiles.device)
         self.sampling = self.vessel_stage.sampling
+        self.unit_costs = self._unit_costs()
         self.ood = OODMonitor(self.tiles.backbone, self.card, self.vessel_stage)  # hooks: outputs do not change
+
+    def _unit_costs(self) -> tuple[float, float, float]:
+        """Multiply-accumulates of one segmenter window, one vessel crop (both classifiers) and one tile: the weights
+        of ``SlideProgress`` (ONNX tile model: a tile counts as its pixels)."""
+        side = self.card.tile_px
+        tile = (forward_macs(self.tiles.model, torch.zeros(1, 3, side, side)) if self.tiles.model is not None
+                else float(side * side))
+        window = vessel = 0.0
+        stage = self.vessel_stage
+        if stage.segmenter is not None:
+            model, card = stage.segmenter
+            small = 8 * 2 ** (len(card.widths) - 1)  # the U-Net's cost grows with the area: count it on a small one
+            window = forward_macs(model, torch.zeros(1, 3, small, small)) * (WINDOW_PX / small) ** 2
+        for pair in (stage.vessel_classifier, stage.artifact_classifier):
+            if pair is not None:
+                crop = pair[1].crop_config.crop_px
+                vessel += forward_macs(pair[0], torch.zeros(1, 3, crop, crop), torch.zeros(1, N_EXTRA))
+        return window, vessel or tile, tile
 
     def slide_thresholds(self) -> dict[str, float]:
         return self.vessel_stage.slide_thresholds()
@@ -77,11 +100,20 @@ class Predictor:
 
         ``slide_id`` (already sanitised) replaces the id taken from the file name; ``sha256`` is the file's digest
         when the caller has it already; ``slide_mpp`` overrides the slide's µm/px for this slide (a manifest's
-        ``mpp``), else ``config.slide_mpp`` does.
+        ``mpp``), else ``config.slide_mpp`` does. ``progress`` is called with a ``SlideProgress`` (segmenter windows
+        run, vessels judged, tiles scored, the share of the work done) each time one of them moves.
         """
         start = time.perf_counter()
         slide_path = Path(slide_path)
         cfg = self.config
+        state = SlideProgress(costs=self.unit_costs)
+
+        def report(what: str, done: int, total: int) -> None:
+            nonlocal state
+            state = state.step(what, done, total)
+            if progress is not None:
+                progress(state)
+
         mpp = slide_mpp if slide_mpp is not None else cfg.slide_mpp
         with open_slide(slide_path, mpp=mpp) as slide:
             info = slide.info(series_uid=cfg.record_series_uid)
@@ -90,15 +122,17 @@ class Predictor:
             if len(grid) == 0:
                 raise SlideError(slide_path, f"no tile has at least {cfg.min_tissue:.0%} tissue at "
                                              f"{self.card.mpp:g} µm/px ({self.card.tile_px} px tiles): nothing to score")
+            report("tiles", 0, len(grid))
             thumbnail = slide.thumbnail(1024)
             vessels = None
             self.ood.start()
             if self.vessel_stage.segmenter is not None:
-                vessels = self.vessel_stage.run(slide, mask, self.score_tiles, self.tiling)
+                vessels = self.vessel_stage.run(slide, mask, self.score_tiles, self.tiling, report)
             self.ood.vessels_done(slide, mask, vessels)
         sha = sha256 or sha256_file(slide_path)
         self.ood.tiles_start()
-        logits_or_emb, qc_values = self.tiles.stream(slide_path, mpp, grid, progress)
+        logits_or_emb, qc_values = self.tiles.stream(slide_path, mpp, grid,
+                                                     lambda done, total: report("tiles", done, total))
         ood = self.ood.finish(grid, vessels)  # flags OOD vessels and restates adequacy without them
         qc = slide_qc(mask, QCConfig(), blurry_tile_fraction=float((qc_values[:, 0] < QCConfig().blur_laplacian_var).mean()))
 

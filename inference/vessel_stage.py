@@ -5,6 +5,7 @@ slide (``inference.vessels.analyze_vessels``).
 ``PredictConfig.vessels`` "auto" takes the segmenter shipped beside the model (the model folder's ``vessels/``);
 the classifiers default to the ``classifier/`` and ``artifact_classifier/`` folders inside the segmenter's. With a
 vessel classifier, slide probabilities are each finding's highest vessel probability through its slide map.
+The vessel networks run where the tile model runs, in fp32 channels_last (the segmenter with BatchNorm folded).
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from calciscope.data.tiling import TilingConfig
 from calciscope.data.tissue import TissueMask
 from calciscope.errors import CalciscopeError
 from calciscope.inference.config import SAMPLINGS, PredictConfig
-from calciscope.inference.vessels import VesselAnalysis, analyze_vessels
+from calciscope.inference.vessels import VesselAnalysis, VesselProgress, analyze_vessels
 from calciscope.model.aggregate import slide_probabilities
 from calciscope.model.card import ModelCard
+from calciscope.model.precision import choose_precision
 from calciscope.model.segmenter import for_inference, load_segmenter
 from calciscope.model.vessel_classifier import CARD_FILE as CLASSIFIER_CARD
 from calciscope.model.vessel_classifier import load_classifier
@@ -37,6 +39,7 @@ class VesselStage:
 
     def __init__(self, card: ModelCard, model_path: Path, config: PredictConfig, device: torch.device):
         self.card, self.config, self.labels = card, config, list(card.labels)
+        self.precision = choose_precision("off", channels_last=True, device=device)  # fp32, as before
         folder = self._segmenter_folder(model_path)
         self.segmenter = None
         if folder is not None:
@@ -136,13 +139,13 @@ class VesselStage:
         return {label: self.card.threshold(label) for label in self.labels}
 
     def run(self, slide: Slide, tissue: TissueMask, score_tiles: Callable[[torch.Tensor], np.ndarray],
-            tiling: TilingConfig) -> VesselAnalysis:
+            tiling: TilingConfig, progress: VesselProgress | None = None) -> VesselAnalysis:
         """Every vessel of ``slide`` found, measured, placed and judged (``score_tiles``: the tile model, for vessel
-        tiles when there is no vessel classifier)."""
+        tiles when there is no vessel classifier); ``progress(step, done, total)`` as ``analyze_vessels`` reports."""
         model, card = self.segmenter
         return analyze_vessels(slide, tissue, model, card, lambda tiles: score_tiles(torch.from_numpy(tiles)),
                                tiling, self.labels, self.vessel_config, self.vessel_head, self.vessel_classifier,
-                               self.artifact_classifier)
+                               self.artifact_classifier, precision=self.precision, progress=progress)
 
     def slide_probabilities(self, tile_probs: np.ndarray, vessels: VesselAnalysis | None,
                             aggregation: dict[str, Any]) -> np.ndarray:

@@ -37,7 +37,8 @@ from calciscope.data.tissue import TissueMask
 from calciscope.data.vessels.frames import level0_to_mask_px, mask_px_to_level0
 from calciscope.data.vessels.match import polygon_distance
 from calciscope.data.vessels.sampling import vessel_grid
-from calciscope.model.segmenter import SegmenterCard, VesselMaps
+from calciscope.model.precision import Precision
+from calciscope.model.segmenter import SegmenterCard
 from calciscope.model.vessel_classifier import ARTIFACT, VESSEL, ClassifierCard, classify_vessels
 from calciscope.model.vessel_detection import (
     COMPARTMENTS,
@@ -45,10 +46,14 @@ from calciscope.model.vessel_detection import (
     VESSEL_POSITIVE,
     AdequacyConfig,
     VesselConfig,
+    StreamedMaps,
     VesselRecord,
     detect_vessels,
 )
 from calciscope.model.vessel_head import VesselHead, vessel_features
+
+
+VesselProgress = Callable[[str, int, int], None]  # (step: "windows" or "vessels", done, total)
 
 
 @dataclass
@@ -59,7 +64,7 @@ class VesselAnalysis:
     artifact_polygons: list[np.ndarray]  # level-0 outlines of calcium-artifact regions
     labels: list[str]
     seconds: float
-    maps: VesselMaps | None = None
+    maps: StreamedMaps | None = None  # the maps' scale and calcium-artifact regions (no pixels are kept)
     tile_probs: np.ndarray | None = None  # (M, L) every vessel tile's probabilities
 
 
@@ -79,20 +84,35 @@ def analyze_vessels(slide: Slide, tissue: TissueMask, segmenter: torch.nn.Module
                     classify: Callable[[np.ndarray], np.ndarray], tiling: TilingConfig, labels: list[str],
                     config: VesselConfig = VesselConfig(), head: VesselHead | None = None,
                     classifier: tuple[torch.nn.Module, ClassifierCard] | None = None,
-                    artifact_classifier: tuple[torch.nn.Module, ClassifierCard] | None = None) -> VesselAnalysis:
+                    artifact_classifier: tuple[torch.nn.Module, ClassifierCard] | None = None, *,
+                    precision: Precision | None = None, progress: VesselProgress | None = None) -> VesselAnalysis:
     """Vessels of ``slide`` with their findings. With a vessel ``classifier`` (calciscope.model.vessel_classifier: model
     and card), each vessel's probabilities are its calibrated outputs and the tile model does not see vessel
     tiles; otherwise ``classify`` maps uint8 tiles (B, 3, H, W) to calibrated probabilities (B, L) and each vessel
     gets its tiles' highest, or ``head`` (calciscope.model.vessel_head) turns tile scores and shape into them. An
     ``artifact_classifier`` (a classifier card with a calcium_artifact output) judges the listed vessels for calcium
-    artifacts; without one, ``classifier`` does when its card has that output."""
+    artifacts; without one, ``classifier`` does when its card has that output.
+
+    The networks run in ``precision`` (default: fp32). ``progress(step, done,
+    total)`` reports ``"windows"`` (segmenter windows run) and ``"vessels"`` (outlines judged by the classifiers, or
+    vessels whose tiles were scored)."""
     start = time.perf_counter()
+    report = progress or (lambda step, done, total: None)
     candidates_at = classifier[1].candidate_min_mean_probability if classifier is not None else None
-    vessels, candidates, maps = detect_vessels(slide, tissue, segmenter, seg_card, config, candidates_at)
+    vessels, candidates, maps = detect_vessels(slide, tissue, segmenter, seg_card, config, candidates_at,
+                                               precision=precision,
+                                               progress=lambda done, total: report("windows", done, total))
+    # crops judged: every outline by the vessel classifier (or every vessel by its tiles), then every listed vessel by
+    # the artifact classifier (as many as the segmenter's vessels, until the listing says)
+    outlines = len(vessels) + (len(candidates) if classifier is not None else 0)
+    second = artifact_classifier is not None
+    total = outlines + (len(vessels) if second else 0)
+    report("vessels", 0, total)
     if classifier is not None:
         model, card = classifier
         everything = vessels + candidates
-        probs = _judge(slide, everything, classifier, config.batch_size)
+        probs = _judge(slide, everything, classifier, config.batch_size, precision,
+                       lambda done, _: report("vessels", done, total))
         outputs = card.outputs
         lesioned = {}  # over every finding the classifier judges, as its training validated the listing
         for v, p in zip(everything, probs):
@@ -106,18 +126,20 @@ def analyze_vessels(slide: Slide, tissue: TissueMask, segmenter: torch.nn.Module
         tile_probs = np.zeros((0, len(labels)), np.float32)
     else:
         tile_probs = _classify(slide, vessels, classify, tiling, labels, config.batch_size)
+    total = outlines + (len(vessels) if second else 0)
+    report("vessels", outlines, total)
     if head is not None and classifier is None and vessels:
         probs = head.predict(features_of(vessels, labels))
         for v, p in zip(vessels, probs):
             v.probabilities = {k: float(x) for k, x in zip(labels, p)}
-    artifact_threshold = (config.artifact_threshold if config.artifact_threshold is not None
-                          else seg_card.thresholds.get("calcium_artifact", 0.5))
-    artifact_polys = _artifacts(maps, artifact_threshold, config) if "calcium_artifact" in maps.maps else []
+    artifact_polys = list(maps.artifact_polygons)
     _flag_artifacts(vessels, artifact_polys, slide.mpp, config.artifact_near_um)
     judge = artifact_classifier or (classifier if classifier is not None and classifier[1].artifact_output else None)
     if artifact_classifier is not None and vessels:
         column = artifact_classifier[1].outputs.index(ARTIFACT)
-        for v, p in zip(vessels, _judge(slide, vessels, artifact_classifier, config.batch_size)):
+        judged = _judge(slide, vessels, artifact_classifier, config.batch_size, precision,
+                        lambda done, _: report("vessels", outlines + done, total))
+        for v, p in zip(vessels, judged):
             v.artifact_probability = float(p[column])
     if judge is not None:
         artifact_polys += flag_judged_artifacts(vessels, judge[1].artifact_threshold, maps.downsample,
@@ -134,12 +156,13 @@ def analyze_vessels(slide: Slide, tissue: TissueMask, segmenter: torch.nn.Module
 
 
 def _judge(slide: Slide, vessels: list[VesselRecord], classifier: tuple[torch.nn.Module, ClassifierCard],
-           batch_size: int) -> np.ndarray:
+           batch_size: int, precision: Precision | None = None, progress=None) -> np.ndarray:
     """(N, outputs) calibrated probabilities of a vessel classifier on ``vessels``' crops, calibres and compartments."""
     model, card = classifier
     return classify_vessels(slide, [v.polygon for v in vessels],
                             np.array([v.geometry.outer_diameter_um for v in vessels]),
-                            np.array([v.compartment == "fat" for v in vessels]), model, card, batch_size)
+                            np.array([v.compartment == "fat" for v in vessels]), model, card, batch_size,
+                            precision=precision, progress=progress)
 
 
 def listed_vessels(vessels: list[VesselRecord], candidates: list[VesselRecord], vessel_threshold: float | None = None,
@@ -211,14 +234,6 @@ def features_of(vessels: list[VesselRecord], labels: list[str]) -> np.ndarray:
                            np.array([np.nan if v.geometry.lumen_diameter_um is None else v.geometry.lumen_diameter_um
                                      for v in vessels]),
                            np.array([v.compartment == "fat" for v in vessels]))
-
-
-def _artifacts(maps: VesselMaps, threshold: float, config: VesselConfig) -> list[np.ndarray]:
-    mask = (maps.probability("calcium_artifact") >= threshold).astype(np.uint8)
-    px_um2 = maps.mpp**2
-    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    return [mask_px_to_level0(c.reshape(-1, 2), maps.downsample) for c in contours
-            if len(c) >= 3 and cv2.contourArea(c) * px_um2 >= config.min_artifact_um2]
 
 
 def flag_judged_artifacts(vessels: list[VesselRecord], threshold: float, downsample: float,

@@ -5,17 +5,23 @@ Outputs (sigmoid channels, in ``SegmenterCard.channels`` order): ``vessel`` (ins
 included), ``lumen`` (inside the lumen outline, thrombus included) and ``calcium_artifact`` (holes, tears and knife
 chatter where calcium was cut). The wall map instances are cut from is vessel × (1 − lumen): a ring around each
 lumen, so touching vessels split at their lumens (calciscope.data.vessels.instances), while a whole-vessel target is
-what a network learns reliably for thin-walled, packed or occluded vessels. A slide is segmented in overlapping windows of ``WINDOW_PX`` at ``card.mpp``; only
-windows that touch tissue are run, and each keeps its centre (the margin only gives context), so the stitched map
-does not depend on where the windows fall. Maps are uint8 (probability × 255) to keep memory at one byte per pixel.
+what a network learns reliably for thin-walled, packed or occluded vessels.
+
+A slide is segmented in overlapping windows of ``WINDOW_PX`` at ``card.mpp`` on one global grid (``plan_windows``);
+only windows that touch tissue are run, and each keeps its centre (the margin only gives context), so the stitched
+map does not depend on where the windows fall. Windows are decoded in a background thread while the previous batch
+runs, in the precision asked for (channels_last, BatchNorm folded by ``for_inference``). ``segment_bands`` hands the maps over one row of windows at a
+time (what ``predict`` uses: memory does not grow with the slide); ``segment_slide`` stitches them into whole-slide
+maps (training, evaluation, tests). Maps are uint8 (probability × 255), one byte per pixel.
 """
 
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar, Iterator
 
 import cv2
 import numpy as np
@@ -28,7 +34,7 @@ from calciscope.data.vessels.instances import InstanceConfig
 from calciscope.model.backbones import fold_batchnorm
 from calciscope.model.card import CardBase
 from calciscope.model.checkpoint import load_net, save_net
-from calciscope.model.precision import device_of
+from calciscope.model.precision import Precision, choose_precision, device_of
 
 WEIGHTS_FILE = "segmenter.safetensors"
 CARD_FILE = "segmenter.json"
@@ -160,38 +166,131 @@ class VesselMaps:
         return self.probability("vessel") * (1.0 - self.probability("lumen"))
 
 
-def segment_slide(slide: Slide, model: nn.Module, card: SegmenterCard, tissue: TissueMask | None = None, *,
-                  batch_size: int = 4) -> VesselMaps:
-    """Run the segmenter over a slide (windows touching tissue only, when ``tissue`` is given), on the device the
-    model is on."""
-    device = device_of(model)
+@dataclass(frozen=True)
+class WindowPlan:
+    """Where the segmenter runs on one slide: the maps' size (map px at ``card.mpp``), how a window is read, and the
+    windows by row of the global grid (every ``WINDOW_PX - 2 * MARGIN_PX`` map px; a row's ``xs`` are the windows
+    that touch tissue, possibly none). Window (x, y) makes the map's ``[y, y + step) × [x, x + step)``."""
+
+    downsample: float  # level-0 px per map px
+    level: int  # the pyramid level windows are read from
+    read_px: int  # side of a window at that level, before resizing to WINDOW_PX
+    width: int
+    height: int
+    rows: tuple[tuple[int, tuple[int, ...]], ...]
+
+    step = WINDOW_PX - 2 * MARGIN_PX
+
+    @property
+    def n_windows(self) -> int:
+        return sum(len(xs) for _, xs in self.rows)
+
+    def windows(self) -> list[tuple[int, int]]:
+        """(x, y) of every window run, in the order they run (rows top to bottom, left to right)."""
+        return [(x, y) for y, xs in self.rows for x in xs]
+
+
+def plan_windows(slide: Slide, card: SegmenterCard, tissue: TissueMask | None = None) -> WindowPlan:
+    """The segmenter's windows on ``slide``: those that touch tissue when ``tissue`` is given, else all."""
     downsample = card.mpp / slide.mpp
     level = slide.best_level_for_downsample(downsample)
-    level_ds = slide.level_downsamples[level]
     w0, h0 = slide.dimensions
     out_w, out_h = int(np.ceil(w0 / downsample)), int(np.ceil(h0 / downsample))
-    maps = np.zeros((len(card.channels), out_h, out_w), np.uint8)
-    step = WINDOW_PX - 2 * MARGIN_PX
-    windows = [(x, y) for y in range(0, out_h, step) for x in range(0, out_w, step)
-               if tissue is None or _touches_tissue(tissue, x, y, step, downsample)]
-    read_px = int(np.ceil(WINDOW_PX * downsample / level_ds))
+    step = WindowPlan.step
+    rows = tuple((y, tuple(x for x in range(0, out_w, step)
+                           if tissue is None or _touches_tissue(tissue, x, y, step, downsample)))
+                 for y in range(0, out_h, step))
+    read_px = int(np.ceil(WINDOW_PX * downsample / slide.level_downsamples[level]))
+    return WindowPlan(downsample, level, read_px, out_w, out_h, rows)
+
+
+def inference_precision(model: nn.Module, amp: str = "auto") -> Precision:
+    """The precision a segmenter (or classifier) runs in on its device: the tile model's rule (``amp`` "auto": bf16
+    autocast on CPUs with native bf16, fp16 on CUDA, else fp32), channels_last."""
+    return choose_precision(amp, channels_last=True, device=device_of(model))
+
+
+@dataclass
+class MapBand:
+    """One row of windows' maps: uint8 (channels, rows, width) for map rows ``[y, y + rows)`` (zeros where no window
+    ran)."""
+
+    y: int
+    maps: np.ndarray
+
+
+def segment_bands(slide: Slide, model: nn.Module, card: SegmenterCard, plan: WindowPlan, *,
+                  precision: Precision | None = None, batch_size: int = 8,
+                  progress: Callable[[int, int], None] | None = None) -> Iterator[MapBand]:
+    """The segmenter's maps of ``slide``, one band per row of ``plan``, top to bottom: windows are decoded one batch
+    ahead in a thread (openslide and OpenCV release the GIL) and run ``batch_size`` at a time, across rows.
+    ``progress(windows done, windows total)`` after each batch. ``precision`` defaults to fp32."""
+    precision = precision or inference_precision(model, "off")
+    windows = plan.windows()
+    batches = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
+    pending: dict[tuple[int, int], np.ndarray] = {}  # window -> its centre's maps, until its row is complete
+    rows = list(plan.rows)
+    r = done = 0
+
+    def read(batch):
+        return np.stack([read_window(slide, plan, x, y) for x, y in batch])
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        future = pool.submit(read, batches[0]) if batches else None
+        for b, batch in enumerate(batches):
+            rgb = future.result()
+            future = pool.submit(read, batches[b + 1]) if b + 1 < len(batches) else None
+            pending.update(zip(batch, run_windows(model, card, rgb, precision)))
+            done += len(batch)
+            if progress is not None:
+                progress(done, len(windows))
+            next_y = windows[done][1] if done < len(windows) else plan.height
+            while r < len(rows) and rows[r][0] < next_y:  # rows above the next window are complete
+                yield _band(*rows[r], pending, plan, len(card.channels))
+                r += 1
+    for y, xs in rows[r:]:
+        yield _band(y, xs, pending, plan, len(card.channels))
+
+
+def _band(y: int, xs: tuple[int, ...], pending: dict, plan: WindowPlan, n_ch: int) -> MapBand:
+    step = plan.step
+    h = min(step, plan.height - y)
+    maps = np.zeros((n_ch, h, plan.width), np.uint8)
+    for x in xs:
+        w = min(step, plan.width - x)
+        maps[:, :, x : x + w] = pending.pop((x, y))[:, :h, :w]
+    return MapBand(y, maps)
+
+
+def run_windows(model: nn.Module, card: SegmenterCard, rgb: np.ndarray, precision: Precision) -> np.ndarray:
+    """uint8 (B, channels, step, step): the centre of each window's sigmoid maps (probability × 255, rounded) of
+    WINDOW_PX² RGB windows (B, WINDOW_PX, WINDOW_PX, 3)."""
+    device = device_of(model)
     with torch.inference_mode():
-        for i in range(0, len(windows), batch_size):
-            batch = windows[i : i + batch_size]
-            rgb = np.stack([_read_window(slide, x, y, downsample, level, read_px) for x, y in batch])
-            x = normalise(rgb, card).to(device).contiguous(memory_format=torch.channels_last)
-            prob = torch.sigmoid(model(x)).float().cpu().contiguous().numpy()
-            for (x, y), p in zip(batch, prob):
-                h, w = min(step, out_h - y), min(step, out_w - x)
-                maps[:, y : y + h, x : x + w] = np.round(p[:, MARGIN_PX : MARGIN_PX + h, MARGIN_PX : MARGIN_PX + w]
-                                                         * 255).astype(np.uint8)
-    return VesselMaps({c: maps[k] for k, c in enumerate(card.channels)}, downsample, card.mpp)
+        x = normalise(rgb, card).to(device).contiguous(memory_format=torch.channels_last)
+        with precision.autocast():
+            logits = model(x)
+        prob = torch.sigmoid(logits.float())
+        centre = prob[:, :, MARGIN_PX : WINDOW_PX - MARGIN_PX, MARGIN_PX : WINDOW_PX - MARGIN_PX]
+        return torch.round(centre * 255).to(torch.uint8).cpu().numpy()
 
 
-def _read_window(slide: Slide, x: int, y: int, downsample: float, level: int, read_px: int) -> np.ndarray:
-    """WINDOW_PX² RGB at the map's scale whose centre ``step``² starts at map pixel (x, y); outside = glass."""
-    x0, y0 = int(round((x - MARGIN_PX) * downsample)), int(round((y - MARGIN_PX) * downsample))
-    region = slide.read_region((x0, y0), level, (read_px, read_px))
+def segment_slide(slide: Slide, model: nn.Module, card: SegmenterCard, tissue: TissueMask | None = None, *,
+                  batch_size: int = 8, precision: Precision | None = None) -> VesselMaps:
+    """Whole-slide maps of the segmenter (windows touching tissue only, when ``tissue`` is given), on the device the
+    model is on, in ``precision`` (default: fp32). Memory grows with the slide:
+    ``predict`` streams ``segment_bands`` instead."""
+    plan = plan_windows(slide, card, tissue)
+    maps = np.zeros((len(card.channels), plan.height, plan.width), np.uint8)
+    for band in segment_bands(slide, model, card, plan, precision=precision, batch_size=batch_size):
+        maps[:, band.y : band.y + band.maps.shape[1]] = band.maps
+    return VesselMaps({c: maps[k] for k, c in enumerate(card.channels)}, plan.downsample, card.mpp)
+
+
+def read_window(slide: Slide, plan: WindowPlan, x: int, y: int) -> np.ndarray:
+    """WINDOW_PX² RGB at the map's scale whose centre starts at map pixel (x, y); outside the slide = glass."""
+    x0, y0 = int(round((x - MARGIN_PX) * plan.downsample)), int(round((y - MARGIN_PX) * plan.downsample))
+    region = slide.read_region((x0, y0), plan.level, (plan.read_px, plan.read_px))
     return cv2.resize(region, (WINDOW_PX, WINDOW_PX), interpolation=cv2.INTER_AREA)
 
 

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import json
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import cv2
 import numpy as np
@@ -30,7 +31,7 @@ from calciscope.model.aggregate import slide_from_vessels
 from calciscope.model.calibration import apply_temperature
 from calciscope.model.card import CardBase
 from calciscope.model.checkpoint import load_net, save_net
-from calciscope.model.precision import device_of
+from calciscope.model.precision import Precision, choose_precision, device_of
 
 WEIGHTS_FILE = "classifier.safetensors"
 CARD_FILE = "classifier.json"
@@ -203,25 +204,52 @@ def calibrated(logits: np.ndarray, card: ClassifierCard) -> np.ndarray:
 
 @torch.inference_mode()
 def classifier_logits(model: nn.Module, card: ClassifierCard, crops: np.ndarray, extras: np.ndarray,
-                      batch_size: int = 128) -> np.ndarray:
-    """(N, outputs) raw logits of (N, H, W, 3) uint8 crops with their (N, N_EXTRA) extras, on the model's device."""
+                      batch_size: int = 128, precision: Precision | None = None) -> np.ndarray:
+    """(N, outputs) raw logits of (N, H, W, 3) uint8 crops with their (N, N_EXTRA) extras, on the model's device, in
+    ``precision`` (None: fp32)."""
     device = device_of(model)
     out = [np.zeros((0, len(card.outputs)), np.float32)]
     for i in range(0, len(crops), batch_size):
         x = to_input(crops[i : i + batch_size], card).to(device)
         extra = torch.from_numpy(extras[i : i + batch_size]).to(device)
-        out.append(model(x, extra).float().cpu().numpy())
+        if precision is None:
+            out.append(model(x, extra).float().cpu().numpy())
+            continue
+        with precision.autocast():
+            out.append(model(x, extra).float().cpu().numpy())
     return np.vstack(out)
 
 
 def classify_vessels(slide: Slide, polygons: list[np.ndarray], outer_um: np.ndarray, in_fat: np.ndarray,
-                     model: nn.Module, card: ClassifierCard, batch_size: int = 128) -> np.ndarray:
-    """(N, outputs) calibrated per-vessel probabilities of the vessels outlined by ``polygons`` on ``slide``."""
+                     model: nn.Module, card: ClassifierCard, batch_size: int = 128, *,
+                     precision: Precision | None = None,
+                     progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+    """(N, outputs) calibrated per-vessel probabilities of the vessels outlined by ``polygons`` on ``slide``.
+
+    Runs in ``precision`` (default: fp32, channels_last); the crops of the next batch are read in a thread while a batch runs.
+    ``progress(vessels done, vessels total)`` after each batch."""
     if not polygons:
         return np.zeros((0, len(card.outputs)), np.float64)
+    precision = precision or choose_precision("off", channels_last=True, device=device_of(model))
     crop = card.crop_config
-    crops = np.stack([read_crop(slide, *crop_geometry(p, slide.mpp, crop), crop.crop_px) for p in polygons])
-    return calibrated(classifier_logits(model, card, crops, vessel_extras(outer_um, in_fat), batch_size), card)
+    extras = vessel_extras(outer_um, in_fat)
+    starts = range(0, len(polygons), batch_size)
+
+    def read(i: int) -> np.ndarray:
+        return np.stack([read_crop(slide, *crop_geometry(p, slide.mpp, crop), crop.crop_px)
+                         for p in polygons[i : i + batch_size]])
+
+    logits = []
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        future = pool.submit(read, 0)
+        for i in starts:
+            crops = future.result()
+            if i + batch_size < len(polygons):
+                future = pool.submit(read, i + batch_size)
+            logits.append(classifier_logits(model, card, crops, extras[i : i + batch_size], batch_size, precision))
+            if progress is not None:
+                progress(min(i + batch_size, len(polygons)), len(polygons))
+    return calibrated(np.vstack(logits), card)
 
 
 def slide_probabilities(vessel_probs: np.ndarray, card: ClassifierCard, labels: list[str] | None = None) -> np.ndarray:

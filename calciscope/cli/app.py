@@ -14,7 +14,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from calciscope.inference.config import PredictConfig, cli_fields
 
@@ -31,25 +31,30 @@ out = Console(width=None if sys.stdout.isatty() else 120)  # tables stay whole i
 
 @contextmanager
 def progress_bar(description: str, per_minute: bool = False):
-    """A rich progress bar with rate and ETA; yields ``update(done, total)``."""
+    """A rich progress bar with rate and ETA; yields ``update(done, total)``, which also takes ``predict``'s
+    ``SlideProgress`` alone (``update(progress)``): the bar then follows the share of the slide's work done (windows,
+    vessels and tiles weighted by their networks' cost) and the counts show beside it."""
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),
-        MofNCompleteColumn(),
+        TextColumn("{task.fields[count]}"),
         TextColumn("{task.fields[rate]}"),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
     )
     with Progress(*columns, console=console, transient=False, disable=not console.is_terminal) as bar:
-        task = bar.add_task(description, total=None, rate="")
+        task = bar.add_task(description, total=None, rate="", count="")
 
-        def update(done: int, total: int) -> None:
+        def update(done, total: int | None = None) -> None:
+            if total is None:  # a SlideProgress: the share of the work, and what is done
+                bar.update(task, completed=1000 * done.fraction, total=1000, count=done.describe(), rate="")
+                return
             elapsed = bar.tasks[task].elapsed or 0.0
             if elapsed <= 0:
                 rate = ""
             else:
                 rate = f"{60 * done / elapsed:.1f}/min" if per_minute else f"{done / elapsed:.0f}/s"
-            bar.update(task, completed=done, total=total, rate=rate)
+            bar.update(task, completed=done, total=total, rate=rate, count=f"{done}/{total}")
 
         yield update
 

@@ -67,15 +67,20 @@ def vessel_instances(prob: np.ndarray, downsample: float, mpp: float,
 
 
 def _polygons(labels: np.ndarray, downsample: float, px_um2: float, min_area_um2: float,
-              keep: np.ndarray | None = None) -> tuple[list[np.ndarray], list[int]]:
+              keep: np.ndarray | None = None, row0: int = 0, objects: list | None = None
+              ) -> tuple[list[np.ndarray], list[int]]:
     """Outlines of the labelled regions at least ``min_area_um2`` large (and, with ``keep``, a bool per label
-    from 1, those it marks), in label order, and their labels."""
+    from 1, those it marks), in label order, and their labels; ``labels``' first row is map row ``row0``
+    (``objects``: ``labels``' bounding slices, when known)."""
     polygons, kept = [], []
-    for sl, k in _objects(labels):
-        crop = labels[sl] == k
-        if (keep is not None and not keep[k - 1]) or np.count_nonzero(crop) * px_um2 < min_area_um2:
+    found = _objects(labels) if objects is None else [(sl, k) for k, sl in enumerate(objects, 1) if sl is not None]
+    for sl, k in found:
+        if keep is not None and not keep[k - 1]:
             continue
-        polygons.append(_outline(crop, downsample, (sl[1].start * downsample, sl[0].start * downsample)))
+        crop = labels[sl] == k
+        if np.count_nonzero(crop) * px_um2 < min_area_um2:
+            continue
+        polygons.append(_outline(crop, downsample, (sl[1].start * downsample, (sl[0].start + row0) * downsample)))
         kept.append(k)
     return polygons, kept
 
@@ -106,21 +111,147 @@ def scored_vessel_instances(vessel: np.ndarray, lumen: np.ndarray, downsample: f
     if vessel.shape != lumen.shape or vessel.ndim != 2 or downsample <= 0 or mpp <= 0:
         raise ValueError(f"need two H×W maps of one shape, downsample > 0 and mpp > 0; got {vessel.shape}, "
                          f"{lumen.shape}, downsample {downsample}, mpp {mpp}")
-    px_um2 = (mpp * downsample) ** 2
-    seeds = (vessel >= config.threshold) | (lumen >= config.threshold)
-    grown = (vessel >= config.grow_threshold) | (lumen >= config.grow_threshold) | seeds
-    _, comp = cv2.connectedComponents(grown.astype(np.uint8), connectivity=8)
-    inside = np.isin(comp, np.unique(comp[seeds])) & (comp > 0)  # hysteresis: regions holding a seed pixel
-    filled = fill_holes(close(inside, config.close_um / (mpp * downsample)))
-    lumen_mask = close(lumen >= config.threshold, config.lumen_close_um / (mpp * downsample)).astype(bool)
-    lumens = _lumens(filled & lumen_mask, config.split_min_lumen_um2 / px_um2)
-    labels = _label_filled(filled, lumens, config.split_max_solidity)
-    index = np.arange(1, labels.max() + 1)
-    if not len(index):
+    masks = _Masks.of_probabilities(vessel, lumen, config)
+    labels, _, objects = _instance_labels(masks, downsample * mpp, config)
+    if not objects:
         return [], np.zeros(0)
-    means = np.asarray(ndimage.mean(np.maximum(vessel, lumen), labels, index), np.float64).reshape(-1)
-    polygons, kept = _polygons(labels, downsample, px_um2, config.min_area_um2, keep=means >= floor)
+    means = masks.means(labels, len(objects))
+    polygons, kept = _polygons(labels, downsample, (mpp * downsample) ** 2, config.min_area_um2, keep=means >= floor,
+                               objects=objects)
     return polygons, means[np.asarray(kept, int) - 1]
+
+
+class _Masks:
+    """What the cut reads of the vessel and lumen maps: seed pixels (either map ≥ ``threshold``), grown pixels (≥
+    ``grow_threshold``, or seeds), lumen pixels (lumen ≥ ``threshold``), and each pixel's strength (the higher of the
+    two maps, as float32 probabilities) where instances are measured."""
+
+    def __init__(self, seeds: np.ndarray, grown: np.ndarray, lumen: np.ndarray, strength):
+        self.seeds, self.grown, self.lumen, self._strength = seeds, grown, lumen, strength
+
+    @classmethod
+    def of_probabilities(cls, vessel: np.ndarray, lumen: np.ndarray, config: InstanceConfig) -> _Masks:
+        seeds = (vessel >= config.threshold) | (lumen >= config.threshold)
+        grown = (vessel >= config.grow_threshold) | (lumen >= config.grow_threshold) | seeds
+        return cls(seeds, grown, lumen >= config.threshold, lambda where: np.maximum(vessel, lumen)[where])
+
+    @classmethod
+    def of_bytes(cls, vessel: np.ndarray, lumen: np.ndarray, config: InstanceConfig) -> _Masks:
+        """From uint8 maps (probability × 255): the same masks and strengths as from ``map / 255.0`` in float32."""
+        seeds = (vessel >= byte_threshold(config.threshold)) | (lumen >= byte_threshold(config.threshold))
+        grow = byte_threshold(config.grow_threshold)
+        grown = (vessel >= grow) | (lumen >= grow) | seeds
+        return cls(seeds, grown, lumen >= byte_threshold(config.threshold),
+                   lambda where: BYTE_PROBABILITY[np.maximum(vessel[where], lumen[where])])
+
+    def means(self, labels: np.ndarray, n: int) -> np.ndarray:
+        """(n,) float64 mean strength of labels 1..n, summed in raster order (as scipy.ndimage.mean sums)."""
+        where = labels > 0
+        index = labels[where]
+        sums = np.bincount(index, weights=self._strength(where), minlength=n + 1)[1:]
+        return sums / np.bincount(index, minlength=n + 1)[1:].astype(np.float64)
+
+
+BYTE_PROBABILITY = np.arange(256, dtype=np.float32) / 255.0  # a uint8 map value as the float32 probability
+
+
+def byte_threshold(threshold: float) -> int:
+    """The least uint8 map value whose probability (``value / 255.0`` in float32) reaches ``threshold`` (256:
+    none)."""
+    hits = np.flatnonzero(BYTE_PROBABILITY >= threshold)
+    return int(hits[0]) if len(hits) else 256
+
+
+def _instance_labels(masks: _Masks, map_um: float, config: InstanceConfig
+                     ) -> tuple[np.ndarray, list[_Part], list[tuple[slice, slice]]]:
+    """(int32 instance labels, per label where its filled region starts and which part of it the label is, per label
+    its bounding slices): the cut behind :func:`scored_vessel_instances`. Labels follow the filled regions in
+    OpenCV's labelling order."""
+    px_um2 = map_um**2
+    n, comp = cv2.connectedComponents(masks.grown.astype(np.uint8), connectivity=8)
+    holds_seed = np.zeros(n, bool)
+    holds_seed[comp[masks.seeds]] = True  # hysteresis: regions holding a seed pixel
+    holds_seed[0] = False
+    filled = fill_holes(close(holds_seed[comp], config.close_um / map_um))
+    lumen_mask = close(masks.lumen, config.lumen_close_um / map_um).astype(bool)
+    lumens = _lumens(filled & lumen_mask, config.split_min_lumen_um2 / px_um2)
+    labels, parts = _label_filled(filled, lumens, config.split_max_solidity, with_parts=True)
+    return labels, parts, ndimage.find_objects(labels)
+
+
+@dataclass(frozen=True)
+class Instance:
+    """A vessel instance cut from a band of the maps: its outline (level-0 px), its mean probability, the map rows it
+    spans, and its place in a whole-map cut's order (OpenCV labels 8-connected regions in the raster order of their
+    first 2 × 2 block; the parts of a split region follow their lumens)."""
+
+    polygon: np.ndarray
+    mean: float
+    order: tuple[int, int, int]  # (block row, block column, part)
+    rows: tuple[int, int]  # [top, bottom) in map rows
+
+
+def reach_px(config: InstanceConfig, map_um: float) -> int:
+    """How far (map px) the cut of one vessel depends on the maps around it: twice the larger closing radius (a
+    closing's result depends on pixels within its diameter), with slack. Clusters of the grown mask farther apart
+    than this cannot change each other's instances."""
+    radius = max(max(int(round(d / map_um)), 1) | 1 for d in (config.close_um, config.lumen_close_um)) // 2
+    return 2 * radius + 2
+
+
+def cut_band(vessel: np.ndarray, lumen: np.ndarray, downsample: float, mpp: float,
+             config: InstanceConfig = InstanceConfig(), floor: float = 0.0, *, row0: int = 0,
+             cut_top: bool = False, cut_bottom: bool = False) -> tuple[list[Instance], int | None]:
+    """The instances of a band of uint8 maps (probability × 255; map rows ``row0`` on, the slide's full width) that
+    the band settles, and the first map row the next band must start at (None without ``cut_bottom``).
+
+    ``cut_top`` / ``cut_bottom``: the maps go on above / below the band. An instance is settled when its cluster (a
+    connected region of the grown mask dilated by :func:`reach_px`, holes filled) keeps ``reach_px`` + 2 rows away
+    from every cut edge: everything its cut depends on is then inside the band, and it comes out exactly as
+    :func:`scored_vessel_instances` on the whole map (of ``map / 255.0``) gives it: same outline, same mean, and
+    ``order`` says where in that list. Clusters reaching the bottom edge are left to the next band, which starts
+    above them; clusters reaching the top edge were settled by an earlier band."""
+    masks = _Masks.of_bytes(vessel, lumen, config)
+    map_um = mpp * downsample
+    reach = reach_px(config, map_um)
+    dilated = cv2.dilate(masks.grown.astype(np.uint8), np.ones((2 * reach + 1,) * 2, np.uint8))
+    settled, next_row = settled_clusters(dilated, reach + 2, cut_top, cut_bottom)
+    next_row = None if next_row is None else next_row + row0
+    labels, parts, objects = _instance_labels(masks, map_um, config)
+    if not objects:
+        return [], next_row
+    wanted = np.array([bool(settled[sl][labels[sl] == k].any()) for k, sl in enumerate(objects, start=1)])
+    means = masks.means(labels, len(objects))
+    polygons, kept = _polygons(labels, downsample, map_um**2, config.min_area_um2, keep=wanted & (means >= floor),
+                               row0=row0, objects=objects)
+    return [Instance(poly, float(means[k - 1]), parts[k - 1].order(row0),
+                     (objects[k - 1][0].start + row0, objects[k - 1][0].stop + row0))
+            for poly, k in zip(polygons, kept)], next_row
+
+
+def settled_clusters(mask: np.ndarray, margin: int, cut_top: bool, cut_bottom: bool) -> tuple[np.ndarray, int | None]:
+    """(bool: pixels of ``mask``'s clusters the band settles, the first band row a cluster left to the next band
+    reaches, minus ``margin`` + 1; None without ``cut_bottom``). A cluster is a connected region of ``mask`` with its holes
+    filled; ``margin`` rows along each cut edge count as part of the mask, so a cluster near an edge, or enclosed by
+    one that crosses it, is not settled."""
+    h = mask.shape[0]
+    marked = np.asarray(mask, np.uint8).copy()
+    top, bottom = (margin if cut_top else 0), (margin if cut_bottom else 0)
+    marked[:top] = 1
+    if bottom:
+        marked[h - bottom :] = 1
+    n, lab, stats, _ = cv2.connectedComponentsWithStats(fill_holes(marked).astype(np.uint8), connectivity=8)
+    edge_top = np.unique(lab[:top]) if top else np.zeros(0, np.int32)
+    edge_bottom = np.unique(lab[h - bottom :]) if bottom else np.zeros(0, np.int32)
+    open_ = np.zeros(n, bool)
+    open_[0] = open_[edge_top] = open_[edge_bottom] = True
+    settled = ~open_[lab]
+    next_row = None
+    if cut_bottom:
+        edge_bottom = edge_bottom[edge_bottom > 0]
+        # the next band's top edge rows must clear these clusters by a row, or they would touch them again
+        next_row = max(int(stats[edge_bottom, cv2.CC_STAT_TOP].min()) - margin - 1, 0)
+    return settled, next_row
 
 
 def label_instances(wall: np.ndarray, min_lumen_px: float = 1.0) -> np.ndarray:
@@ -130,24 +261,48 @@ def label_instances(wall: np.ndarray, min_lumen_px: float = 1.0) -> np.ndarray:
     return _label_filled(filled, lumens)
 
 
-def _label_filled(filled: np.ndarray, lumens: np.ndarray, max_solidity: float = 1.0) -> np.ndarray:
+def _label_filled(filled: np.ndarray, lumens: np.ndarray, max_solidity: float = 1.0, with_parts: bool = False):
     """Instance labels of a filled vessel mask, a region with several labelled lumens split between them (only a
-    region whose solidity is below ``max_solidity``: two touching round vessels make a waisted, non-convex shape)."""
+    region whose solidity is below ``max_solidity``: two touching round vessels make a waisted, non-convex shape).
+    ``with_parts``: also, per label, where its filled region starts (``_Part``) and which part of it the label is."""
     _, comp = cv2.connectedComponents(filled.astype(np.uint8), connectivity=8)
     out = np.zeros(filled.shape, np.int32)
+    parts: list[_Part] = []
     next_label = 1
     for sl, k in _objects(comp):
         region = comp[sl] == k
         seeds = np.unique(lumens[sl][region])
         seeds = seeds[seeds > 0]
+        n = 1
         if len(seeds) < 2 or (max_solidity < 1.0 and _solidity(region) >= max_solidity):
             out[sl][region] = next_label
-            next_label += 1
-            continue
-        parts = _split(region, lumens[sl], seeds)
-        out[sl][region] = parts[region] + (next_label - 1)
-        next_label += len(seeds)
-    return out
+        else:
+            split = _split(region, lumens[sl], seeds)
+            out[sl][region] = split[region] + (next_label - 1)
+            n = len(seeds)
+        next_label += n
+        if with_parts:
+            starts = [int(np.argmax(row)) + sl[1].start if row.any() else 1 << 40 for row in region[:2]]
+            parts += [_Part(sl[0].start, starts[0], starts[1] if len(starts) > 1 else 1 << 40, i) for i in range(n)]
+    return (out, parts) if with_parts else out
+
+
+@dataclass(frozen=True)
+class _Part:
+    """Where a label's filled region starts (its top row, the first column of that row and of the next) and which
+    part of the region (split at its lumens) the label is."""
+
+    top: int
+    first_col: int
+    next_col: int
+    part: int
+
+    def order(self, row0: int) -> tuple[int, int, int]:
+        """(block row, block column, part) in whole-map coordinates, the band starting at map row ``row0``: the
+        region's first 2 × 2 block in raster order (a block pairs an even whole-map row with the odd one below)."""
+        row = self.top + row0
+        col = min(self.first_col, self.next_col) if row % 2 == 0 else self.first_col
+        return row // 2, col // 2, self.part
 
 
 def _solidity(region: np.ndarray) -> float:
@@ -175,9 +330,9 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
 def _lumens(holes: np.ndarray, min_px: float) -> np.ndarray:
     """int32 labels of holes with at least ``min_px`` pixels (0 elsewhere)."""
     _, lab, stats, _ = cv2.connectedComponentsWithStats(holes.astype(np.uint8), connectivity=4)
-    small = np.flatnonzero(stats[:, cv2.CC_STAT_AREA] < min_px)
-    lab[np.isin(lab, small)] = 0
-    return lab
+    keep = np.arange(len(stats), dtype=np.int32)
+    keep[stats[:, cv2.CC_STAT_AREA] < min_px] = 0
+    return keep[lab]
 
 
 def _split(region: np.ndarray, lumens: np.ndarray, seeds: np.ndarray) -> np.ndarray:

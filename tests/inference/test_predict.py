@@ -241,6 +241,28 @@ def test_the_vessel_networks_run_where_the_tile_model_runs():
     assert device_of(cpu.vessel_stage.segmenter[0]) == torch.device("cpu")
 
 
+def test_progress_follows_windows_vessels_and_tiles_to_the_end(vessel_phantoms):
+    """``predict(progress=...)`` reports where it is: the tile count from the start, segmenter windows as they run,
+    vessels as the classifiers judge them, tiles as they are scored; the share of the work done only grows within
+    a step and ends at 1 with every count complete."""
+    from calciscope.inference.progress import SlideProgress
+
+    predictor = Predictor("demo", PredictConfig(workers=0, saliency="none", top_k=0))
+    seen: list[SlideProgress] = []
+    result = predictor.predict(vessel_phantoms[0].path, progress=seen.append)
+    first, last = seen[0], seen[-1]
+    assert first.tiles == (0, result.n_tiles) and first.fraction == 0.0
+    assert last.tiles == (result.n_tiles, result.n_tiles) and last.fraction == pytest.approx(1.0)
+    assert last.windows[0] == last.windows[1] > 0 and last.vessels[0] == last.vessels[1] >= len(result.vessels.vessels)
+    moved = [[what for what in ("windows", "vessels", "tiles") if getattr(s, what) != getattr(p, what)]
+             for p, s in zip(seen, seen[1:])]
+    order = [what for step in moved for what in step]
+    assert order.index("tiles") > max(i for i, what in enumerate(order) if what in ("windows", "vessels"))
+    done = [s.windows[0] for s in seen]
+    assert done == sorted(done) and [s.tiles[0] for s in seen] == sorted(s.tiles[0] for s in seen)
+    assert "windows" in last.describe() and f"tiles {result.n_tiles}/{result.n_tiles}" in last.describe()
+
+
 def test_a_folder_that_is_not_a_checkpoint_is_named(tmp_path):
     (tmp_path / "weights").mkdir()
     with pytest.raises(CheckpointError, match=r"weights.*model\.json not found"):

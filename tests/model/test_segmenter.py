@@ -84,17 +84,24 @@ def test_segment_slide_covers_the_tissue_at_the_card_resolution(trained, clean_p
 
 
 def test_the_inference_segmenter_draws_the_same_maps(trained, clean_phantom):
-    """BatchNorm folded and channels_last (what predict runs): the same uint8 maps, give or take one level."""
+    """BatchNorm folded and channels_last (what predict runs): the same uint8 maps, give or take one level, in fp32;
+    in bf16 (predict's default on CPUs that have it) within a few levels of them."""
+    from calciscope.model.precision import choose_precision
     from calciscope.model.segmenter import for_inference
 
     model, card = load_segmenter(trained)
     fast = for_inference(model)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+    fp32, bf16 = choose_precision("off", True), choose_precision("bf16", True)
     with open_slide(clean_phantom.path) as slide:
-        plain, folded = segment_slide(slide, model, card), segment_slide(slide, fast, card)
+        plain, folded = segment_slide(slide, model, card, precision=fp32), segment_slide(slide, fast, card,
+                                                                                          precision=fp32)
+        halved = segment_slide(slide, fast, card, precision=bf16)
     for channel in card.channels:
         diff = np.abs(plain.maps[channel].astype(int) - folded.maps[channel])
         assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, channel
+        diff = np.abs(plain.maps[channel].astype(int) - halved.maps[channel])
+        assert np.percentile(diff, 99.9) <= 8 and diff.mean() < 0.5, channel
 
 
 def test_a_manifest_without_vessel_outlines_is_refused(tmp_path, cmu_svs):

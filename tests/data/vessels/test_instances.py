@@ -131,3 +131,51 @@ def test_vessel_and_lumen_maps_give_one_instance_per_vessel(vessel_phantoms):
         result = match_vessels(found, [v.polygon for v in vessels], slide.mpp)
         assert result.recall == 1.0 and result.precision == 1.0
         assert result.median_diameter_error <= 0.1
+
+
+def _vessel_like_maps(seed: int, shape=(420, 300)):
+    """uint8 vessel and lumen maps (probability × 255) with rings, discs, touching pairs and soft speckle: a vessel
+    cut has to grow, close, fill, split and filter here."""
+    rng = np.random.default_rng(seed)
+    vessel = np.zeros(shape, np.float32)
+    lumen = np.zeros(shape, np.float32)
+    for _ in range(40):
+        cx, cy = rng.integers(0, shape[1]), rng.integers(0, shape[0])
+        r = int(rng.integers(2, 25))
+        cv2.circle(vessel, (int(cx), int(cy)), r, float(rng.uniform(0.35, 1.0)), -1)
+        if r > 6 and rng.random() < 0.7:
+            cv2.circle(lumen, (int(cx), int(cy)), r // 2, float(rng.uniform(0.4, 1.0)), -1)
+    speckle = cv2.GaussianBlur(rng.random(shape).astype(np.float32), (0, 0), 2.0)
+    vessel = np.clip(vessel + (speckle - speckle.mean()) * 3, 0, 1)
+    return (np.round(vessel * 255).astype(np.uint8), np.round(lumen * 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_bands_cut_exactly_the_instances_of_the_whole_map(seed):
+    """Cutting the maps band by band (rows of any height, each next band starting where the last said) settles every
+    instance of the whole-map cut exactly once: the same outlines, means and order, so predict never needs the whole
+    map."""
+    from calciscope.data.vessels.instances import cut_band, scored_vessel_instances
+
+    vessel, lumen = _vessel_like_maps(seed)
+    config = InstanceConfig()
+    whole, means = scored_vessel_instances(vessel / np.float32(255.0), lumen / np.float32(255.0), 2.0, 0.5, config,
+                                           floor=0.3)
+    assert len(whole) >= 10
+    h = vessel.shape[0]
+    rng = np.random.default_rng(seed)
+    cuts = sorted(set(rng.integers(20, h - 20, 6).tolist())) + [h]
+    settled, top = {}, 0
+    for bottom in cuts:
+        if bottom <= top:
+            continue
+        found, next_row = cut_band(vessel[top:bottom], lumen[top:bottom], 2.0, 0.5, config, 0.3, row0=top,
+                                   cut_top=top > 0, cut_bottom=bottom < h)
+        for instance in found:
+            assert instance.order not in settled or np.array_equal(settled[instance.order].polygon, instance.polygon)
+            settled[instance.order] = instance
+        top = bottom if next_row is None else min(max(next_row, top), bottom)
+    ordered = [settled[k] for k in sorted(settled)]
+    assert len(ordered) == len(whole)
+    for instance, polygon, mean in zip(ordered, whole, means):
+        assert np.array_equal(instance.polygon, polygon) and instance.mean == mean
