@@ -7,13 +7,15 @@ renderer (``data.tile_phantom``). Side by side in one run this script
 
   (a) scores the shipped demo tile model on the second renderer's tiles (and on the phantom's, for reference);
   (b) trains the demo's ``small`` backbone on the randomised phantom's tiles and tests it on the second renderer's,
-      and the other way round; and, for comparison, trains on the classic phantom;
+      and the other way round (``--classic-baseline``: also on the classic phantom's, for comparison);
 
 and prints the per-finding tile AUROC of each (model, test set) pair. Issue 22's bar: ≥ 0.85 per finding for the
 retrained demo on tiles of a generator it never trained on. Every set has its own seeds, none of a recipe's.
 
-    python benchmarks/bench_transfer.py                      # ~15-20 min on 2 CPU cores
+    python benchmarks/bench_transfer.py                      # ~25 min on 2 idle CPU cores
     python benchmarks/bench_transfer.py --quick              # a smoke run (~4 min): small sets, 2 epochs
+
+With ``--work DIR`` the tile sets and trained models are kept there and reused by a later run with the same sizes.
 """
 
 from __future__ import annotations
@@ -48,11 +50,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-slides", type=int, default=16, help="phantom slides to train on (each style)")
     p.add_argument("--test-slides", type=int, default=8, help="phantom slides to test on")
     p.add_argument("--size", type=int, default=4096, help="phantom side in px at 0.5 µm/px")
-    p.add_argument("--alt-train", type=int, default=2400, help="second-renderer tiles to train on")
+    p.add_argument("--alt-train", type=int, default=1200, help="second-renderer tiles to train on")
     p.add_argument("--alt-test", type=int, default=800, help="second-renderer tiles to test on")
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="small sets and 2 epochs: checks the script runs")
+    p.add_argument("--classic-baseline", action="store_true", help="also train on the classic phantom")
     p.add_argument("--work", type=Path, default=None, help="keep the tiles and runs here (default: a temp dir)")
     p.add_argument("--json", type=Path, default=None, help="also write the AUROC table as JSON")
     return p
@@ -63,18 +66,22 @@ def make_sets(args, work: Path) -> dict[str, Path]:
     sets = {}
     for style in ("random", "classic"):
         for split, n, seed in (("train", args.train_slides, 7301), ("test", args.test_slides, 7302)):
-            if style == "classic" and split == "test":
+            if style == "classic" and (split == "test" or not args.classic_baseline):
                 continue
             t = time.perf_counter()
-            manifest = generate_dataset(work / f"phantom_{style}_{split}", n, size_px=args.size, seed=seed,
-                                        prevalence=PREVALENCE, slides_per_patient=1, style=style)
-            sets[f"phantom-{style}-{split}"] = cut_phantom_tiles(manifest, work / f"tiles_{style}_{split}", seed=seed)
-            print(f"phantom {style} {split}: {n} slides -> {_count(sets[f'phantom-{style}-{split}'])} tiles "
-                  f"({time.perf_counter() - t:.0f} s)", flush=True)
+            tiles = work / f"tiles_{style}_{split}_{n}x{args.size}" / "tiles.csv"
+            if not tiles.is_file():
+                manifest = generate_dataset(work / f"phantom_{style}_{split}_{n}x{args.size}", n, size_px=args.size,
+                                            seed=seed, prevalence=PREVALENCE, slides_per_patient=1, style=style)
+                cut_phantom_tiles(manifest, tiles.parent, seed=seed)
+            sets[f"phantom-{style}-{split}"] = tiles
+            print(f"phantom {style} {split}: {n} slides -> {_count(tiles)} tiles ({time.perf_counter() - t:.0f} s)",
+                  flush=True)
     for split, n, seed in (("train", args.alt_train, 7401), ("test", args.alt_test, 7402)):
         t = time.perf_counter()
-        sets[f"second-{split}"] = write_tile_set(work / f"second_{split}", n, seed=seed)
-        print(f"second renderer {split}: {n} tiles ({time.perf_counter() - t:.0f} s)", flush=True)
+        tiles = work / f"second_{split}_{n}" / "tiles.csv"
+        sets[f"second-{split}"] = tiles if tiles.is_file() else write_tile_set(tiles.parent, n, seed=seed)
+        print(f"second renderer {split}: {_count(tiles)} tiles ({time.perf_counter() - t:.0f} s)", flush=True)
     return sets
 
 
@@ -85,7 +92,10 @@ def _count(csv_path: Path) -> str:
 
 
 def train(tiles: Path, out: Path, args) -> Path:
-    """The demo's backbone and tile size (configs/demo.yaml) on a tile CSV; returns the model folder."""
+    """The demo's backbone and tile size (configs/demo.yaml) on a tile CSV; returns the model folder (a finished run
+    already in `out` is reused)."""
+    if (out / "model" / "model.json").is_file():
+        return out / "model"
     config = TrainConfig(
         out=str(out), seed=0,
         data=DataConfig(source="tiles", tiles=str(tiles), labels=list(FINDINGS), mpp=1.0, tile_px=112),
@@ -116,8 +126,10 @@ def main(args) -> dict:
         for name, key in (("small on random phantom", "phantom-random-train"),
                           ("small on classic phantom", "phantom-classic-train"),
                           ("small on second renderer", "second-train")):
+            if key not in sets:
+                continue
             t = time.perf_counter()
-            models[name] = train(sets[key], work / f"run_{key}", args)
+            models[name] = train(sets[key], work / f"run_{key}_{sets[key].parent.name}_{args.epochs}ep", args)
             print(f"trained {name} ({time.perf_counter() - t:.0f} s)", flush=True)
         table = {}
         for name, model in models.items():

@@ -5,8 +5,10 @@ classic style is still the drawing the shipped demo model was trained on."""
 import hashlib
 import json
 
+import cv2
 import numpy as np
 import pytest
+import tifffile
 
 from calciscope.data.phantom.looks import (
     ARTERIOLOSCLEROSIS,
@@ -93,6 +95,40 @@ def test_random_style_is_deterministic_per_seed(tmp_path):
     for attr in ("path", "lesions_path", "vessels_path", "artifacts_path", "tissue_mask_path"):
         assert getattr(one, attr).read_bytes() == getattr(two, attr).read_bytes(), attr
     assert one.path.read_bytes() != other.path.read_bytes()
+
+
+def _od(slide) -> np.ndarray:
+    """Total optical density (sum over R, G, B) of level 0."""
+    rgb = tifffile.imread(slide.path)
+    return (-np.log((rgb.astype(np.float64) + 1.0) / 256.0)).sum(axis=2)
+
+
+def _mask(shape, rings) -> np.ndarray:
+    m = np.zeros(shape, np.uint8)
+    for r in rings:
+        cv2.fillPoly(m, [np.round(np.asarray(r) * 4).astype(np.int32)], 1, cv2.LINE_8, 2)
+    return m.astype(bool)
+
+
+def test_calcium_in_every_look_is_darker_than_normal_vessel_walls(tmp_path):
+    """Stippled or plated, pale slide or dark, calcium stays the darkest thing in a wall: the 95th percentile of
+    total optical density over the calcified band exceeds that of the normal walls of a negative slide of the same
+    seed. Measured on seeds 1-8: margin 0.41 to 6.1, median 2.6."""
+    margins = []
+    for seed in range(1, 9):
+        pos = generate_slide(tmp_path, f"p{seed}", EVERY, size_px=1024, seed=seed, artifacts=False)
+        neg = generate_slide(tmp_path, f"n{seed}", NONE, size_px=1024, seed=seed, artifacts=False)
+        od_pos, od_neg = _od(pos), _od(neg)
+        walls = np.zeros(od_neg.shape, bool)
+        for f in features(neg.vessels_path):
+            outer, lumen = f["geometry"]["coordinates"][:2]
+            walls |= _mask(od_neg.shape, [outer]) & ~_mask(od_neg.shape, [lumen])
+        for name in ("medial_calcification", "small_vessel_calcification"):
+            calc = _mask(od_pos.shape, [f["geometry"]["coordinates"][0] for f in features(pos.lesions_path)
+                                        if f["properties"]["classification"]["name"] == name])
+            if calc.any():
+                margins.append(np.percentile(od_pos[calc], 95) - np.percentile(od_neg[walls], 95))
+    assert len(margins) >= 12 and min(margins) > 0.3 and np.median(margins) > 1.5, np.round(margins, 2)
 
 
 def _render_hash(style: str) -> str:

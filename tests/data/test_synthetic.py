@@ -196,13 +196,12 @@ def wall_masks(slide, shape, only_normal: bool) -> np.ndarray:
     return walls
 
 
-@pytest.mark.parametrize("style, margin", [("classic", 0.25), ("random", 0.1)])
-def test_calcification_is_haematoxylin_denser_than_vessel_walls(synth_dir, style, margin):
-    """Classic calcium is one dark granular arc; the random style also draws fine stippling over a faint haze and
-    part of the density with a calcium vector of its own, so its band stands out less in the H channel."""
+def test_calcification_is_haematoxylin_denser_than_vessel_walls(synth_dir):
+    """Classic calcium, one dark granular arc (the randomised looks: tests/data/test_phantom_looks.py)."""
     labels = dict(SYNTH_POSITIVE, extravascular_calcification=1, intimal_fibrosis=1, necrosis=0)
-    synth_positive = generate_slide(synth_dir / style, "pos", labels, size_px=1024, seed=4, style=style)
-    synth_negative = generate_slide(synth_dir / style, "neg", SYNTH_NEGATIVE, size_px=1024, seed=4, style=style)
+    synth_positive = generate_slide(synth_dir / "classic", "pos", labels, size_px=1024, seed=4, style="classic")
+    synth_negative = generate_slide(synth_dir / "classic", "neg", SYNTH_NEGATIVE, size_px=1024, seed=4,
+                                    style="classic")
     h_pos, _ = stain_od(read_level0(synth_positive))
     h_neg, _ = stain_od(read_level0(synth_negative))
     normal_wall = h_neg[wall_masks(synth_negative, h_neg.shape, only_normal=True)].mean()
@@ -213,7 +212,7 @@ def test_calcification_is_haematoxylin_denser_than_vessel_walls(synth_dir, style
         # than the walls of normal vessels, and than the uncalcified rest of the lesioned walls
         assert h_pos[calc].mean() > normal_wall + 0.4, (name, h_pos[calc].mean(), normal_wall)
         rest = all_walls & ~calc
-        assert h_pos[calc].mean() > h_pos[rest].mean() + margin, (name, h_pos[calc].mean(), h_pos[rest].mean())
+        assert h_pos[calc].mean() > h_pos[rest].mean() + 0.25, (name, h_pos[calc].mean(), h_pos[rest].mean())
 
 
 # ------------------------------------------------------------------------------------------ tissue mask
