@@ -28,10 +28,11 @@ QUPATH_PROPERTIES = ("objectType", "name", "classification", "color", "isLocked"
 
 @pytest.fixture(scope="module")
 def predicted(tmp_path_factory):
-    """Two small phantoms (two patients, for train's validation split) and what ``predict`` wrote for them."""
+    """Two small phantoms (two patients, for train's validation split) and what ``predict`` wrote for them. Classic
+    drawing: the edits need the shipped demo model to outline a thrombus, and it was trained on that style."""
     root = tmp_path_factory.mktemp("roundtrip")
-    slides = [generate_slide(root / "slides", f"rt_{n}", FINDINGS, size_px=1024, seed=21 + n, artifacts=False)
-              for n in range(2)]
+    slides = [generate_slide(root / "slides", f"rt_{n}", FINDINGS, size_px=1024, seed=21 + n, artifacts=False,
+                             style="classic") for n in range(2)]
     from calciscope.cli import main  # (run_cli needs capsys, which a module fixture cannot have)
 
     try:
