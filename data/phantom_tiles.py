@@ -2,9 +2,10 @@
 so one generator's tiles can train a model and the other's test it.
 
 Tiles are centred (within 10 um) on every vessel of a slide (three times on one with findings), on every
-confounder outline (debris, perivascular cuffs) and on `random_per_slide` tissue points. A tile is positive for a finding when its lesion polygons cover at
-least min(150 um^2, half of that lesion's area) of it, negative when they do not touch it; a tile in between is
-left out, so every label has the finding plainly in the tile or plainly absent.
+confounder outline (debris, perivascular cuffs) and on `random_per_slide` tissue points. A tile is positive for a
+finding when its lesion polygons cover at least min(400 um^2, half of that lesion's area) of it, negative when they
+do not touch it; a tile in between is left out, so every label has the finding plainly in the tile or plainly
+absent.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from calciscope.data.slides import open_slide
 from calciscope.errors import CalciscopeError
 
 FINDINGS = ("medial_calcification", "small_vessel_calcification", "thrombosis", "vasculitis")
-MIN_AREA_UM2 = 150.0
+MIN_AREA_UM2 = 400.0  # about a 20 um square: a finding you can point at, not a sliver of a cuff
 
 
 def _features(path: Path) -> list[tuple[str, np.ndarray, float]]:

@@ -53,7 +53,7 @@ def vasculitis(scene: Scene, rng, v: Vessel, look: dict, kind: str, th0: float, 
     v.cuff = v.cuff or px(rng.uniform(12, 28))
     r1 = v.ro + v.cuff
     area = 0.5 * span * (r1**2 - v.rl**2) * v.aspect
-    n = int(area / px(9.0) ** 2 * rng.uniform(0.5, 0.8) * dens)
+    n = int(area / px(9.0) ** 2 * rng.uniform(0.7, 1.1) * dens)
     pts = lambda k, power=1.4: _sector_points(rng, v, v.rl, r1, k, th0, span, power)  # noqa: E731
     wall = lambda k: _sector_points(rng, v, v.rl + px(0.5), v.ro, k, th0, span)  # noqa: E731
     wall_n = int(0.5 * span * (v.ro**2 - v.rl**2) * v.aspect / px(7.0) ** 2 * dens) + 2
