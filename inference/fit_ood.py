@@ -65,7 +65,7 @@ def fit_references(train: list[SlideFeatures], val: list[SlideFeatures], val_ids
         if len(train_x) < 2 or len(val_x) < 1:
             raise CalciscopeError(f"{name}: too few units to fit an OOD reference ({len(train_x)} reference and "
                                   f"{len(val_x)} calibration units)")
-        card = cards[name][1]
+        card = cards[name][2]
         refs[name] = fit_reference(train_x, val_x, groups, unit=UNITS[card.KIND], features=FEATURES[card.KIND],
                                    fit_info=fit_info)
     return refs

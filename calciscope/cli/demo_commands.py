@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from calciscope.cli.app import app, out, progress_bar
-from calciscope.cli.tables import findings_table, vessel_line
+from calciscope.cli.tables import findings_table, ood_line, vessel_line
 from calciscope.inference.config import PredictConfig, default_workers
 
 # Commands import the library inside their bodies: `calciscope --help` then starts without torch.
@@ -37,9 +37,9 @@ def demo(
     out.print(findings_table(result, title, truth=phantom.labels))
     flags = ", ".join(result.qc.get("flags", [])) or "none"
     out.print(f"{result.n_tiles} tiles in {result.seconds:.1f} s; QC flags: {flags}", highlight=False)
-    vessels = vessel_line(result)
-    if vessels:
-        out.print(vessels, highlight=False, markup=False, soft_wrap=True)
+    for line in (ood_line(result), vessel_line(result)):
+        if line:
+            out.print(line, highlight=False, markup=False, soft_wrap=True)
     out.print("Decision support, not a diagnosis. Report:")
     out.print(str(result.out_dir / "report.html"), highlight=False, soft_wrap=True)
 

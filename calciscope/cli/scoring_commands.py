@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape  # messages hold file names and 'pkg[extra]': never markup
 
 from calciscope.cli.app import app, console, out, predict_options, progress_bar
-from calciscope.cli.tables import summary_table, vessel_line
+from calciscope.cli.tables import ood_line, summary_table, vessel_line
 from calciscope.errors import CalciscopeError
 from calciscope.inference.config import PredictConfig
 
@@ -45,9 +45,9 @@ def predict(
         results.append(result)
         out.print(f"{result.slide_id}: {result.n_tiles} tiles in {result.seconds:.1f} s -> "
                   f"{result.out_dir / 'report.html'}", highlight=False, soft_wrap=True)
-        vessels = vessel_line(result)
-        if vessels:
-            out.print(vessels, highlight=False, markup=False, soft_wrap=True)
+        for line in (ood_line(result), vessel_line(result)):
+            if line:
+                out.print(line, highlight=False, markup=False, soft_wrap=True)
     if results:
         out.print(summary_table(results))
     if failures:

@@ -23,7 +23,8 @@ def findings_table(result, title: str, truth: Optional[dict[str, int]] = None) -
         table.add_row(*row)
     cua = result.cua
     if cua.get("score") is not None:
-        call = ("insufficient sampling: not judged" if cua.get("status") == "insufficient_sampling"
+        call = ("not assessable: out of distribution" if cua.get("status") == "not_assessable" else
+                "insufficient sampling: not judged" if cua.get("status") == "insufficient_sampling"
                 else f"limited by {cua['limiting_term']}")
         table.add_row("CUA-pattern score", f"{cua['score']:.3f}", "", call,
                       *([""] if truth is not None else []), style="bold")
@@ -35,7 +36,16 @@ def cua_cell(cua: dict) -> str:
         return "n/a"
     if cua.get("status") == "insufficient_sampling":
         return f"{cua['score']:.3f} (insufficient sampling)"
+    if cua.get("status") == "not_assessable":
+        return f"{cua['score']:.3f} (not assessable)"
     return f"{cua['score']:.3f}"
+
+
+def ood_line(result) -> Optional[str]:
+    """One line when the slide is out of distribution (the networks that say so, with their scores), else None."""
+    if result.ood is None or not result.ood.flagged:
+        return None
+    return f"{result.slide_id}: OUT OF DISTRIBUTION - {result.ood.reason}"
 
 
 def vessel_line(result) -> Optional[str]:
@@ -46,7 +56,7 @@ def vessel_line(result) -> Optional[str]:
     a = analysis.adequacy
     n = len(analysis.vessels)
     line = (f"{result.slide_id}: {n} vessel{'' if n == 1 else 's'}, {a['small_fat_vessels']} small in subcutaneous "
-            f"fat ({a['min_small_fat_vessels']} needed): sampling {a['status']}")
+            f"fat ({a['min_small_fat_vessels']} needed): sampling {a['status'].replace('_', ' ')}")
     if a["status"] != "sufficient":
         line += " - the CUA pattern and the absence of vasculitis cannot be judged"
     return line

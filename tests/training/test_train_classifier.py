@@ -226,6 +226,8 @@ def test_training_cuts_crops_learns_calibrates_and_writes_a_loadable_card(tmp_pa
     assert min(detection["recall"], detection["precision"]) >= min(alone["recall"], alone["precision"])
     assert (card.vessel_threshold is None) == (detection == {**detection, **alone})  # it falls back when no better
     assert m["validation"]["slides"]["n_slides"] == 2
+    ood = card.ood()  # the training crops' reference, calibrated on the validation slides' detections
+    assert ood.unit == "vessel" and ood.dim == 32 and ood.fit["n_validation_slides"] == 2
 
 
 def _write_rows(path, rows):
