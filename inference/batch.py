@@ -68,7 +68,7 @@ class Outcome:
     n_tiles: int | None = None
     probabilities: dict[str, float] = field(default_factory=dict)
     cua_pattern: float | None = None
-    cua_status: str = ""  # scored | insufficient_sampling | not_applicable
+    cua_status: str = ""  # scored | insufficient_sampling | not_assessable (out of distribution) | not_applicable
     n_vessels: int | None = None
     qc_flags: list[str] = field(default_factory=list)
     attempts: int = 1
