@@ -5,7 +5,8 @@ slide (``inference.vessels.analyze_vessels``).
 ``PredictConfig.vessels`` "auto" takes the segmenter shipped beside the model (the model folder's ``vessels/``);
 the classifiers default to the ``classifier/`` and ``artifact_classifier/`` folders inside the segmenter's. With a
 vessel classifier, slide probabilities are each finding's highest vessel probability through its slide map.
-The vessel networks run where the tile model runs, in fp32 channels_last (the segmenter with BatchNorm folded).
+The vessel networks run where the tile model runs and in its precision (``PredictConfig.amp``: bf16 autocast on
+CPUs that have it, channels_last; the segmenter with BatchNorm folded).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ class VesselStage:
 
     def __init__(self, card: ModelCard, model_path: Path, config: PredictConfig, device: torch.device):
         self.card, self.config, self.labels = card, config, list(card.labels)
-        self.precision = choose_precision("off", channels_last=True, device=device)  # fp32, as before
+        self.precision = choose_precision(config.amp, channels_last=True, device=device)
         folder = self._segmenter_folder(model_path)
         self.segmenter = None
         if folder is not None:

@@ -93,7 +93,7 @@ def analyze_vessels(slide: Slide, tissue: TissueMask, segmenter: torch.nn.Module
     ``artifact_classifier`` (a classifier card with a calcium_artifact output) judges the listed vessels for calcium
     artifacts; without one, ``classifier`` does when its card has that output.
 
-    The networks run in ``precision`` (default: fp32). ``progress(step, done,
+    The networks run in ``precision`` (default: each as the tile model would on its device). ``progress(step, done,
     total)`` reports ``"windows"`` (segmenter windows run) and ``"vessels"`` (outlines judged by the classifiers, or
     vessels whose tiles were scored)."""
     start = time.perf_counter()

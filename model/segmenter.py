@@ -10,7 +10,8 @@ what a network learns reliably for thin-walled, packed or occluded vessels.
 A slide is segmented in overlapping windows of ``WINDOW_PX`` at ``card.mpp`` on one global grid (``plan_windows``);
 only windows that touch tissue are run, and each keeps its centre (the margin only gives context), so the stitched
 map does not depend on where the windows fall. Windows are decoded in a background thread while the previous batch
-runs, in the precision asked for (channels_last, BatchNorm folded by ``for_inference``). ``segment_bands`` hands the maps over one row of windows at a
+runs, in the precision the tile model runs in (``model.precision``: bf16 autocast on CPUs that have it,
+channels_last, BatchNorm folded by ``for_inference``). ``segment_bands`` hands the maps over one row of windows at a
 time (what ``predict`` uses: memory does not grow with the slide); ``segment_slide`` stitches them into whole-slide
 maps (training, evaluation, tests). Maps are uint8 (probability × 255), one byte per pixel.
 """
@@ -224,8 +225,8 @@ def segment_bands(slide: Slide, model: nn.Module, card: SegmenterCard, plan: Win
                   progress: Callable[[int, int], None] | None = None) -> Iterator[MapBand]:
     """The segmenter's maps of ``slide``, one band per row of ``plan``, top to bottom: windows are decoded one batch
     ahead in a thread (openslide and OpenCV release the GIL) and run ``batch_size`` at a time, across rows.
-    ``progress(windows done, windows total)`` after each batch. ``precision`` defaults to fp32."""
-    precision = precision or inference_precision(model, "off")
+    ``progress(windows done, windows total)`` after each batch."""
+    precision = precision or inference_precision(model)
     windows = plan.windows()
     batches = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
     pending: dict[tuple[int, int], np.ndarray] = {}  # window -> its centre's maps, until its row is complete
@@ -278,7 +279,7 @@ def run_windows(model: nn.Module, card: SegmenterCard, rgb: np.ndarray, precisio
 def segment_slide(slide: Slide, model: nn.Module, card: SegmenterCard, tissue: TissueMask | None = None, *,
                   batch_size: int = 8, precision: Precision | None = None) -> VesselMaps:
     """Whole-slide maps of the segmenter (windows touching tissue only, when ``tissue`` is given), on the device the
-    model is on, in ``precision`` (default: fp32). Memory grows with the slide:
+    model is on, in ``precision`` (default: ``inference_precision``, as ``predict``). Memory grows with the slide:
     ``predict`` streams ``segment_bands`` instead."""
     plan = plan_windows(slide, card, tissue)
     maps = np.zeros((len(card.channels), plan.height, plan.width), np.uint8)

@@ -226,11 +226,12 @@ def classify_vessels(slide: Slide, polygons: list[np.ndarray], outer_um: np.ndar
                      progress: Callable[[int, int], None] | None = None) -> np.ndarray:
     """(N, outputs) calibrated per-vessel probabilities of the vessels outlined by ``polygons`` on ``slide``.
 
-    Runs in ``precision`` (default: fp32, channels_last); the crops of the next batch are read in a thread while a batch runs.
+    Runs in ``precision`` (default: as the tile model would on the model's device: bf16 autocast on CPUs that have
+    it, channels_last); the crops of the next batch are read in a thread while a batch runs.
     ``progress(vessels done, vessels total)`` after each batch."""
     if not polygons:
         return np.zeros((0, len(card.outputs)), np.float64)
-    precision = precision or choose_precision("off", channels_last=True, device=device_of(model))
+    precision = precision or choose_precision("auto", channels_last=True, device=device_of(model))
     crop = card.crop_config
     extras = vessel_extras(outer_um, in_fat)
     starts = range(0, len(polygons), batch_size)

@@ -131,7 +131,7 @@ def detect_vessels(slide: Slide, tissue: TissueMask, segmenter: torch.nn.Module,
     Vessels pass the instance settings' ``min_mean_probability``; with ``candidates_at`` below it, the outlines that
     pass only that lower filter come back as candidates (a calcified or occluded vessel can look unlike the vessels
     the segmenter is sure of; the vessel classifier decides whether one is kept). Candidates number on after the
-    vessels. The segmenter runs in ``precision`` (default: fp32);
+    vessels. The segmenter runs in ``precision`` (default: as the tile model would, ``inference_precision``);
     ``progress(windows done, windows total)``."""
     plan = plan_windows(slide, seg_card, tissue)
     detector = BandDetector(slide, tissue, seg_card, plan, config, candidates_at)
@@ -197,17 +197,20 @@ class BandDetector:
         """Keep the calcium-artifact regions (connected regions of the map at its threshold, at least
         ``min_artifact_um2``) the band settles; the first row the next band must start at."""
         mask = (self._channel("calcium_artifact") >= byte_threshold(self.artifact_threshold)).astype(np.uint8)
+        cols = np.flatnonzero(mask.any(axis=0))  # the columns holding artifact pixels, and glass either side
+        c0, c1 = (max(int(cols[0]) - 2, 0), min(int(cols[-1]) + 3, mask.shape[1])) if len(cols) else (0, 1)
+        mask = np.ascontiguousarray(mask[:, c0:c1])
         settled, next_row = settled_clusters(mask, 2, cut_top, cut_bottom)
         px_um2 = self.map_mpp**2
         contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
         for c in contours:
             c = c.reshape(-1, 2)
             first = c[np.lexsort((c[:, 0], c[:, 1]))[0]]  # where the trace starts: its first pixel in raster order
-            key = (int(first[1]) + top, int(first[0]))
+            key = (int(first[1]) + top, int(first[0]) + c0)
             if key in self.artifacts or not settled[first[1], first[0]]:
                 continue
             if len(c) >= 3 and cv2.contourArea(c) * px_um2 >= self.min_artifact_um2:
-                self.artifacts[key] = mask_px_to_level0(c + np.array([0, top]), self.plan.downsample)
+                self.artifacts[key] = mask_px_to_level0(c + np.array([c0, top]), self.plan.downsample)
         return None if next_row is None else next_row + top
 
     def finish(self) -> tuple[list[VesselRecord], list[VesselRecord], StreamedMaps]:

@@ -67,11 +67,11 @@ def vessel_instances(prob: np.ndarray, downsample: float, mpp: float,
 
 
 def _polygons(labels: np.ndarray, downsample: float, px_um2: float, min_area_um2: float,
-              keep: np.ndarray | None = None, row0: int = 0, objects: list | None = None
+              keep: np.ndarray | None = None, origin: tuple[int, int] = (0, 0), objects: list | None = None
               ) -> tuple[list[np.ndarray], list[int]]:
     """Outlines of the labelled regions at least ``min_area_um2`` large (and, with ``keep``, a bool per label
-    from 1, those it marks), in label order, and their labels; ``labels``' first row is map row ``row0``
-    (``objects``: ``labels``' bounding slices, when known)."""
+    from 1, those it marks), in label order, and their labels; ``labels``' first pixel is map pixel ``origin``
+    (column, row) (``objects``: ``labels``' bounding slices, when known)."""
     polygons, kept = [], []
     found = _objects(labels) if objects is None else [(sl, k) for k, sl in enumerate(objects, 1) if sl is not None]
     for sl, k in found:
@@ -80,7 +80,8 @@ def _polygons(labels: np.ndarray, downsample: float, px_um2: float, min_area_um2
         crop = labels[sl] == k
         if np.count_nonzero(crop) * px_um2 < min_area_um2:
             continue
-        polygons.append(_outline(crop, downsample, (sl[1].start * downsample, (sl[0].start + row0) * downsample)))
+        polygons.append(_outline(crop, downsample, ((sl[1].start + origin[0]) * downsample,
+                                                    (sl[0].start + origin[1]) * downsample)))
         kept.append(k)
     return polygons, kept
 
@@ -211,20 +212,26 @@ def cut_band(vessel: np.ndarray, lumen: np.ndarray, downsample: float, mpp: floa
     :func:`scored_vessel_instances` on the whole map (of ``map / 255.0``) gives it: same outline, same mean, and
     ``order`` says where in that list. Clusters reaching the bottom edge are left to the next band, which starts
     above them; clusters reaching the top edge were settled by an earlier band."""
-    masks = _Masks.of_bytes(vessel, lumen, config)
     map_um = mpp * downsample
     reach = reach_px(config, map_um)
+    # only the columns that hold grown pixels, and a margin of glass either side, can hold or change an instance
+    cols = np.flatnonzero((np.maximum(vessel, lumen) >= byte_threshold(config.grow_threshold)).any(axis=0))
+    c0, c1 = (max(int(cols[0]) - 2 * reach - 4, 0), min(int(cols[-1]) + 2 * reach + 5, vessel.shape[1])) \
+        if len(cols) else (0, 1)
+    masks = _Masks.of_bytes(vessel[:, c0:c1], lumen[:, c0:c1], config)
     dilated = cv2.dilate(masks.grown.astype(np.uint8), np.ones((2 * reach + 1,) * 2, np.uint8))
     settled, next_row = settled_clusters(dilated, reach + 2, cut_top, cut_bottom)
     next_row = None if next_row is None else next_row + row0
+    if not len(cols):
+        return [], next_row
     labels, parts, objects = _instance_labels(masks, map_um, config)
     if not objects:
         return [], next_row
     wanted = np.array([bool(settled[sl][labels[sl] == k].any()) for k, sl in enumerate(objects, start=1)])
     means = masks.means(labels, len(objects))
     polygons, kept = _polygons(labels, downsample, map_um**2, config.min_area_um2, keep=wanted & (means >= floor),
-                               row0=row0, objects=objects)
-    return [Instance(poly, float(means[k - 1]), parts[k - 1].order(row0),
+                               origin=(c0, row0), objects=objects)
+    return [Instance(poly, float(means[k - 1]), parts[k - 1].order(row0, c0),
                      (objects[k - 1][0].start + row0, objects[k - 1][0].stop + row0))
             for poly, k in zip(polygons, kept)], next_row
 
@@ -297,12 +304,13 @@ class _Part:
     next_col: int
     part: int
 
-    def order(self, row0: int) -> tuple[int, int, int]:
-        """(block row, block column, part) in whole-map coordinates, the band starting at map row ``row0``: the
-        region's first 2 × 2 block in raster order (a block pairs an even whole-map row with the odd one below)."""
+    def order(self, row0: int, col0: int = 0) -> tuple[int, int, int]:
+        """(block row, block column, part) in whole-map coordinates, the labels starting at map pixel (``col0``,
+        ``row0``): the region's first 2 × 2 block in raster order (a block pairs an even whole-map row with the odd
+        one below, an even column with the odd one right of it)."""
         row = self.top + row0
         col = min(self.first_col, self.next_col) if row % 2 == 0 else self.first_col
-        return row // 2, col // 2, self.part
+        return row // 2, (col + col0) // 2, self.part
 
 
 def _solidity(region: np.ndarray) -> float:

@@ -241,6 +241,15 @@ def test_the_vessel_networks_run_where_the_tile_model_runs():
     assert device_of(cpu.vessel_stage.segmenter[0]) == torch.device("cpu")
 
 
+def test_the_vessel_networks_run_in_the_tile_models_precision():
+    """One precision path for every network: the vessel stage takes the tile model's (bf16 autocast where the CPU
+    has it, channels_last), and ``amp off`` turns it off for all of them."""
+    predictor = Predictor("demo", PredictConfig(workers=0, saliency="none"))
+    assert predictor.vessel_stage.precision == predictor.precision
+    off = Predictor("demo", PredictConfig(workers=0, saliency="none", amp="off"))
+    assert off.vessel_stage.precision.dtype is None and off.vessel_stage.precision.channels_last
+
+
 def test_progress_follows_windows_vessels_and_tiles_to_the_end(vessel_phantoms):
     """``predict(progress=...)`` reports where it is: the tile count from the start, segmenter windows as they run,
     vessels as the classifiers judge them, tiles as they are scored; the share of the work done only grows within

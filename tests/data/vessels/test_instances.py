@@ -147,7 +147,8 @@ def _vessel_like_maps(seed: int, shape=(420, 300)):
             cv2.circle(lumen, (int(cx), int(cy)), r // 2, float(rng.uniform(0.4, 1.0)), -1)
     speckle = cv2.GaussianBlur(rng.random(shape).astype(np.float32), (0, 0), 2.0)
     vessel = np.clip(vessel + (speckle - speckle.mean()) * 3, 0, 1)
-    return (np.round(vessel * 255).astype(np.uint8), np.round(lumen * 255).astype(np.uint8))
+    glass = ((0, 0), (137, 41))  # empty columns either side, as beside a biopsy (an odd number: block parity)
+    return (np.pad(np.round(vessel * 255).astype(np.uint8), glass), np.pad(np.round(lumen * 255).astype(np.uint8), glass))
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
