@@ -30,7 +30,7 @@ from calciscope.data.tissue import TissueMask
 from calciscope.inference.vessels import VesselAnalysis
 from calciscope.model.ood import OODReference
 from calciscope.model.ood_features import FeatureTap
-from calciscope.model.segmenter import MARGIN_PX, WINDOW_PX, SegmenterCard
+from calciscope.model.segmenter import SegmenterCard, WindowPlan, plan_windows
 from calciscope.model.vessel_classifier import calibrated
 
 OOD_FLAG = "out_of_distribution"
@@ -243,7 +243,7 @@ def restate_adequacy(vessels: VesselAnalysis, on_unknown: np.ndarray, segmenter:
 def _on_windows(vessels: VesselAnalysis, origins: np.ndarray, ood: np.ndarray, step0: float) -> np.ndarray:
     """Per vessel, whether its centroid lies in an OOD window's centre (the part of the maps the window made)."""
     cells = {(int(x), int(y)): bool(bad) for (x, y), bad in zip(np.asarray(origins), ood)}
-    step = WINDOW_PX - 2 * MARGIN_PX
+    step = WindowPlan.step
     out = np.zeros(len(vessels.vessels), bool)
     for i, v in enumerate(vessels.vessels):
         cx, cy = v.centroid
@@ -253,23 +253,10 @@ def _on_windows(vessels: VesselAnalysis, origins: np.ndarray, ood: np.ndarray, s
 
 
 def segmenter_windows(slide: Slide, tissue: TissueMask | None, card: SegmenterCard) -> tuple[np.ndarray, int]:
-    """((W, 2) origins in map px of the windows ``model.segmenter.segment_slide`` runs, in its order; the step).
-
-    The same rule as there: windows of WINDOW_PX every WINDOW_PX - 2 MARGIN_PX map px that touch tissue."""
-    downsample = card.mpp / slide.mpp
-    w0, h0 = slide.dimensions
-    out_w, out_h = int(np.ceil(w0 / downsample)), int(np.ceil(h0 / downsample))
-    step = WINDOW_PX - 2 * MARGIN_PX
-    origins = [(x, y) for y in range(0, out_h, step) for x in range(0, out_w, step)
-               if tissue is None or _touches(tissue, x, y, step, downsample)]
-    return np.array(origins, np.int64).reshape(-1, 2), step
-
-
-def _touches(tissue: TissueMask, x: int, y: int, step: int, downsample: float) -> bool:
-    scale = downsample / tissue.downsample
-    r0, c0 = int(y * scale), int(x * scale)
-    r1, c1 = int(np.ceil((y + step) * scale)) + 1, int(np.ceil((x + step) * scale)) + 1
-    return bool(tissue.tissue[r0:r1, c0:c1].any())
+    """((W, 2) origins in map px of the windows the segmenter runs on ``slide``, in the order it runs them; the step
+    between windows in map px): ``model.segmenter.plan_windows``, the one plan the segmenter follows."""
+    plan = plan_windows(slide, card, tissue)
+    return np.array(plan.windows(), np.int64).reshape(-1, 2), plan.step
 
 
 def match_rows(vessels: VesselAnalysis, probabilities: np.ndarray, outputs: list[str]) -> list[int]:
