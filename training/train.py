@@ -63,6 +63,7 @@ from calciscope.training.loaders import (
     train_loader,
 )
 from calciscope.training.mil import mil_head_for
+from calciscope.training.ood_reference import add_tile_reference
 from calciscope.training.selection import (
     SWA,
     FoldResult,
@@ -117,6 +118,7 @@ def fit(config: TrainConfig | None, *, resume: str | Path | None = None, show_pr
         final = run.root / "model"
         if best.directory / "model" != final:
             shutil.copytree(best.directory / "model", final, dirs_exist_ok=True)
+        add_tile_reference(final, data, next(f for f in folds if f.index == best.fold), config, precision)
         summary = {"folds": [r.metrics for r in results]}
         if len(results) > 1:
             summary["cross_validation"] = metrics.summarize_folds([r.metrics["val"] for r in results])
