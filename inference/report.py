@@ -261,4 +261,5 @@ def _model(result: SlideResult) -> dict[str, Any]:
         "metrics": [(label, _fmt(m.get("auroc")), _fmt(m.get("ece")))
                     for label, m in level.get("per_label", {}).items()],
         "metrics_unit": "slides" if held_out.get("slides") else "tiles",
+        "warnings": list(card.extra.get("warnings", [])),  # what training could not check (calibration ...)
     }

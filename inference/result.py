@@ -121,6 +121,7 @@ class SlideResult:
                 "head": card.head,
                 "synthetic_demo": card.synthetic_demo,
                 "intended_use": card.intended_use,
+                "training_warnings": list(card.extra.get("warnings", [])),  # e.g. calibration not checked
             },
             "tiling": {
                 "mpp": card.mpp,

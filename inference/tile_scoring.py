@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 
 from calciscope.data.datasets import GridTilesWithQC
 from calciscope.data.slides import cached_slide, safe_id
+from calciscope.data.stain import normalizer_from_spec
 from calciscope.data.tiling import TileGrid
 from calciscope.data.tissue import QC_COLUMNS
 from calciscope.errors import CheckpointError
@@ -53,7 +54,8 @@ def inference_backbone(model: torch.nn.Module) -> torch.nn.Module:
 class TileScorer:
     """A tile model ready to score: ``model`` is a checkpoint folder or ``"demo"`` (runtime torch), or an ONNX export
     or a folder holding ``model.onnx`` (runtime onnxruntime). ``model_path`` is what was loaded, ``score_tiles`` the
-    forward pass (uint8 (B, 3, H, W) → calibrated probabilities (B, L), or embeddings (B, D) for MIL)."""
+    forward pass (uint8 (B, 3, H, W) → calibrated probabilities (B, L), or embeddings (B, D) for MIL), after the
+    card's stain normalisation when it has one."""
 
     def __init__(self, model: str | Path, config: PredictConfig):
         self.config = config
@@ -62,6 +64,24 @@ class TileScorer:
         else:
             self._load_torch(model)
         self.labels = list(self.card.labels)
+        # a model trained on stain-normalised tiles (``data.stain_normalize``) sees them normalised to the same
+        # target here: every tile it scores (grid, vessel tiles, saliency) passes through ``normalize``
+        self.normalizer = normalizer_from_spec(self.card.extra.get("stain_normalize"))
+        self.score_tiles = self._normalized(self._forward)
+
+    def _normalized(self, forward: Callable[[torch.Tensor], np.ndarray]) -> Callable[[torch.Tensor], np.ndarray]:
+        if self.normalizer is None:
+            return forward
+        return lambda images: forward(torch.from_numpy(self.normalize(images.numpy(), channels_first=True)))
+
+    def normalize(self, tiles: np.ndarray, channels_first: bool = False) -> np.ndarray:
+        """uint8 tiles (B, H, W, 3), or (B, 3, H, W) with ``channels_first``, stain-normalised as in training (the
+        same array when the model was trained without)."""
+        if self.normalizer is None:
+            return tiles
+        hwc = tiles.transpose(0, 2, 3, 1) if channels_first else tiles
+        out = np.stack([self.normalizer.transform(np.ascontiguousarray(t)) for t in hwc])
+        return np.ascontiguousarray(out.transpose(0, 3, 1, 2)) if channels_first else out
 
     def _load_torch(self, model: str | Path) -> None:
         self.model_path = resolve_model(model)
@@ -79,7 +99,7 @@ class TileScorer:
         self.mean = torch.tensor(self.card.mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(self.card.std, dtype=torch.float32).view(1, 3, 1, 1)
         self.runner = None
-        self.score_tiles: Callable[[torch.Tensor], np.ndarray] = self._torch_tiles
+        self._forward: Callable[[torch.Tensor], np.ndarray] = self._torch_tiles
 
     def _load_onnx(self, model: str | Path) -> None:
         self.model_path = resolve_onnx_model(model)
@@ -91,7 +111,7 @@ class TileScorer:
         self.card = self.runner.card
         self.model = self.backbone = self.precision = None  # no torch model on this path
         self.model_sha256 = sha256_file(self.model_path)
-        self.score_tiles = self._onnx_tiles
+        self._forward = self._onnx_tiles
 
     @property
     def device(self) -> torch.device:
@@ -176,7 +196,7 @@ class TileScorer:
             return maps, images
         targets = np.array([self.labels.index(t.finding) for t in entries])
         scale = grid.size0_px / self.card.tile_px
-        computed = sal.saliency_maps(self.model, tiles, targets, self.card.mean, self.card.std,
+        computed = sal.saliency_maps(self.model, self.normalize(tiles), targets, self.card.mean, self.card.std,
                                      method=self.config.saliency, ig_steps=self.config.ig_steps,
                                      device=self.precision.device)
         for t, m in zip(entries, computed):
