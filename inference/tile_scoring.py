@@ -9,8 +9,8 @@ tile embeddings here; its attention head pools them (``mil_outputs``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
