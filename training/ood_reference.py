@@ -89,6 +89,8 @@ def tile_embeddings(model: torch.nn.Module, card: ModelCard, dataset, config, pr
     try:
         with torch.inference_mode():
             for inputs, _, idx in loader:
+                if isinstance(inputs, (tuple, list)):  # training.features.collate_embeddings: ((B, D),)
+                    inputs = inputs[0]
                 if inputs.ndim == 2:  # the dataset holds cached embeddings (a frozen encoder): they are the features
                     tap._rows.append(inputs.float().numpy())
                 else:
