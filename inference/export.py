@@ -59,9 +59,9 @@ def write_outputs(result: SlideResult, out_root: str | Path) -> Path:
             _write_png(tmp / name, rgb)
         write_json(tmp / "result.json", result.to_dict())
         write_tiles_csv(tmp / "tiles.csv", result)
-        write_json(tmp / "annotations.geojson", qupath_features(result))
+        write_json(tmp / "annotations.geojson", qupath_features(result), indent=None)
         if result.vessels is not None:
-            write_json(tmp / "vessels.geojson", vessel_features(result))
+            write_json(tmp / "vessels.geojson", vessel_features(result), indent=None)
             write_vessels_csv(tmp / "vessels.csv", result)
 
         (tmp / "report.html").write_text(render_report(result, images), encoding="utf-8")
