@@ -136,12 +136,14 @@ class Predictor:
         ood = self.ood.finish(grid, vessels)  # flags OOD vessels and restates adequacy without them
         qc = slide_qc(mask, QCConfig(), blurry_tile_fraction=float((qc_values[:, 0] < QCConfig().blur_laplacian_var).mean()))
 
+        routes = {}
         if self.card.head == "mil":
             probs, scores = self.tiles.mil_outputs(logits_or_emb)
             tile_probs = np.full((len(grid), len(self.labels)), np.nan, np.float32)
         else:
             tile_probs = scores = logits_or_emb
             probs = self.vessel_stage.slide_probabilities(tile_probs, vessels, self.aggregation)
+            routes = self.vessel_stage.routes(tile_probs, vessels)
         # 6 decimals everywhere (result.json, report, terminal), so no two outputs disagree in a shown digit
         probabilities = {label: round(float(p), 6) for label, p in zip(self.labels, probs)}
         top = self.tiles.top_tiles(grid, scores, tile_probs)
@@ -155,7 +157,7 @@ class Predictor:
             seconds=time.perf_counter() - start,
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), runtime=cfg.runtime,
             vessels=vessels, sampling=self.sampling, vessel_classifier=self.vessel_stage.classifier_info(),
-            settings=cfg.to_dict(), ood=ood,
+            settings=cfg.to_dict(), ood=ood, routes=routes,
         )
 
     def _cua(self, probabilities: dict[str, float], vessels=None, ood: OODCheck | None = None) -> dict[str, Any]:

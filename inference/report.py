@@ -109,8 +109,10 @@ def _findings(result: SlideResult) -> dict[str, Any]:
            f"mean of the top {agg['k']} tile probabilities" if agg["method"] == "topk" else
            "highest tile probability" if agg["method"] == "max" else
            f"{agg['quantile']:.0%} quantile of tile probabilities")
+    routes = [{"label": label, "vessels": _fmt(r["vessels"]), "grid": _fmt(r["grid"])}
+              for label, r in result.routes.items()]
     return {"rows": rows, "by_classifier": bool((result.vessel_classifier or {}).get("slide_probabilities")),
-            "how": how}
+            "how": how, "routes": routes}
 
 
 def _cua(result: SlideResult) -> dict[str, Any]:

@@ -5,7 +5,7 @@ Plain records: the scoring code fills them, the output writers (``inference.expo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +79,9 @@ class SlideResult:
     vessel_classifier: dict[str, Any] | None = None  # provenance of the per-vessel classifier, when one judged them
     settings: dict[str, Any] | None = None  # the resolved PredictConfig it was scored with
     ood: Any = None  # calciscope.inference.ood.OODCheck: is the slide unlike the networks' training data
+    # per finding whose slide map has a grid route: {"vessels": highest vessel probability, "grid": grid-tile slide
+    # probability} (inference.vessel_stage.VesselStage.routes)
+    routes: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
     def decisions(self) -> dict[str, bool]:
@@ -137,7 +140,8 @@ class SlideResult:
             "findings": {
                 label: {"probability": round(self.probabilities[label], 6),
                         "threshold": round(self.thresholds[label], 6),
-                        "decision": "positive" if self.decisions[label] else "negative"}
+                        "decision": "positive" if self.decisions[label] else "negative",
+                        **({"routes": self.routes[label]} if label in self.routes else {})}
                 for label in self.labels
             },
             "sampling": self.sampling,

@@ -148,6 +148,28 @@ class VesselStage:
                                tiling, self.labels, self.vessel_config, self.vessel_head, self.vessel_classifier,
                                self.artifact_classifier, precision=self.precision, progress=progress)
 
+    def grid_route(self, tile_probs: np.ndarray) -> np.ndarray | None:
+        """The tile model's slide probabilities over the grid tiles, by its card's own aggregation and slide map, when
+        the vessel classifier's slide map takes them (a finding with a grid route: see calibrate-slides)."""
+        classifier = self.vessel_classifier[1] if self.vessel_classifier is not None else None
+        if classifier is None or not any(m.get("grid") for m in classifier.slide_calibration.values()):
+            return None
+        return slide_probabilities(tile_probs, self.card)
+
+    def routes(self, tile_probs: np.ndarray, vessels: VesselAnalysis | None) -> dict[str, dict[str, float]]:
+        """Per finding with a grid route, what its slide probability combined: the highest listed vessel's probability
+        and the tile model's grid-tile slide probability (result.json ``findings.<finding>.routes``)."""
+        grid = self.grid_route(tile_probs) if self.sampling == "vessels" else None
+        if grid is None or vessels is None:
+            return {}
+        maps = self.vessel_classifier[1].slide_calibration
+        out = {}
+        for j, label in enumerate(self.labels):
+            if maps.get(label, {}).get("grid"):
+                top = max((v.probabilities[label] for v in vessels.vessels), default=0.0)
+                out[label] = {"vessels": round(float(top), 6), "grid": round(float(grid[j]), 6)}
+        return out
+
     def slide_probabilities(self, tile_probs: np.ndarray, vessels: VesselAnalysis | None,
                             aggregation: dict[str, Any]) -> np.ndarray:
         """Slide probabilities: the card's aggregation and calibration over the grid tiles ("grid"), the tiles centred
@@ -158,7 +180,8 @@ class VesselStage:
         vessel_tiles = vessels.tile_probs if vessels is not None else np.zeros((0, len(labels)), np.float32)
         if self.sampling == "vessels" and self.vessel_classifier is not None:
             found = np.array([[v.probabilities[k] for k in labels] for v in vessels.vessels], np.float64)
-            return from_vessels(found.reshape(-1, len(labels)), self.vessel_classifier[1], labels)
+            return from_vessels(found.reshape(-1, len(labels)), self.vessel_classifier[1], labels,
+                                self.grid_route(tile_probs))
         if self.sampling == "vessels" and self.vessel_head is not None:
             return self.vessel_head.slide_probabilities(
                 np.array([[v.probabilities[k] for k in labels] for v in vessels.vessels], np.float32))

@@ -55,11 +55,14 @@ def logit(p) -> np.ndarray:
 
 
 def apply_slide_calibration(slide_scores: np.ndarray, calibration: Mapping[str, Mapping[str, float]],
-                            labels: Sequence[str]) -> np.ndarray:
+                            labels: Sequence[str], grid: np.ndarray | None = None) -> np.ndarray:
     """Aggregated scores (L,) or (S, L), columns named by ``labels`` → calibrated slide probabilities.
 
     ``calibration`` is {label: {"a": slope, "b": intercept}} (a card's ``slide_calibration``); labels it does
-    not name pass through unchanged, so an empty mapping is the identity.
+    not name pass through unchanged, so an empty mapping is the identity. A vessel classifier's map may add
+    ``"grid": weight``, a second route to the finding that needs no vessel outline (the exclusion finding,
+    vasculitis: an infiltrate round a vessel the segmenter missed): ``z = a · logit(score) + grid · logit(g) + b``
+    with ``g`` the tile model's own slide probability over the grid tiles (``grid``, same shape as the scores).
     """
     scores = np.asarray(slide_scores, dtype=np.float64)
     if scores.shape[-1] != len(labels):
@@ -69,16 +72,21 @@ def apply_slide_calibration(slide_scores: np.ndarray, calibration: Mapping[str, 
         params = calibration.get(label)
         if params:
             z = float(params["a"]) * logit(scores[..., j]) + float(params["b"])
+            if params.get("grid"):
+                if grid is None:
+                    raise CalciscopeError(f"the slide map of {label!r} has a grid route: it needs the tile model's "
+                                          f"slide probabilities over the grid tiles")
+                z = z + float(params["grid"]) * logit(np.asarray(grid, np.float64)[..., j])
             out[..., j] = 0.5 * (1.0 + np.tanh(0.5 * z))  # sigmoid, without overflow warnings
     return out
 
 
 def slide_from_vessels(vessel_probs: np.ndarray, calibration: Mapping[str, Mapping[str, float]],
-                       labels: Sequence[str]) -> np.ndarray:
+                       labels: Sequence[str], grid: np.ndarray | None = None) -> np.ndarray:
     """(L,) slide probabilities from (N, L) calibrated per-vessel probabilities: the highest per finding (0 without
-    vessels), through ``calibration`` (see ``apply_slide_calibration``)."""
+    vessels), through ``calibration`` (see ``apply_slide_calibration``; ``grid``: the grid route's input)."""
     top = np.asarray(vessel_probs, np.float64).max(axis=0) if len(vessel_probs) else np.zeros(len(labels))
-    return apply_slide_calibration(top, calibration, labels)
+    return apply_slide_calibration(top, calibration, labels, grid)
 
 
 def slide_probabilities(tile_probs: np.ndarray, card, *, method: str | None = None, k: int | None = None,

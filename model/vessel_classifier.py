@@ -125,7 +125,8 @@ class ClassifierCard(CardBase):
     temperature: dict[str, float] = field(default_factory=dict)  # per finding; logits are divided by it
     # per-vessel Youden thresholds on validation, for reference (per-vessel calls use VESSEL_POSITIVE, 0.5)
     thresholds: dict[str, float] = field(default_factory=dict)
-    # {label: {"a", "b"}}: logistic map from a slide's highest calibrated vessel probability to a slide probability
+    # {label: {"a", "b"[, "grid"]}}: logistic map from a slide's highest calibrated vessel probability (and, with
+    # "grid", the tile model's grid-tile slide probability: model.aggregate.apply_slide_calibration) to a slide one
     slide_calibration: dict[str, dict[str, float]] = field(default_factory=dict)
     slide_thresholds: dict[str, float] = field(default_factory=dict)  # on calibrated slide probabilities; else 0.5
     # segmenter outlines with a mean probability from this up to the segmenter's own filter are judged too (see
@@ -253,8 +254,10 @@ def classify_vessels(slide: Slide, polygons: list[np.ndarray], outer_um: np.ndar
     return calibrated(np.vstack(logits), card)
 
 
-def slide_probabilities(vessel_probs: np.ndarray, card: ClassifierCard, labels: list[str] | None = None) -> np.ndarray:
+def slide_probabilities(vessel_probs: np.ndarray, card: ClassifierCard, labels: list[str] | None = None,
+                        grid: np.ndarray | None = None) -> np.ndarray:
     """(L,) slide probabilities from (N, L) calibrated vessel probabilities (columns ``labels``, default the card's):
-    the highest per finding (0 without vessels), through the card's ``slide_calibration``."""
+    the highest per finding (0 without vessels), through the card's ``slide_calibration`` (``grid``: the tile
+    model's slide probabilities over the grid tiles, for findings whose map has a grid route)."""
     return slide_from_vessels(vessel_probs, card.slide_calibration,
-                              list(card.labels if labels is None else labels)).astype(np.float32)
+                              list(card.labels if labels is None else labels), grid).astype(np.float32)

@@ -119,25 +119,43 @@ def fit_platt(scores, y_true, *, prior_sd: float = 3.0) -> tuple[float, float]:
     ((a - 1)² + b²) / (2 prior_sd²) centred on the identity map, so perfectly separated scores still give a finite,
     deterministic fit. One class only: the identity (1, 0).
     """
+    a, b = _penalised_logistic([scores], y_true, prior_sd)
+    return a, b
+
+
+def fit_platt_with_grid(scores, grid, y_true, *, prior_sd: float = 3.0) -> tuple[float, float, float]:
+    """Slope a > 0, grid weight g ≥ 0 and intercept b of p = sigmoid(a * logit(score) + g * logit(grid) + b): the
+    Platt map with a second, monotone input (``model.aggregate.apply_slide_calibration``'s grid route), under the
+    same prior (centred on a = 1, g = 0, b = 0). One class only: (1, 0, 0)."""
+    a, g, b = _penalised_logistic([scores, grid], y_true, prior_sd)
+    return a, g, b
+
+
+def _penalised_logistic(inputs, y_true, prior_sd: float) -> tuple[float, ...]:
+    """Weights (first input's centred on 1, the others' on 0, all ≥ 0 or > 0) and intercept (last) of a logistic
+    regression on the logits of ``inputs``, by penalised maximum likelihood."""
     # imported here: scipy.optimize takes about 0.3 s to import, and inference modules that import this one for
     # other helpers should not pay it
     from scipy.optimize import minimize
 
-    x, y = logit(to_numpy(scores).ravel()), to_numpy(y_true).ravel()
-    if x.shape != y.shape:
-        raise CalciscopeError(f"{x.size} scores but {y.size} labels")
+    x = np.stack([logit(to_numpy(v).ravel()) for v in inputs], axis=1)
+    y = to_numpy(y_true).ravel()
+    if x.shape[0] != y.shape[0]:
+        raise CalciscopeError(f"{x.shape[0]} scores but {y.size} labels")
+    centre = np.zeros(x.shape[1] + 1)
+    centre[0] = 1.0
     if not 0 < y.sum() < len(y):
-        return 1.0, 0.0
+        return tuple(float(v) for v in centre)
+    design = np.column_stack([x, np.ones(len(y))])
 
     def objective(theta):
-        a, b = theta
-        z = a * x + b
+        z = design @ theta
         nll = np.sum(np.logaddexp(0.0, z) - y * z)
         p = 0.5 * (1.0 + np.tanh(0.5 * z))
-        grad = np.array([np.sum((p - y) * x), np.sum(p - y)])
-        prior = ((a - 1.0) ** 2 + b**2) / (2 * prior_sd**2)
-        return nll + prior, grad + np.array([a - 1.0, b]) / prior_sd**2
+        prior = np.sum((theta - centre) ** 2) / (2 * prior_sd**2)
+        return nll + prior, design.T @ (p - y) + (theta - centre) / prior_sd**2
 
-    result = minimize(objective, np.array([1.0, 0.0]), jac=True, method="L-BFGS-B",
-                      bounds=[(1e-3, 1e3), (None, None)], options={"ftol": 1e-12, "gtol": 1e-9})
-    return float(result.x[0]), float(result.x[1])
+    bounds = [(1e-3, 1e3)] + [(0.0, 1e3)] * (x.shape[1] - 1) + [(None, None)]
+    result = minimize(objective, centre, jac=True, method="L-BFGS-B", bounds=bounds,
+                      options={"ftol": 1e-12, "gtol": 1e-9})
+    return tuple(float(v) for v in result.x)

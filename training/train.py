@@ -290,7 +290,7 @@ class TileTrainer(Trainer):
         """The epoch's row; its score is the validation macro AUROC (minus the loss where AUROC is undefined)."""
         logits, y, positions = predict_logits(self.model, eval_loader(self.val_set, self.config, self.data.collate),
                                               self.precision, self.mean, self.std)
-        probs = 1 / (1 + np.exp(-logits))
+        probs = 0.5 * (1.0 + np.tanh(0.5 * logits))  # the sigmoid, without exp overflow warnings
         val = metrics.multilabel_metrics(y, probs, self.data.labels)
         self.val_counts = {"n": int(len(y)), "min_class": int(min(y.sum(0).min(), (1 - y).sum(0).min()))}
         slides = slide_auroc(probs, self.data, self.val_set, positions, self.config)

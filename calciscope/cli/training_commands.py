@@ -148,20 +148,25 @@ def calibrate_slides(
     data: list[Path] = typer.Option(..., "--data", help="Manifest of labelled slides the classifier never saw "
                                     "(repeat for several)."),
     model: str = typer.Option("demo", "--model", help="The model (tile model and segmenter) predict runs with."),
+    grid_route: list[str] = typer.Option([], "--grid-route", help="A finding whose slide map also takes the tile "
+                                         "model's grid-tile slide probability, so it needs no vessel outline "
+                                         "(e.g. vasculitis; repeat for several)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
 ):
     """Refit a vessel classifier's slide map (highest vessel probability → slide probability) on labelled slides:
     predict scores each slide with this classifier, and a Platt map per finding is fit to the slide labels and written
-    into the classifier's card. Slide AUROC per finding is unchanged; probabilities and the CUA-pattern score move."""
+    into the classifier's card. Slide AUROC per finding is unchanged (except with --grid-route); probabilities and the
+    CUA-pattern score move."""
     from calciscope.inference.calibrate_slides import calibrate_slides as refit
 
-    record = refit(model, classifier, data, None if quiet else (lambda line: console.print(line, highlight=False)))
+    record = refit(model, classifier, data, None if quiet else (lambda line: console.print(line, highlight=False)),
+                   grid_route=grid_route)
     table = Table(title=f"slide map of {classifier.name}, fit on {record['n_slides']} slides of "
                         f"{', '.join(record['data'])}")
-    for column in ("finding", "positives", "a", "b", "ECE before", "ECE after", "Brier before", "Brier after"):
+    for column in ("finding", "positives", "a", "b", "grid", "ECE before", "ECE after", "Brier before", "Brier after"):
         table.add_column(column, justify="right" if column != "finding" else "left")
     for k, m in record["per_label"].items():
-        table.add_row(k, str(m["positives"]), *(f"{m[c]:.3f}" if c in m else "-" for c in "ab"),
+        table.add_row(k, str(m["positives"]), *(f"{m[c]:.3f}" if c in m else "-" for c in ("a", "b", "grid")),
                       *(f"{m[f]:.3f}" for f in ("ece_before", "ece_after", "brier_before", "brier_after")))
     out.print(table)
     kept = [k for k, m in record["per_label"].items() if m["kept_previous_map"]]

@@ -157,3 +157,50 @@ def test_calibrate_slides_refits_the_slide_map_predict_then_uses(capsys, tmp_pat
     unlabelled.write_text(f"slide_id,path\nx,{held_out_manifest.parent / rows[0]['path']}\n")
     with pytest.raises(CalciscopeError, match="unlabelled.csv"):
         calibrate_slides("demo", folder, [unlabelled])
+
+
+def test_a_grid_route_lets_vasculitis_reach_the_slide_without_an_outline(capsys, tmp_path, held_out_manifest):
+    """calibrate-slides --grid-route vasculitis fits vasculitis' slide map on two inputs, the highest listed vessel's
+    probability and the tile model's grid-tile slide probability (weight >= 0), and only vasculitis'; predict then
+    combines them as the map says and shows both routes in result.json. A finding the classifier does not have is
+    refused by name."""
+    import csv
+    import json
+    import shutil
+
+    from calciscope.inference.predict import PredictConfig, Predictor
+    from calciscope.model.aggregate import apply_slide_calibration, slide_probabilities
+    from calciscope.model.vessel_classifier import load_classifier
+
+    folder = shutil.copytree(demo_model_dir() / "vessels" / "classifier", tmp_path / "classifier")
+    rows = list(csv.DictReader(open(held_out_manifest)))
+    vasculitis = [r for r in rows if r["vasculitis"] == "1"][:3] + [r for r in rows if r["vasculitis"] == "0"][:3]
+    six = held_out_manifest.parent / "six_vasculitis.csv"
+    with open(six, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(vasculitis)
+    code, _, stderr = run_cli(capsys, "calibrate-slides", "--classifier", folder, "--data", six,
+                              "--grid-route", "necrosis", "--quiet")
+    assert code == 1 and "--grid-route necrosis: not a finding" in stderr
+    code, stdout, _ = run_cli(capsys, "calibrate-slides", "--classifier", folder, "--data", six,
+                              "--grid-route", "vasculitis", "--quiet")
+    assert code == 0, stdout
+    _, card = load_classifier(folder)
+    assert card.slide_calibration["vasculitis"]["grid"] >= 0
+    assert not any("grid" in m for k, m in card.slide_calibration.items() if k != "vasculitis")
+    record = card.metrics["slide_calibration"]["per_label"]["vasculitis"]
+    assert record["positives"] == 3 and record["auroc_after"] >= record["auroc_before"] - 1e-9
+
+    predictor = Predictor("demo", PredictConfig(workers=0, saliency="none", top_k=0, vessel_classifier=str(folder)))
+    result = predictor.predict(held_out_manifest.parent / vasculitis[0]["path"])
+    labels = predictor.labels
+    top = np.array([[v.probabilities[k] for k in labels] for v in result.vessels.vessels]).reshape(-1, len(labels))
+    top = top.max(axis=0) if len(top) else np.zeros(len(labels))
+    grid = slide_probabilities(result.tile_probs, predictor.card)
+    expected = apply_slide_calibration(top, card.slide_calibration, labels, grid)
+    assert [result.probabilities[k] for k in labels] == pytest.approx(expected.tolist(), abs=1e-6)
+    findings = json.loads(json.dumps(result.to_dict()["findings"]))
+    j = labels.index("vasculitis")
+    assert findings["vasculitis"]["routes"] == pytest.approx({"vessels": top[j], "grid": grid[j]}, abs=1e-6)
+    assert "routes" not in findings["thrombosis"]
