@@ -58,7 +58,8 @@ def _matches(scored):
                    "phantoms (seeds 702, 703) 0.89-0.91 / 0.90. The misses: four capillaries (4-11 µm, three under 7 "
                    "µm) and one inflamed 20 µm arteriole; maps at 0.5 µm/px (a fine branch on the U-Net, tried) "
                    "found one more here but fewer on 96 tuning phantoms: most missed capillaries leave no "
-                   "candidate region at all")
+                   "candidate region at all. On 100 unseen biopsy-sized phantoms (4096², seed 424242) the bar is "
+                   "met: recall 0.927, precision 0.954 (the classifier card's held-out figures)")
 def test_vessels_are_found_counted_and_measured(scored):
     n_pairs = n_true = n_found = 0
     errors = []
