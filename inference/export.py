@@ -70,7 +70,7 @@ def write_outputs(result: SlideResult, out_root: str | Path) -> Path:
 
 def _write_png(path: Path, rgb: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path), np.ascontiguousarray(rgb[..., ::-1]), [cv2.IMWRITE_PNG_COMPRESSION, 3]):
+    if not cv2.imwrite(str(path), np.ascontiguousarray(rgb[..., ::-1]), [cv2.IMWRITE_PNG_COMPRESSION, 1]):
         raise OSError(f"cannot write {path}")
 
 
@@ -155,8 +155,7 @@ def qupath_features(result: SlideResult) -> dict[str, Any]:
 
 def _ring(points: np.ndarray, dims: tuple[int, int]) -> list[list[float]]:
     """A closed GeoJSON ring (last point = first) in level-0 px, 0.1 px precision, clipped to the slide."""
-    pts = np.clip(np.asarray(points, np.float64), 0, [dims[0], dims[1]])
-    ring = [[round(float(x), 1), round(float(y), 1)] for x, y in pts]
+    ring = np.round(np.clip(np.asarray(points, np.float64), 0, [dims[0], dims[1]]), 1).tolist()
     if ring[0] != ring[-1]:
         ring.append(list(ring[0]))
     return ring

@@ -83,7 +83,8 @@ class OODCheck:
 class OODMonitor:
     """Taps on the networks of a ``Predictor`` that carry an OOD reference. Per slide: ``start()`` before the vessel
     stage, ``vessels_done(slide, tissue, vessels)`` after it, ``tiles_start()`` before the grid tiles stream,
-    ``finish(grid, vessels)`` after them."""
+    ``finish(grid, vessels)`` after them (or, with the grid tiles scored during the vessel stage,
+    ``take_tile_rows()`` around each of their batches and ``finish(grid, vessels, tile_rows)``)."""
 
     def __init__(self, tile_backbone: torch.nn.Module | None, tile_card, vessel_stage, *, collect: bool = False):
         self.collect = collect  # tap every network, with a reference or not (to fit references: inference.fit_ood)
@@ -137,8 +138,22 @@ class OODMonitor:
         if "tile_model" in self.taps:
             self.taps["tile_model"].clear()
 
-    def finish(self, grid: TileGrid, vessels: VesselAnalysis | None) -> OODCheck:
-        if "tile_model" in self.taps:
+    def take_tile_rows(self) -> np.ndarray | None:
+        """The tile model's feature rows since the last call, cleared (None without a tap): for grid tiles scored in
+        batches between the vessel networks' calls (``inference.tile_scoring.WindowTiles``)."""
+        tap = self.taps.get("tile_model")
+        if tap is None:
+            return None
+        rows = tap.take()
+        tap.clear()
+        return rows
+
+    def finish(self, grid: TileGrid, vessels: VesselAnalysis | None, tile_rows: np.ndarray | None = None) -> OODCheck:
+        """The slide's check; ``tile_rows``: the grid tiles' feature rows in grid order, when they were gathered
+        apart (else the tile model's tap holds them, from ``tiles_start``)."""
+        if tile_rows is not None:
+            self.features.rows["tile_model"] = tile_rows
+        elif "tile_model" in self.taps:
             self.features.rows["tile_model"] = self.taps["tile_model"].take()
         return check(self.refs, self.features, grid, vessels, self.missing)
 

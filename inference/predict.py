@@ -124,16 +124,22 @@ class Predictor:
                                              f"{self.card.mpp:g} µm/px ({self.card.tile_px} px tiles): nothing to score")
             report("tiles", 0, len(grid))
             thumbnail = slide.thumbnail(1024)
-            vessels = None
+            vessels = shared = tile_rows = None
             self.ood.start()
             if self.vessel_stage.segmenter is not None:
-                vessels = self.vessel_stage.run(slide, mask, self.score_tiles, self.tiling, report)
+                # the grid tiles are cut from the segmenter's windows as they are decoded: one decode for both
+                shared = self.tiles.window_tiles(grid, slide.level_downsamples[grid.level], self.ood.take_tile_rows,
+                                                 lambda done, total: report("tiles", done, total))
+                vessels = self.vessel_stage.run(slide, mask, self.score_tiles, self.tiling, report, on_windows=shared)
             self.ood.vessels_done(slide, mask, vessels)
+            if shared is not None:
+                logits_or_emb, qc_values, tile_rows = shared.finish(slide)
         sha = sha256 or sha256_file(slide_path)
-        self.ood.tiles_start()
-        logits_or_emb, qc_values = self.tiles.stream(slide_path, mpp, grid,
-                                                     lambda done, total: report("tiles", done, total))
-        ood = self.ood.finish(grid, vessels)  # flags OOD vessels and restates adequacy without them
+        if shared is None:
+            self.ood.tiles_start()
+            logits_or_emb, qc_values = self.tiles.stream(slide_path, mpp, grid,
+                                                         lambda done, total: report("tiles", done, total))
+        ood = self.ood.finish(grid, vessels, tile_rows)  # flags OOD vessels and restates adequacy without them
         qc = slide_qc(mask, QCConfig(), blurry_tile_fraction=float((qc_values[:, 0] < QCConfig().blur_laplacian_var).mean()))
 
         routes = {}

@@ -1,6 +1,7 @@
 """Tile scoring: the tile model loaded for inference, tiles streamed through it, top tiles and their saliency.
 
-Tiles stream from DataLoader workers in batches (no slide is ever held in memory); each tile's probability is
+Tiles stream from DataLoader workers in batches (no slide is ever held in memory), or, with the vessel stage on, are
+cut out of the segmenter's windows as they are decoded (``WindowTiles``); each tile's probability is
 ``sigmoid(logit / temperature)`` with the card's per-finding temperature. The forward pass runs in torch (a checkpoint
 folder; BatchNorm folded into the convolutions, channels_last, bf16 autocast where the CPU has it) or in onnxruntime
 on an ONNX export (``calciscope export``; CPU, fp32, no saliency: that needs gradients). An attention-MIL model gives
@@ -17,10 +18,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from calciscope.data.datasets import GridTilesWithQC
-from calciscope.data.slides import cached_slide, safe_id
+from calciscope.data.slides import Slide, cached_slide, safe_id
 from calciscope.data.stain import normalizer_from_spec
 from calciscope.data.tiling import TileGrid
-from calciscope.data.tissue import QC_COLUMNS
+from calciscope.data.tissue import QC_COLUMNS, tile_qc
 from calciscope.errors import CheckpointError
 from calciscope.inference import saliency as sal
 from calciscope.inference.config import PredictConfig
@@ -31,6 +32,7 @@ from calciscope.model.backbones import fold_batchnorm
 from calciscope.model.checkpoint import WEIGHTS_FILE, load_checkpoint
 from calciscope.model.demo import resolve_model
 from calciscope.model.precision import choose_precision, prepare_inputs, resolve_device
+from calciscope.model.segmenter import WindowPlan, tiles_in_windows
 
 Progress = Callable[[int, int], None]
 
@@ -42,6 +44,68 @@ def _collate(batch):
     qc = np.array([[item[1][c] for c in QC_COLUMNS] for item in batch], np.float32)
     return (torch.from_numpy(np.ascontiguousarray(tiles)), torch.from_numpy(qc),
             torch.tensor([item[2] for item in batch]))
+
+
+class WindowTiles:
+    """The grid tiles cut out of the vessel segmenter's windows as they are decoded (pass it as ``on_windows``) and
+    scored in batches as they gather: the slide is decoded once for both networks, with the same pixels a tile read
+    on its own gives (``model.segmenter.tiles_in_windows``). ``finish`` scores the rest, reading any tile no window
+    held, and returns what ``TileScorer.stream`` does plus the tile model's OOD feature rows in grid order.
+
+    ``take_rows()`` returns (and clears) the tile model's OOD feature rows since it was last called (None: no tap);
+    it is called around each batch, so tiles scored in between (vessel tiles) do not mix in."""
+
+    def __init__(self, scorer: TileScorer, grid: TileGrid, level_downsample: float,
+                 take_rows: Callable[[], np.ndarray | None], progress: Progress | None):
+        self.scorer, self.grid, self.level_downsample = scorer, grid, level_downsample
+        self.take_rows, self.progress = take_rows, progress
+        self.where: dict | None = None
+        self.queue: list[tuple[int, np.ndarray]] = []
+        self.out: np.ndarray | None = None
+        self.qc = np.zeros((len(grid), len(QC_COLUMNS)), np.float32)
+        self.rows: list[tuple[np.ndarray, np.ndarray]] = []
+        self.scored = np.zeros(len(grid), bool)
+
+    def __call__(self, plan: WindowPlan, windows: list[tuple[int, int]], rgb: np.ndarray) -> None:
+        if self.where is None:
+            self.where = tiles_in_windows(self.grid, plan, self.level_downsample)
+        px = self.grid.config.tile_px
+        for xy, image in zip(windows, rgb):
+            for i, col, row in self.where.get(xy, ()):
+                self.queue.append((i, image[row : row + px, col : col + px].copy()))
+        size = self.scorer.config.batch_size
+        while len(self.queue) >= size:
+            self._score(size)
+
+    def finish(self, slide: Slide) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(calibrated probabilities or MIL embeddings, tile QC, OOD rows or None), all in grid order."""
+        queued = {i for i, _ in self.queue}
+        self.queue += [(int(i), self.grid.read(slide, int(i))) for i in np.flatnonzero(~self.scored)
+                       if int(i) not in queued]
+        while self.queue:
+            self._score(self.scorer.config.batch_size)
+        assert self.out is not None and self.scored.all()
+        rows = None
+        if self.rows and all(r is not None for _, r in self.rows):
+            rows = np.zeros((len(self.grid), self.rows[0][1].shape[1]), np.float32)
+            for idx, r in self.rows:
+                rows[idx] = r
+        return self.out, self.qc, rows
+
+    def _score(self, size: int) -> None:
+        batch, self.queue = self.queue[:size], self.queue[size:]
+        idx = np.array([i for i, _ in batch])
+        tiles = np.stack([t for _, t in batch])
+        self.take_rows()  # whatever the tile model scored since (vessel tiles) is not a grid tile's
+        y = self.scorer.score_tiles(torch.from_numpy(np.ascontiguousarray(tiles.transpose(0, 3, 1, 2))))
+        self.rows.append((idx, self.take_rows()))
+        if self.out is None:
+            self.out = np.zeros((len(self.grid), y.shape[1]), np.float32)
+        self.out[idx] = y
+        self.qc[idx] = [[values[c] for c in QC_COLUMNS] for values in map(tile_qc, tiles)]
+        self.scored[idx] = True
+        if self.progress is not None:
+            self.progress(int(self.scored.sum()), len(self.grid))
 
 
 def inference_backbone(model: torch.nn.Module) -> torch.nn.Module:
@@ -140,6 +204,11 @@ class TileScorer:
                 progress(done, len(grid))
         assert out is not None  # the grid is not empty
         return out, qc
+
+    def window_tiles(self, grid: TileGrid, level_downsample: float, take_rows: Callable[[], np.ndarray | None],
+                     progress: Progress | None) -> WindowTiles:
+        """A ``WindowTiles`` for ``grid``: pass it to the vessel stage as ``on_windows``, then call its ``finish``."""
+        return WindowTiles(self, grid, level_downsample, take_rows, progress)
 
     def _torch_tiles(self, images: torch.Tensor) -> np.ndarray:
         """uint8 tiles (B, 3, H, W) -> calibrated probabilities (B, L), or embeddings (B, D) for MIL, in torch."""

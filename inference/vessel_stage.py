@@ -26,7 +26,7 @@ from calciscope.inference.vessels import VesselAnalysis, VesselProgress, analyze
 from calciscope.model.aggregate import slide_probabilities
 from calciscope.model.card import ModelCard
 from calciscope.model.precision import choose_precision
-from calciscope.model.segmenter import for_inference, load_segmenter
+from calciscope.model.segmenter import WindowsSeen, for_inference, load_segmenter
 from calciscope.model.vessel_classifier import CARD_FILE as CLASSIFIER_CARD
 from calciscope.model.vessel_classifier import load_classifier
 from calciscope.model.vessel_classifier import slide_probabilities as from_vessels
@@ -140,13 +140,16 @@ class VesselStage:
         return {label: self.card.threshold(label) for label in self.labels}
 
     def run(self, slide: Slide, tissue: TissueMask, score_tiles: Callable[[torch.Tensor], np.ndarray],
-            tiling: TilingConfig, progress: VesselProgress | None = None) -> VesselAnalysis:
+            tiling: TilingConfig, progress: VesselProgress | None = None,
+            on_windows: WindowsSeen | None = None) -> VesselAnalysis:
         """Every vessel of ``slide`` found, measured, placed and judged (``score_tiles``: the tile model, for vessel
-        tiles when there is no vessel classifier); ``progress(step, done, total)`` as ``analyze_vessels`` reports."""
+        tiles when there is no vessel classifier); ``progress(step, done, total)`` as ``analyze_vessels`` reports;
+        ``on_windows`` sees the segmenter's decoded windows."""
         model, card = self.segmenter
         return analyze_vessels(slide, tissue, model, card, lambda tiles: score_tiles(torch.from_numpy(tiles)),
                                tiling, self.labels, self.vessel_config, self.vessel_head, self.vessel_classifier,
-                               self.artifact_classifier, precision=self.precision, progress=progress)
+                               self.artifact_classifier, precision=self.precision, progress=progress,
+                               on_windows=on_windows)
 
     def grid_route(self, tile_probs: np.ndarray) -> np.ndarray | None:
         """The tile model's slide probabilities over the grid tiles, by its card's own aggregation and slide map, when

@@ -38,7 +38,7 @@ from calciscope.data.vessels.frames import level0_to_mask_px, mask_px_to_level0
 from calciscope.data.vessels.match import polygon_distance
 from calciscope.data.vessels.sampling import vessel_grid
 from calciscope.model.precision import Precision
-from calciscope.model.segmenter import SegmenterCard
+from calciscope.model.segmenter import SegmenterCard, WindowsSeen
 from calciscope.model.vessel_classifier import ARTIFACT, VESSEL, ClassifierCard, classify_vessels
 from calciscope.model.vessel_detection import (
     COMPARTMENTS,
@@ -85,7 +85,8 @@ def analyze_vessels(slide: Slide, tissue: TissueMask, segmenter: torch.nn.Module
                     config: VesselConfig = VesselConfig(), head: VesselHead | None = None,
                     classifier: tuple[torch.nn.Module, ClassifierCard] | None = None,
                     artifact_classifier: tuple[torch.nn.Module, ClassifierCard] | None = None, *,
-                    precision: Precision | None = None, progress: VesselProgress | None = None) -> VesselAnalysis:
+                    precision: Precision | None = None, progress: VesselProgress | None = None,
+                    on_windows: WindowsSeen | None = None) -> VesselAnalysis:
     """Vessels of ``slide`` with their findings. With a vessel ``classifier`` (calciscope.model.vessel_classifier: model
     and card), each vessel's probabilities are its calibrated outputs and the tile model does not see vessel
     tiles; otherwise ``classify`` maps uint8 tiles (B, 3, H, W) to calibrated probabilities (B, L) and each vessel
@@ -95,12 +96,12 @@ def analyze_vessels(slide: Slide, tissue: TissueMask, segmenter: torch.nn.Module
 
     The networks run in ``precision`` (default: each as the tile model would on its device). ``progress(step, done,
     total)`` reports ``"windows"`` (segmenter windows run) and ``"vessels"`` (outlines judged by the classifiers, or
-    vessels whose tiles were scored)."""
+    vessels whose tiles were scored); ``on_windows`` sees the segmenter's decoded windows (``segment_bands``)."""
     start = time.perf_counter()
     report = progress or (lambda step, done, total: None)
     candidates_at = classifier[1].candidate_min_mean_probability if classifier is not None else None
     vessels, candidates, maps = detect_vessels(slide, tissue, segmenter, seg_card, config, candidates_at,
-                                               precision=precision,
+                                               precision=precision, on_windows=on_windows,
                                                progress=lambda done, total: report("windows", done, total))
     # crops judged: every outline by the vessel classifier (or every vessel by its tiles), then every listed vessel by
     # the artifact classifier (as many as the segmenter's vessels, until the listing says)

@@ -13,7 +13,9 @@ map does not depend on where the windows fall. Windows are decoded in a backgrou
 runs, in the precision the tile model runs in (``model.precision``: bf16 autocast on CPUs that have it,
 channels_last, BatchNorm folded by ``for_inference``). ``segment_bands`` hands the maps over one row of windows at a
 time (what ``predict`` uses: memory does not grow with the slide); ``segment_slide`` stitches them into whole-slide
-maps (training, evaluation, tests). Maps are uint8 (probability × 255), one byte per pixel.
+maps (training, evaluation, tests). Maps are uint8 (probability × 255), one byte per pixel. ``predict`` cuts the
+tile model's grid tiles out of the decoded windows (``on_windows``, ``tiles_in_windows``) where they are the same
+pixels, so each region of the slide is decoded once for both networks.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch
 from torch import nn
 
 from calciscope.data.slides import Slide
+from calciscope.data.tiling import TileGrid
 from calciscope.data.tissue import TissueMask
 from calciscope.data.vessels.instances import InstanceConfig
 from calciscope.model.backbones import fold_batchnorm
@@ -211,6 +214,10 @@ def inference_precision(model: nn.Module, amp: str = "auto") -> Precision:
     return choose_precision(amp, channels_last=True, device=device_of(model))
 
 
+# called with the plan, a batch of windows ((x, y) map px of their centres) and their WINDOW_PX² RGB pixels
+WindowsSeen = Callable[["WindowPlan", list[tuple[int, int]], np.ndarray], None]
+
+
 @dataclass
 class MapBand:
     """One row of windows' maps: uint8 (channels, rows, width) for map rows ``[y, y + rows)`` (zeros where no window
@@ -222,10 +229,12 @@ class MapBand:
 
 def segment_bands(slide: Slide, model: nn.Module, card: SegmenterCard, plan: WindowPlan, *,
                   precision: Precision | None = None, batch_size: int = 8,
-                  progress: Callable[[int, int], None] | None = None) -> Iterator[MapBand]:
+                  progress: Callable[[int, int], None] | None = None,
+                  on_windows: WindowsSeen | None = None) -> Iterator[MapBand]:
     """The segmenter's maps of ``slide``, one band per row of ``plan``, top to bottom: windows are decoded one batch
     ahead in a thread (openslide and OpenCV release the GIL) and run ``batch_size`` at a time, across rows.
-    ``progress(windows done, windows total)`` after each batch."""
+    ``progress(windows done, windows total)`` after each batch; ``on_windows(plan, windows, rgb)`` with each batch's
+    decoded pixels before it runs (``predict`` cuts the tile model's grid tiles out of them: one decode for both)."""
     precision = precision or inference_precision(model)
     windows = plan.windows()
     batches = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
@@ -241,6 +250,8 @@ def segment_bands(slide: Slide, model: nn.Module, card: SegmenterCard, plan: Win
         for b, batch in enumerate(batches):
             rgb = future.result()
             future = pool.submit(read, batches[b + 1]) if b + 1 < len(batches) else None
+            if on_windows is not None:
+                on_windows(plan, batch, rgb)
             pending.update(zip(batch, run_windows(model, card, rgb, precision)))
             done += len(batch)
             if progress is not None:
@@ -293,6 +304,37 @@ def read_window(slide: Slide, plan: WindowPlan, x: int, y: int) -> np.ndarray:
     x0, y0 = int(round((x - MARGIN_PX) * plan.downsample)), int(round((y - MARGIN_PX) * plan.downsample))
     region = slide.read_region((x0, y0), plan.level, (plan.read_px, plan.read_px))
     return cv2.resize(region, (WINDOW_PX, WINDOW_PX), interpolation=cv2.INTER_AREA)
+
+
+def tiles_in_windows(grid: TileGrid, plan: WindowPlan, level_downsample: float) -> dict[tuple[int, int], list]:
+    """Per window the plan runs, the grid tiles whose pixels it holds exactly, as [(tile index, column, row of the
+    tile's top-left in the window's WINDOW_PX² pixels)]; every tile in at most one window. Exactly: both are read
+    from the same level and shrunk by the same whole factor with the area filter (a block average), from blocks that
+    line up; otherwise (another level, a fractional factor, tiles off the windows' pixel lattice) no tile is listed
+    and the tiles are read on their own. ``level_downsample``: the downsample of ``plan.level``."""
+    factor = plan.read_px / WINDOW_PX
+    tile_px = grid.config.tile_px
+    if (grid.level != plan.level or factor != int(factor) or grid.read_px != int(factor) * tile_px
+            or plan.downsample != factor * level_downsample):
+        return {}
+    factor = int(factor)
+    run = {xy for xy in plan.windows()}
+    step = plan.step
+    found: dict[tuple[int, int], list] = {}
+    for i, (x0, y0) in enumerate(np.asarray(grid.xy, np.float64)):
+        if x0 % plan.downsample or y0 % plan.downsample:  # not on the windows' pixel lattice
+            continue
+        mx, my = int(x0 // plan.downsample), int(y0 // plan.downsample)  # the tile's top-left in map px
+        for wy in (my // step * step, my // step * step - step):
+            for wx in (mx // step * step, mx // step * step - step):
+                col, row = mx - wx + MARGIN_PX, my - wy + MARGIN_PX
+                if (wx, wy) in run and 0 <= col <= WINDOW_PX - tile_px and 0 <= row <= WINDOW_PX - tile_px:
+                    found.setdefault((wx, wy), []).append((i, col, row))
+                    break
+            else:
+                continue
+            break
+    return found
 
 
 def _touches_tissue(tissue: TissueMask, x: int, y: int, step: int, downsample: float) -> bool:

@@ -36,7 +36,8 @@ from calciscope.data.vessels.instances import (
 )
 from calciscope.data.vessels.measure import VesselGeometry, measure_vessel
 from calciscope.model.precision import Precision
-from calciscope.model.segmenter import MapBand, SegmenterCard, VesselMaps, WindowPlan, plan_windows, segment_bands
+from calciscope.model.segmenter import (MapBand, SegmenterCard, VesselMaps, WindowPlan, WindowsSeen, plan_windows,
+                                       segment_bands)
 
 VESSEL_POSITIVE = 0.5  # calibrated per-vessel probability at which a vessel counts as positive for a finding
 SIZE_BANDS = (("capillary", 0.0, 20.0), ("arteriole", 20.0, 100.0), ("artery", 100.0, float("inf")))
@@ -124,7 +125,8 @@ class StreamedMaps:
 
 def detect_vessels(slide: Slide, tissue: TissueMask, segmenter: torch.nn.Module, seg_card: SegmenterCard,
                    config: VesselConfig = VesselConfig(), candidates_at: float | None = None, *,
-                   precision: Precision | None = None, progress: Callable[[int, int], None] | None = None
+                   precision: Precision | None = None, progress: Callable[[int, int], None] | None = None,
+                   on_windows: WindowsSeen | None = None
                    ) -> tuple[list[VesselRecord], list[VesselRecord], StreamedMaps]:
     """(vessels, candidates, what the maps leave behind) of ``slide``: outlined, measured and placed, no findings yet.
 
@@ -132,11 +134,11 @@ def detect_vessels(slide: Slide, tissue: TissueMask, segmenter: torch.nn.Module,
     pass only that lower filter come back as candidates (a calcified or occluded vessel can look unlike the vessels
     the segmenter is sure of; the vessel classifier decides whether one is kept). Candidates number on after the
     vessels. The segmenter runs in ``precision`` (default: as the tile model would, ``inference_precision``);
-    ``progress(windows done, windows total)``."""
+    ``progress(windows done, windows total)``; ``on_windows`` sees each batch of decoded windows (``segment_bands``)."""
     plan = plan_windows(slide, seg_card, tissue)
     detector = BandDetector(slide, tissue, seg_card, plan, config, candidates_at)
     for band in segment_bands(slide, segmenter, seg_card, plan, precision=precision, batch_size=config.window_batch,
-                              progress=progress):
+                              progress=progress, on_windows=on_windows):
         detector.push(band)
     return detector.finish()
 

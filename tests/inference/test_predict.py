@@ -311,3 +311,46 @@ def test_guided_gradcam_explains_models_with_in_place_relus():
     reference = saliency_maps(model, tiles, targets, (0.5,) * 3, (0.25,) * 3)
     assert maps.shape == (2, 64, 64) and maps.max() == 1.0
     np.testing.assert_allclose(maps, reference, atol=1e-5)
+
+
+def test_grid_tiles_cut_from_the_segmenters_windows_are_the_tiles_read_on_their_own(phantom, cmu_svs):
+    """One decode for both networks (issue 19): every grid tile of a phantom lies in a segmenter window with the same
+    pixels, and predict's tile probabilities, tile QC and OOD feature rows (in grid order) are those of the tiles
+    streamed on their own. A slide whose grid and windows do not share a pixel lattice (the CMU scan, 0.499 µm/px)
+    has its tiles read on their own."""
+    from calciscope.data.slides import open_slide
+    from calciscope.data.tiling import make_grid
+    from calciscope.data.tissue import TissueConfig, detect_tissue
+    from calciscope.model.segmenter import plan_windows, read_window, tiles_in_windows
+
+    predictor = Predictor("demo", PredictConfig(workers=0, saliency="none"))
+    segmenter_card = predictor.vessel_stage.segmenter[1]
+    with open_slide(cmu_svs) as slide:
+        mask = detect_tissue(slide, TissueConfig())
+        grid = make_grid(slide, mask, predictor.tiling)
+        plan = plan_windows(slide, segmenter_card, mask)
+        assert len(grid) > 0 and tiles_in_windows(grid, plan, slide.level_downsamples[plan.level]) == {}
+    with open_slide(phantom.path) as slide:
+        mask = detect_tissue(slide, TissueConfig())
+        grid = make_grid(slide, mask, predictor.tiling)
+        plan = plan_windows(slide, segmenter_card, mask)
+        where = tiles_in_windows(grid, plan, slide.level_downsamples[plan.level])
+        listed = sorted(i for tiles in where.values() for i, _, _ in tiles)
+        assert listed == list(range(len(grid)))  # every tile, once
+        for (x, y), tiles in where.items():
+            window = read_window(slide, plan, x, y)
+            for i, col, row in tiles:
+                assert np.array_equal(window[row : row + 112, col : col + 112], grid.read(slide, i))
+        predictor.ood.start()
+        shared = predictor.tiles.window_tiles(grid, slide.level_downsamples[grid.level], predictor.ood.take_tile_rows,
+                                              None)
+        predictor.vessel_stage.run(slide, mask, predictor.score_tiles, predictor.tiling, on_windows=shared)
+        probs, qc, rows = shared.finish(slide)
+    predictor.ood.tiles_start()
+    streamed, streamed_qc = predictor.tiles.stream(phantom.path, None, grid, None)
+    streamed_rows = predictor.ood.taps["tile_model"].take()
+    np.testing.assert_allclose(probs, streamed, atol=1e-5)
+    assert np.array_equal(qc, streamed_qc)
+    assert rows.shape == streamed_rows.shape
+    np.testing.assert_allclose(rows, streamed_rows, rtol=1e-2, atol=1e-2)
+    assert np.corrcoef(rows.ravel(), streamed_rows.ravel())[0, 1] > 0.9999
