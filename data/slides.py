@@ -280,6 +280,20 @@ class Slide:
             raise SlideError(self.path, f"cannot decode pixels at level {level} ({x}, {y}): {_first_line(exc)}") from exc
         return _to_rgb(region)
 
+    def enlarge_tile_cache(self, capacity_bytes: int) -> bool:
+        """Give this slide a private OpenSlide cache of decoded tiles of ``capacity_bytes`` (OpenSlide's own: 32 MiB
+        per handle), for a reader that comes back to tiles it decoded a while ago (the vessel segmenter's next row of
+        windows). False where the backend has none (tiffslide, pillow) or the OpenSlide library is older than 4."""
+        if self.backend != "openslide" or self._handle is None:
+            return False
+        import openslide
+
+        try:
+            self._handle.set_cache(openslide.OpenSlideCache(int(capacity_bytes)))
+        except (AttributeError, openslide.OpenSlideError):  # openslide-python < 1.3, or OpenSlide < 4.0
+            return False
+        return True
+
     def read_downsampled(self, downsample: float, *, strip_px: int = 2048) -> np.ndarray:
         """The whole slide shrunk by ``downsample`` (relative to level 0), read in strips from the best level.
 
@@ -326,18 +340,10 @@ def cached_slide(path: str | Path, mpp: float | None = None) -> Slide:
 
 
 # -- backends ------------------------------------------------------------------------------------------------
-# OpenSlide's decoded-tile cache per slide (its default: 32 MiB, shared). Big enough for one row of the vessel
-# segmenter's windows across a slide 24,000 px wide, so the next row finds the tiles the two overlap in: ~30 % less
-# decoding; bounded, so memory does not grow with the slide.
-TILE_CACHE_BYTES = 128 << 20
-
-
 def _open_openslide(path: Path):
     import openslide
 
-    handle = openslide.OpenSlide(str(path))
-    handle.set_cache(openslide.OpenSlideCache(TILE_CACHE_BYTES))
-    return handle, "openslide"
+    return openslide.OpenSlide(str(path)), "openslide"
 
 
 def _open_tiffslide(path: Path):

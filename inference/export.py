@@ -155,7 +155,8 @@ def qupath_features(result: SlideResult) -> dict[str, Any]:
 
 def _ring(points: np.ndarray, dims: tuple[int, int]) -> list[list[float]]:
     """A closed GeoJSON ring (last point = first) in level-0 px, 0.1 px precision, clipped to the slide."""
-    ring = np.round(np.clip(np.asarray(points, np.float64), 0, [dims[0], dims[1]]), 1).tolist()
+    pts = np.clip(np.asarray(points, np.float64), 0, [dims[0], dims[1]]).tolist()
+    ring = [[round(x, 1), round(y, 1)] for x, y in pts]
     if ring[0] != ring[-1]:
         ring.append(list(ring[0]))
     return ring

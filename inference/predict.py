@@ -132,10 +132,10 @@ class Predictor:
                                                  lambda done, total: report("tiles", done, total))
                 vessels = self.vessel_stage.run(slide, mask, self.score_tiles, self.tiling, report, on_windows=shared)
             self.ood.vessels_done(slide, mask, vessels)
-            if shared is not None:
-                logits_or_emb, qc_values, tile_rows = shared.finish(slide)
         sha = sha256 or sha256_file(slide_path)
-        if shared is None:
+        if shared is not None:
+            logits_or_emb, qc_values, tile_rows = shared.finish(slide_path, mpp)
+        else:
             self.ood.tiles_start()
             logits_or_emb, qc_values = self.tiles.stream(slide_path, mpp, grid,
                                                          lambda done, total: report("tiles", done, total))

@@ -11,6 +11,7 @@ tile embeddings here; its attention head pools them (``mil_outputs``).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from calciscope.data.datasets import GridTilesWithQC
-from calciscope.data.slides import Slide, cached_slide, safe_id
+from calciscope.data.slides import cached_slide, safe_id
 from calciscope.data.stain import normalizer_from_spec
 from calciscope.data.tiling import TileGrid
 from calciscope.data.tissue import QC_COLUMNS, tile_qc
@@ -50,7 +51,8 @@ class WindowTiles:
     """The grid tiles cut out of the vessel segmenter's windows as they are decoded (pass it as ``on_windows``) and
     scored in batches as they gather: the slide is decoded once for both networks, with the same pixels a tile read
     on its own gives (``model.segmenter.tiles_in_windows``). ``finish`` scores the rest, reading any tile no window
-    held, and returns what ``TileScorer.stream`` does plus the tile model's OOD feature rows in grid order.
+    held (streamed as ``TileScorer.stream`` streams them), and returns what ``stream`` does plus the tile model's OOD
+    feature rows in grid order.
 
     ``take_rows()`` returns (and clears) the tile model's OOD feature rows since it was last called (None: no tap);
     it is called around each batch, so tiles scored in between (vessel tiles) do not mix in."""
@@ -77,19 +79,27 @@ class WindowTiles:
         while len(self.queue) >= size:
             self._score(size)
 
-    def finish(self, slide: Slide) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """(calibrated probabilities or MIL embeddings, tile QC, OOD rows or None), all in grid order."""
-        queued = {i for i, _ in self.queue}
-        self.queue += [(int(i), self.grid.read(slide, int(i))) for i in np.flatnonzero(~self.scored)
-                       if int(i) not in queued]
+    def finish(self, path: Path, slide_mpp: float | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(calibrated probabilities or MIL embeddings, tile QC, OOD rows or None), all in grid order: the queued
+        tiles scored, then the tiles no window held (a slide whose tiles are off the windows' pixel lattice: all of
+        them) streamed from the slide at ``path`` as ``TileScorer.stream`` does (decoding workers, memory bounded)."""
         while self.queue:
             self._score(self.scorer.config.batch_size)
-        assert self.out is not None and self.scored.all()
+        rest = np.flatnonzero(~self.scored)
+        if len(rest):
+            sub = replace(self.grid, xy=self.grid.xy[rest], colrow=self.grid.colrow[rest],
+                          tissue_fraction=self.grid.tissue_fraction[rest])
+            done = len(self.grid) - len(rest)
+            progress = None if self.progress is None else lambda n, _: self.progress(done + n, len(self.grid))
+            self.take_rows()
+            out, qc = self.scorer.stream(path, slide_mpp, sub, progress)
+            self._keep(rest, out, qc, self.take_rows())
         rows = None
         if self.rows and all(r is not None for _, r in self.rows):
             rows = np.zeros((len(self.grid), self.rows[0][1].shape[1]), np.float32)
             for idx, r in self.rows:
                 rows[idx] = r
+        assert self.out is not None and self.scored.all()
         return self.out, self.qc, rows
 
     def _score(self, size: int) -> None:
@@ -98,14 +108,17 @@ class WindowTiles:
         tiles = np.stack([t for _, t in batch])
         self.take_rows()  # whatever the tile model scored since (vessel tiles) is not a grid tile's
         y = self.scorer.score_tiles(torch.from_numpy(np.ascontiguousarray(tiles.transpose(0, 3, 1, 2))))
-        self.rows.append((idx, self.take_rows()))
-        if self.out is None:
-            self.out = np.zeros((len(self.grid), y.shape[1]), np.float32)
-        self.out[idx] = y
-        self.qc[idx] = [[values[c] for c in QC_COLUMNS] for values in map(tile_qc, tiles)]
-        self.scored[idx] = True
+        qc = np.array([[values[c] for c in QC_COLUMNS] for values in map(tile_qc, tiles)], np.float32)
+        self._keep(idx, y, qc, self.take_rows())
         if self.progress is not None:
             self.progress(int(self.scored.sum()), len(self.grid))
+
+    def _keep(self, idx: np.ndarray, y: np.ndarray, qc: np.ndarray, rows: np.ndarray | None) -> None:
+        if self.out is None:
+            self.out = np.zeros((len(self.grid), y.shape[1]), np.float32)
+        self.out[idx], self.qc[idx] = y, qc
+        self.rows.append((idx, rows))
+        self.scored[idx] = True
 
 
 def inference_backbone(model: torch.nn.Module) -> torch.nn.Module:

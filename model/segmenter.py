@@ -45,6 +45,9 @@ CARD_FILE = "segmenter.json"
 CHANNELS = ("vessel", "lumen", "calcium_artifact")
 WINDOW_PX = 512
 MARGIN_PX = 32
+# decoded JPEG tiles the slide keeps while it is segmented: one row of windows across a slide 24,000 px wide, so the
+# next row finds the tiles the two share (~30 % less decoding); bounded, so memory does not grow with the slide
+TILE_CACHE_BYTES = 128 << 20
 SCHEMA_VERSION = 2  # 2: the card base's fields (name, version, created, intended_use); 1 still reads
 
 
@@ -236,6 +239,7 @@ def segment_bands(slide: Slide, model: nn.Module, card: SegmenterCard, plan: Win
     ``progress(windows done, windows total)`` after each batch; ``on_windows(plan, windows, rgb)`` with each batch's
     decoded pixels before it runs (``predict`` cuts the tile model's grid tiles out of them: one decode for both)."""
     precision = precision or inference_precision(model)
+    slide.enlarge_tile_cache(TILE_CACHE_BYTES)
     windows = plan.windows()
     batches = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
     pending: dict[tuple[int, int], np.ndarray] = {}  # window -> its centre's maps, until its row is complete
