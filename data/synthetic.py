@@ -100,9 +100,17 @@ def _check_common(size_px, mpp) -> None:
         raise CalciscopeError(f"mpp must be a positive number of micrometres per pixel, got {mpp!r}")
 
 
-def _check_style(style) -> None:
-    if style not in STYLES:
-        raise CalciscopeError(f"style must be one of {', '.join(STYLES)}, got {style!r}")
+MIXED = "mixed"  # a dataset's style: every third slide (i % 3 == 2) classic, the others random
+
+
+def _check_style(style, allowed: tuple[str, ...] = STYLES) -> None:
+    if style not in allowed:
+        raise CalciscopeError(f"style must be one of {', '.join(allowed)}, got {style!r}")
+
+
+def slide_style(style: str, i: int) -> str:
+    """The drawing of slide ``i`` (0-based) of a dataset drawn in ``style``."""
+    return ("classic" if i % 3 == 2 else "random") if style == MIXED else style
 
 
 def _check_names(names, what: str) -> None:
@@ -348,11 +356,12 @@ def generate_dataset(out_dir, n_slides: int, *, size_px: int = 4096, mpp: float 
     Slide i (0-based) is named ``phantom_{i+1:04d}``; its labels and drawing seed come from
     SeedSequence([seed, i]), so slide i is the same whatever n_slides is. `slides_per_patient`
     consecutive slides share a patient id ``P0001``... `progress(done, n_slides)` is called after each slide.
-    `subcutis`, `calcium_artifacts` and `style` are passed to every slide (see generate_slide); when not at their
-    defaults the manifest gains a column ``subcutis`` (0) / ``calcium_artifact`` (1 when the slide has any).
+    `subcutis`, `calcium_artifacts` and `style` are passed to every slide (see generate_slide; `style` "mixed": every
+    third slide classic, the others random); when not at their defaults the manifest gains a column ``subcutis``
+    (0) / ``calcium_artifact`` (1 when the slide has any).
     """
     _check_common(size_px, mpp)
-    _check_style(style)
+    _check_style(style, STYLES + (MIXED,))
     if not isinstance(n_slides, (int, np.integer)) or n_slides < 1:
         raise CalciscopeError(f"n_slides must be an integer >= 1, got {n_slides!r}")
     if not isinstance(slides_per_patient, (int, np.integer)) or slides_per_patient < 1:
@@ -383,7 +392,7 @@ def generate_dataset(out_dir, n_slides: int, *, size_px: int = 4096, mpp: float 
         sid, pid = f"phantom_{i + 1:04d}", f"P{i // slides_per_patient + 1:04d}"
         slide = generate_slide(out, sid, labels, size_px=size_px, mpp=mpp, seed=slide_seed, patient_id=pid,
                                artifacts=artifacts, subcutis=subcutis, calcium_artifacts=calcium_artifacts,
-                               style=style)
+                               style=slide_style(style, i))
         drawn = drawn_artifacts(slide)
         flags = {"subcutis": 0, "calcium_artifact": int("calcium_artifact" in drawn)}
         labels = slide.labels  # as drawn

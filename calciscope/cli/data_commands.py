@@ -44,8 +44,9 @@ def synth(
     calcium_artifacts: float = typer.Option(0.0, "--calcium-artifacts", metavar="P",
                                             help="Probability that a calcified vessel gets a hole, tear or chatter."),
     style: str = typer.Option("random", "--style", help="random: each finding in one of its several real "
-                              "appearances (domain randomisation); classic: one drawing each, as the shipped demo "
-                              "model was trained on."),
+                              "appearances (domain randomisation); classic: one drawing each, as the shipped demo's "
+                              "first tile model was trained on; mixed: every third slide classic, the others "
+                              "random."),
 ):
     """Generate synthetic H&E phantom slides with ground-truth lesion polygons and a manifest."""
     from calciscope.data.synthetic import generate_dataset
