@@ -2,6 +2,7 @@
 recorded, the look is deterministic per seed, it changes how findings look and not where they are, and the
 classic style is still the drawing the shipped demo model was trained on."""
 
+import csv
 import hashlib
 import json
 
@@ -22,7 +23,9 @@ from calciscope.data.phantom.looks import (
 )
 from calciscope.data.phantom.raster import render_strip
 from calciscope.data.phantom.scene import build_scene
+from calciscope.data import synthetic
 from calciscope.data.synthetic import ALL_FINDINGS, generate_slide
+from calciscope.errors import CalciscopeError
 from calciscope.errors import CalciscopeError
 
 EVERY = dict.fromkeys(ALL_FINDINGS, 1)
@@ -153,3 +156,18 @@ def test_classic_style_draws_exactly_what_the_demo_model_was_trained_on():
 def test_unknown_style_is_refused(tmp_path):
     with pytest.raises(CalciscopeError, match="style"):
         generate_slide(tmp_path, "x", {}, size_px=512, style="fancy")
+
+
+def test_a_mixed_dataset_draws_every_third_slide_classic_and_the_others_randomised(tmp_path):
+    """synth --style mixed (the demo tile model's recipe): slides 1 and 2 randomised (their GeoJSON names each
+    vessel's appearance), slide 3 classic, byte for byte the slide a classic dataset of the same seed draws."""
+    mixed = synthetic.generate_dataset(tmp_path / "m", 3, size_px=1024, seed=5, style="mixed", artifacts=False)
+    classic = synthetic.generate_dataset(tmp_path / "c", 3, size_px=1024, seed=5, style="classic", artifacts=False)
+    rows = list(csv.DictReader(open(mixed)))
+    looks = [any("appearance" in f["properties"] for f in
+                 json.loads((mixed.parent / r["path"].replace(".tiff", ".vessels.geojson")).read_text())["features"])
+             for r in rows]
+    assert looks == [True, True, False]
+    assert (mixed.parent / rows[2]["path"]).read_bytes() == (classic.parent / rows[2]["path"]).read_bytes()
+    with pytest.raises(CalciscopeError, match="style must be one of random, classic, mixed"):
+        synthetic.generate_dataset(tmp_path / "x", 1, size_px=1024, style="painted")
