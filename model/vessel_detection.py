@@ -36,8 +36,15 @@ from calciscope.data.vessels.instances import (
 )
 from calciscope.data.vessels.measure import VesselGeometry, measure_vessel
 from calciscope.model.precision import Precision
-from calciscope.model.segmenter import (MapBand, SegmenterCard, VesselMaps, WindowPlan, WindowsSeen, plan_windows,
-                                       segment_bands)
+from calciscope.model.segmenter import (
+    MapBand,
+    SegmenterCard,
+    VesselMaps,
+    WindowPlan,
+    WindowsSeen,
+    plan_windows,
+    segment_bands,
+)
 
 VESSEL_POSITIVE = 0.5  # calibrated per-vessel probability at which a vessel counts as positive for a finding
 SIZE_BANDS = (("capillary", 0.0, 20.0), ("arteriole", 20.0, 100.0), ("artery", 100.0, float("inf")))

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import tifffile
 
+from calciscope.data import synthetic
 from calciscope.data.phantom.looks import (
     ARTERIOLOSCLEROSIS,
     CALCIUM_SITES,
@@ -23,9 +24,7 @@ from calciscope.data.phantom.looks import (
 )
 from calciscope.data.phantom.raster import render_strip
 from calciscope.data.phantom.scene import build_scene
-from calciscope.data import synthetic
 from calciscope.data.synthetic import ALL_FINDINGS, generate_slide
-from calciscope.errors import CalciscopeError
 from calciscope.errors import CalciscopeError
 
 EVERY = dict.fromkeys(ALL_FINDINGS, 1)
@@ -163,7 +162,8 @@ def test_a_mixed_dataset_draws_every_third_slide_classic_and_the_others_randomis
     vessel's appearance), slide 3 classic, byte for byte the slide a classic dataset of the same seed draws."""
     mixed = synthetic.generate_dataset(tmp_path / "m", 3, size_px=1024, seed=5, style="mixed", artifacts=False)
     classic = synthetic.generate_dataset(tmp_path / "c", 3, size_px=1024, seed=5, style="classic", artifacts=False)
-    rows = list(csv.DictReader(open(mixed)))
+    with open(mixed, newline="") as f:
+        rows = list(csv.DictReader(f))
     looks = [any("appearance" in f["properties"] for f in
                  json.loads((mixed.parent / r["path"].replace(".tiff", ".vessels.geojson")).read_text())["features"])
              for r in rows]
