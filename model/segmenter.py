@@ -322,7 +322,7 @@ def tiles_in_windows(grid: TileGrid, plan: WindowPlan, level_downsample: float) 
             or plan.downsample != factor * level_downsample):
         return {}
     factor = int(factor)
-    run = {xy for xy in plan.windows()}
+    run = set(plan.windows())
     step = plan.step
     found: dict[tuple[int, int], list] = {}
     for i, (x0, y0) in enumerate(np.asarray(grid.xy, np.float64)):
