@@ -31,6 +31,13 @@ AUROC medial, small-vessel, thrombosis, vasculitis):
 
 At this budget the randomised phantom is not yet learnt (0.71-0.83 on its own held-out tiles) and transfers worse
 than the classic one; the demo's own recipe (48 slides of 4096², 18 epochs, mining) is far larger.
+
+Demo candidates at the demo recipe's scale (``--demo-only --model runs/<run>/model``; 2026-12-06, 2-core EPYC):
+
+    configs/experiments/demo_mixed.yaml          -> second renderer      0.920  0.869  0.718  0.767
+    configs/experiments/demo_mixed_stage2.yaml   -> second renderer      0.923  0.900  0.661  0.686
+
+The README (Usage, the phantom) has the table with their figures on unseen classic phantoms.
 """
 
 from __future__ import annotations
@@ -71,8 +78,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="small sets and 2 epochs: checks the script runs")
     p.add_argument("--classic-baseline", action="store_true", help="also train on the classic phantom")
+    p.add_argument("--model", default="demo", help="the tile model scored in (a): the shipped demo, or a checkpoint "
+                   "folder (a demo candidate, configs/demo.yaml)")
     p.add_argument("--demo-only", action="store_true",
-                   help="only score the shipped demo tile model on the test sets (no training; a few minutes)")
+                   help="only score the --model tile model on the test sets (no training; a few minutes)")
     p.add_argument("--work", type=Path, default=None, help="keep the tiles and runs here (default: a temp dir)")
     p.add_argument("--json", type=Path, default=None, help="also write the AUROC table as JSON")
     return p
@@ -143,7 +152,7 @@ def main(args) -> dict:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         sets = make_sets(args, work)
-        models = {"shipped demo": "demo"}
+        models = {"shipped demo" if args.model == "demo" else str(args.model): args.model}
         for name, key in (("small on random phantom", "phantom-random-train"),
                           ("small on classic phantom", "phantom-classic-train"),
                           ("small on second renderer", "second-train")):

@@ -89,12 +89,17 @@ def network_cards(predictor: Predictor) -> dict[str, tuple[type, Path, object]]:
 
 
 def fit_ood(model: str | Path, data: Sequence[str | Path], calibration: Sequence[str | Path] = (), *,
-            description: str = "", seed: int = 0, allow_demo: bool = False,
+            description: str = "", seed: int = 0, allow_demo: bool = False, networks: Sequence[str] = (),
             progress: Progress | None = None) -> dict[str, OODReference]:
-    """Fit every network's OOD reference on the slides of ``data`` (manifests), calibrate it on ``calibration``
-    (else on a quarter of ``data``'s patients, held out), and write it into the network's card; returns them."""
+    """Fit every network's OOD reference (or only those named in ``networks``) on the slides of ``data``
+    (manifests), calibrate it on ``calibration`` (else on a quarter of ``data``'s patients, held out), and write it
+    into the network's card; returns them."""
     predictor = Predictor(model, PredictConfig(workers=0, saliency="none", top_k=1))
     cards = network_cards(predictor)
+    unknown = [n for n in networks if n not in cards]
+    if unknown:
+        raise CalciscopeError(f"--network {unknown[0]}: this model has {', '.join(cards)}")
+    cards = {k: v for k, v in cards.items() if not networks or k in networks}
     if not allow_demo:
         demo = demo_model_dir().resolve()
         shipped = [str(p) for _, p, _ in cards.values() if Path(p).resolve().is_relative_to(demo)]

@@ -30,6 +30,10 @@ shipped networks, trained before there was one, got theirs from the demo's train
 
     calciscope install-demo ood --data phantoms/demo_phantoms/manifest.csv \
         --calibration phantoms/ood_calibration/manifest.csv
+
+(``--network NAME``, repeatable, refits only those networks: a tile model retrained with its own reference keeps it.)
+``install-demo model ... --measured NAME=FILE`` puts more figures in the card (``metrics[NAME]``): another unseen
+set's ``evaluate`` metrics.json, or ``benchmarks/bench_transfer.py --json``'s table for the second renderer.
 """
 
 from __future__ import annotations
@@ -76,12 +80,15 @@ def resolve_segmenter(spec: str | Path) -> Path:
     return demo_model_dir() / "vessels" if str(spec) == "demo" else Path(spec)
 
 
-def install(source: str | Path, held_out: str | Path | None = None, segmenter: str | Path | None = None) -> Path:
+def install(source: str | Path, held_out: str | Path | None = None, segmenter: str | Path | None = None,
+            measured: dict[str, str | Path] | None = None) -> Path:
     """Copy a trained checkpoint into the package as the demo model, after checking it loads and is small.
 
     ``held_out``: a ``calciscope evaluate`` metrics.json on phantoms never used in training; it goes into the
-    card as ``metrics["held_out"]`` so the card carries what the model scored on unseen data. ``segmenter``: a
-    ``calciscope train-vessels`` folder, copied to ``demo/vessels/`` (it must load and be a synthetic demo).
+    card as ``metrics["held_out"]`` so the card carries what the model scored on unseen data. ``measured``: more
+    such figures, name -> JSON file (another held-out set, ``bench_transfer.py --json``), into ``metrics[name]``.
+    ``segmenter``: a ``calciscope train-vessels`` folder, copied to ``demo/vessels/`` (it must load and be a
+    synthetic demo).
     """
 
     source = Path(source)
@@ -90,8 +97,13 @@ def install(source: str | Path, held_out: str | Path | None = None, segmenter: s
         raise CalciscopeError(f"{source}: its card is not marked synthetic_demo; the demo model must be")
     _check_ood(source, card)
     target = Path(str(files("calciscope.model"))) / "demo"
-    if held_out is not None:
-        card.metrics = {**card.metrics, "held_out": json.loads(Path(held_out).read_text())}
+    figures = {"held_out": held_out} if held_out is not None else {}
+    figures.update(measured or {})
+    for name, path in figures.items():
+        if not Path(path).is_file():
+            raise CalciscopeError(f"{path}: no such metrics file (for the card's metrics[{name!r}])")
+    if figures:
+        card.metrics = {**card.metrics, **{k: json.loads(Path(v).read_text()) for k, v in figures.items()}}
         save_checkpoint(target, model, card)
     else:
         target.mkdir(exist_ok=True)

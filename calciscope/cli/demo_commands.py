@@ -54,11 +54,18 @@ def install_demo_model(
     model: Path = typer.Argument(..., help="A checkpoint folder marked synthetic_demo."),
     held_out: Optional[Path] = typer.Argument(None, help="An 'evaluate' metrics.json on phantoms it never saw."),
     segmenter: Optional[Path] = typer.Option(None, "--segmenter", help="A train-vessels folder to ship beside it."),
+    measured: list[str] = typer.Option([], "--measured", help="More figures for the card as NAME=FILE (an 'evaluate' "
+                                       "metrics.json, a bench_transfer.py --json table); repeatable."),
 ):
     """Copy a checkpoint (and its segmenter) into the package as the demo model."""
+    from calciscope.errors import CalciscopeError
     from calciscope.model.demo import install
 
-    out.print(str(install(model, held_out, segmenter=segmenter)), highlight=False, soft_wrap=True)
+    bad = [m for m in measured if "=" not in m or not m.split("=", 1)[0]]
+    if bad:
+        raise CalciscopeError(f"--measured {bad[0]}: give NAME=FILE")
+    figures = dict(m.split("=", 1) for m in measured)
+    out.print(str(install(model, held_out, segmenter=segmenter, measured=figures)), highlight=False, soft_wrap=True)
 
 
 @install_demo.command("classifier")
@@ -93,6 +100,8 @@ def install_demo_ood(
     data: list[Path] = typer.Option(..., "--data", help="The demo's training phantoms' manifest (repeat for several)."),
     calibration: list[Path] = typer.Option([], "--calibration", help="Manifest of phantoms no demo network trained on."),
     description: str = typer.Option("", "--description", help="What the slides are (recipe and seeds), for the cards."),
+    network: list[str] = typer.Option([], "--network", help="Fit only this network (tile_model, segmenter, "
+                                      "vessel_classifier, artifact_classifier; repeatable; default: all)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
 ):
     """Fit the out-of-distribution references of the shipped demo model, segmenter and classifiers (their cards
@@ -101,5 +110,6 @@ def install_demo_ood(
     from calciscope.inference.fit_ood import fit_ood
 
     progress = None if quiet else (lambda line: out.print(line, highlight=False))
-    refs = fit_ood("demo", data, calibration, description=description, allow_demo=True, progress=progress)
+    refs = fit_ood("demo", data, calibration, description=description, allow_demo=True, networks=network,
+                   progress=progress)
     out.print(ood_table(refs))

@@ -187,6 +187,8 @@ def fit_ood_cmd(
                                     "(repeat for several)."),
     calibration: list[Path] = typer.Option([], "--calibration", help="Manifest of slides no network trained on, to "
                                            "set the thresholds (default: a quarter of --data's patients)."),
+    network: list[str] = typer.Option([], "--network", help="Fit only this network (tile_model, segmenter, "
+                                      "vessel_classifier, artifact_classifier; repeatable; default: all)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
 ):
     """Fit the out-of-distribution reference of a model and of the vessel networks beside it from the slides they
@@ -194,7 +196,7 @@ def fit_ood_cmd(
     adds one to networks trained without it."""
     from calciscope.inference.fit_ood import fit_ood
 
-    refs = fit_ood(model, data, calibration, progress=_lines(quiet))
+    refs = fit_ood(model, data, calibration, networks=network, progress=_lines(quiet))
     out.print(ood_table(refs))
 
 

@@ -61,3 +61,15 @@ def test_install_demo_refuses_a_model_not_marked_synthetic_demo(capsys, tmp_path
     (mine / "model.json").write_text(json.dumps({**card, "synthetic_demo": False}))
     code, _, err = run_cli(capsys, "install-demo", "model", mine)
     assert code == 1 and "synthetic_demo" in err and len(err.strip().splitlines()) == 1
+
+
+def test_install_demo_names_a_bad_measured_figure_before_it_writes_anything(capsys, tmp_path):
+    from calciscope.model.demo import demo_model_dir
+
+    before = (demo_model_dir() / "model.json").read_bytes()
+    code, _, err = run_cli(capsys, "install-demo", "model", demo_model_dir(), "--measured", "second_renderer")
+    assert code == 1 and "--measured second_renderer: give NAME=FILE" in err
+    missing = tmp_path / "transfer.json"
+    code, _, err = run_cli(capsys, "install-demo", "model", demo_model_dir(), "--measured", f"second_renderer={missing}")
+    assert code == 1 and str(missing) in err and "metrics['second_renderer']" in err
+    assert (demo_model_dir() / "model.json").read_bytes() == before

@@ -175,6 +175,17 @@ def test_fit_ood_writes_every_networks_reference_and_refuses_the_shipped_demo(ca
     code, _, err = run_cli(capsys, "fit-ood", "--model", "demo", "--data", manifest)
     assert code == 1 and "install-demo ood" in err and len(err.strip().splitlines()) == 1
 
+    # --network: only the networks named are refit (a tile model retrained with its own reference keeps it)
+    fresh = tmp_path / "fresh"
+    shutil.copytree(demo_model_dir(), fresh)
+    code, _, err = run_cli(capsys, "fit-ood", "--model", fresh, "--data", manifest, "--network", "segmenter",
+                           "--quiet")
+    assert code == 0, err
+    assert SegmenterCard.from_json(fresh / "vessels" / "segmenter.json").ood().fit["data"]["reference_slides"] == 2
+    assert load_card(fresh).ood().fit == load_card(demo_model_dir()).ood().fit
+    code, _, err = run_cli(capsys, "fit-ood", "--model", fresh, "--data", manifest, "--network", "tile")
+    assert code == 1 and "--network tile: this model has tile_model, segmenter" in err
+
 
 def test_install_demo_refuses_a_network_without_a_reference(capsys, tmp_path):
     import shutil
