@@ -113,3 +113,37 @@ def cut_phantom_tiles(manifest, out_dir, *, mpp: float = 1.0, tile_px: int = 112
         w.writerows(table)
     os.replace(tmp, csv_path)
     return csv_path
+
+
+def cut_phantom_tile_sets(manifests, out_dir, seeds, **kwargs) -> Path:
+    """``cut_phantom_tiles`` for each manifest (into out_dir/<its folder name>/, with its seed: one seed for all or
+    one per manifest) and one ``out_dir/tiles.csv`` over all of them, in manifest order: paths relative to out_dir,
+    patient ids prefixed ``<seed>_`` so patients of different phantom sets never merge. The training recipe of a
+    tile model on several phantom sets (``calciscope phantom-tiles``)."""
+    manifests = [Path(m) for m in manifests]
+    seeds = [int(s) for s in seeds] or [0]
+    if len(seeds) == 1:
+        seeds = seeds * len(manifests)
+    if not manifests or len(seeds) != len(manifests):
+        raise CalciscopeError(f"phantom tiles: {len(manifests)} manifests and {len(seeds)} seeds; give one seed, or "
+                              f"one per manifest")
+    names = [m.parent.name for m in manifests]
+    if len(set(names)) != len(names):
+        raise CalciscopeError(f"phantom tiles: two manifests in folders of one name ({', '.join(names)}); each set "
+                              f"is written to out/<folder name>/")
+    out = Path(out_dir)
+    rows = []
+    for manifest, seed, name in zip(manifests, seeds, names):
+        csv_path = cut_phantom_tiles(manifest, out / name, seed=seed, **kwargs)
+        for row in csv.DictReader(open(csv_path, newline="")):
+            rows.append({**row, "path": f"{name}/{row['path']}", "patient_id": f"{seed}_{row['patient_id']}"})
+    if not rows:
+        raise CalciscopeError(f"phantom tiles: no tile in {', '.join(map(str, manifests))}")
+    csv_path = out / "tiles.csv"
+    tmp = csv_path.with_name(csv_path.name + ".tmp")
+    with open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, csv_path)
+    return csv_path

@@ -69,6 +69,21 @@ def synth(
     out.print(manifest)
 
 
+@app.command("phantom-tiles")
+def phantom_tiles(
+    data: list[Path] = typer.Option(..., "--data", help="A phantom manifest (calciscope synth); repeat for several."),
+    out_dir: Path = typer.Option(..., "--out", help="Folder for the tiles and one tiles.csv over all sets."),
+    seed: list[int] = typer.Option([0], "--seed", help="Seed of the tile centres' jitter and random tissue points: "
+                                   "one for all sets, or one per --data."),
+    random_per_slide: int = typer.Option(8, "--random-per-slide", help="Tiles at random tissue points per slide."),
+):
+    """Cut labelled 112 µm tiles (1 µm/px) around the vessels, confounders and random tissue of phantom slides: a
+    tile folder for ``train`` (data.source: tiles), labelled plainly positive or plainly negative per finding."""
+    from calciscope.data.phantom_tiles import cut_phantom_tile_sets
+
+    out.print(cut_phantom_tile_sets(data, out_dir, seed, random_per_slide=random_per_slide))
+
+
 @app.command()
 def tile(
     slides: list[Path] = typer.Argument(..., help="Slide files (.svs .tif .ndpi .mrxs .png .jpg ...)."),

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import run_cli
 
 import calciscope.data.tile_phantom as tile_phantom
 from calciscope.data.phantom_tiles import cut_phantom_tiles
@@ -79,3 +80,20 @@ def test_phantom_tiles_are_cut_around_vessels_with_the_lesions_as_labels(tmp_pat
     assert len(table) >= 30 and set(table.groups) == {"P0001"}
     assert (table.labels.sum(axis=0) >= 1).all() and (table.labels.sum(axis=1) == 0).sum() >= 10
     assert read_tile_image(table.paths[0], 112).shape == (112, 112, 3)
+
+
+def test_phantom_tiles_cli_writes_one_table_over_several_sets_and_names_a_bad_seed_count(capsys, tmp_path):
+    a = generate_dataset(tmp_path / "a", 2, size_px=1024, seed=42, artifacts=False, style="classic")
+    b = generate_dataset(tmp_path / "b", 2, size_px=1024, seed=43, artifacts=False)
+    code, _, err = run_cli(capsys, "phantom-tiles", "--data", a, "--data", b, "--out", tmp_path / "t",
+                           "--seed", "5", "--seed", "6")
+    assert code == 0, err
+    table = read_tile_table(tmp_path / "t" / "tiles.csv", list(FINDINGS))
+    alone = cut_phantom_tiles(b, tmp_path / "b_alone", seed=6).read_text().splitlines()[1:]
+    assert {g.split("_")[0] for g in table.groups} == {"5", "6"}
+    rows = (tmp_path / "t" / "tiles.csv").read_text().splitlines()[1:]
+    assert rows[-len(alone):] == [f"b/{r.split(',', 1)[0]},6_{r.split(',', 1)[1]}" for r in alone]
+    assert read_tile_image(table.paths[0], 112).shape == (112, 112, 3)
+    code, _, err = run_cli(capsys, "phantom-tiles", "--data", a, "--data", b, "--out", tmp_path / "u",
+                           "--seed", "1", "--seed", "2", "--seed", "3")
+    assert code == 1 and "2 manifests and 3 seeds" in err
