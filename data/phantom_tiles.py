@@ -134,9 +134,9 @@ def cut_phantom_tile_sets(manifests, out_dir, seeds, **kwargs) -> Path:
     out = Path(out_dir)
     rows = []
     for manifest, seed, name in zip(manifests, seeds, names):
-        csv_path = cut_phantom_tiles(manifest, out / name, seed=seed, **kwargs)
-        for row in csv.DictReader(open(csv_path, newline="")):
-            rows.append({**row, "path": f"{name}/{row['path']}", "patient_id": f"{seed}_{row['patient_id']}"})
+        with open(cut_phantom_tiles(manifest, out / name, seed=seed, **kwargs), newline="") as fh:
+            rows += [{**row, "path": f"{name}/{row['path']}", "patient_id": f"{seed}_{row['patient_id']}"}
+                     for row in csv.DictReader(fh)]
     if not rows:
         raise CalciscopeError(f"phantom tiles: no tile in {', '.join(map(str, manifests))}")
     csv_path = out / "tiles.csv"
