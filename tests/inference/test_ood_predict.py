@@ -57,6 +57,10 @@ def test_every_demo_network_carries_a_reference_fit_on_its_phantoms():
         assert ref is not None, name
         assert ref.unit == {"tile_model": "tile", "segmenter": "window"}.get(name, "vessel")
         assert ref.unit_false_alarm == 0.01 and ref.slide_false_alarm == 0.05
+        if name == "tile_model":  # fit by its training run (configs/demo.yaml): its tiles, its validation tiles
+            assert ref.fit["data"].startswith("training run: tiles") and ref.fit["validation_unit_false_alarm"] <= 0.02
+            continue
+        # the vessel networks': fit afterwards on the classic phantoms they were trained on (model/demo.py)
         assert "demo_phantoms/manifest.csv" in ref.fit["data"]["reference"]
         assert ref.fit["validation_slides_flagged"] == 0
 

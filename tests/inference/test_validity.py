@@ -16,7 +16,7 @@ from calciscope.data.synthetic import FINDINGS, generate_slide
 from calciscope.inference.predict import PredictConfig, Predictor
 from calciscope.inference.validity import HitCounts, lesion_hits, lesion_tile_fraction
 
-SEED = 5000  # configs/demo.yaml trains on seed 100 and is evaluated on 90210
+SEED = 5000  # configs/demo.yaml trains on seeds 100-102 and is evaluated on 90210
 VASCULAR = ("medial_calcification", "small_vessel_calcification", "thrombosis")
 
 

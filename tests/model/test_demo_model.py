@@ -9,7 +9,8 @@ from calciscope.model import load_checkpoint
 from calciscope.model.demo import MAX_BYTES, demo_model_dir, resolve_model
 from calciscope.inference.evaluate import evaluate_model
 
-HELD_OUT_SEED = 90_210  # never used by configs/demo.yaml (which trains on seed 100)
+HELD_OUT_SEED = 90_210  # never used by configs/demo.yaml (which trains on seeds 100, 101 and 102)
+SECOND_RENDERER_SEED = 7402  # benchmarks/bench_transfer.py's test tiles; no recipe draws with data.tile_phantom
 
 
 def test_demo_model_ships_small_and_labelled_as_synthetic():
@@ -75,9 +76,27 @@ def test_the_demo_scores_slides_from_its_vessels_and_evaluate_reports_what_predi
 
 def test_demo_model_finds_lesion_tiles_on_unseen_phantoms_and_is_calibrated(held_out_report):
     tiles = held_out_report["examples"]["per_label"]
-    for finding, m in tiles.items():  # measured (4096²): 0.918 (vasculitis), 0.948, 0.980, 0.994
+    for finding, m in tiles.items():  # measured (grid tiles): 0.994, 0.996, 0.960, 0.936 (0.1.0: 0.980 ... 0.918)
         assert m["auroc"] >= 0.88, (finding, m["auroc"])
-        assert m["ece"] <= 0.05, (finding, m["ece"])  # measured 0.007-0.014 after prior correction + temperature
+        assert m["ece"] <= 0.05, (finding, m["ece"])  # measured 0.004-0.011 after temperature
+
+
+@pytest.fixture(scope="module")
+def second_renderer_auroc(tmp_path_factory):
+    """The demo tile model on 800 tiles of the second, independently written renderer (data.tile_phantom)."""
+    from calciscope.data.tile_phantom import write_tile_set
+
+    tiles = write_tile_set(tmp_path_factory.mktemp("second_renderer"), 800, seed=SECOND_RENDERER_SEED)
+    report = evaluate_model("demo", tiles, tmp_path_factory.mktemp("second_renderer_eval"), workers=0)
+    return {k: m["auroc"] for k, m in report["examples"]["per_label"].items()}
+
+
+@pytest.mark.parametrize("finding", ["medial_calcification", "small_vessel_calcification", "thrombosis",
+                                     "vasculitis"])
+def test_demo_tile_model_recognises_findings_drawn_by_a_renderer_it_never_trained_on(second_renderer_auroc, finding):
+    """Leave-one-generator-out (issue 22's bar, 0.85 per finding). Measured: 0.978, 0.898, 0.935, 0.980; the tile
+    model trained on the classic phantom alone (0.1.0) scored 0.784, 0.793, 0.792, 0.344."""
+    assert second_renderer_auroc[finding] >= 0.85
 
 
 @pytest.mark.parametrize("finding", ["medial_calcification", "small_vessel_calcification", "thrombosis",
@@ -85,8 +104,8 @@ def test_demo_model_finds_lesion_tiles_on_unseen_phantoms_and_is_calibrated(held
 def test_demo_model_reaches_the_slide_level_bar_for_each_finding_on_unseen_phantoms(held_out_report, finding):
     """Slide probabilities of ``predict`` (the demo's vessel classifier: each finding's highest vessel probability,
     through its slide map). Measured on these 24 biopsy-sized slides: medial 1.000, small-vessel 0.993, thrombosis
-    1.000, vasculitis 1.000 (the grid tiles alone: 0.68-0.92). On 24 slides of 2048² (1 × 1 mm) vasculitis stayed
-    at 0.895: an inflamed 10-12 µm venule inside an infiltrate that the segmenter does not outline was a slide's
+    1.000, vasculitis 1.000 (the grid tiles alone: 0.68-0.92 with tile model 0.1.0, 0.99-1.00 with 0.2.0). On 24
+    slides of 2048² (1 × 1 mm) vasculitis stayed at 0.895: an inflamed 10-12 µm venule inside an infiltrate that the segmenter does not outline was a slide's
     only lesion on three of them; at 2 × 2 mm a slide has more than one."""
     assert held_out_report["slides"]["per_label"][finding]["auroc"] >= 0.95
 
