@@ -1,16 +1,14 @@
-"""The shipped demo model: a small CNN trained on phantom slides (``configs/demo.yaml``). Synthetic demo, not for
-clinical use.
+"""The shipped demo model: a small CNN trained on labelled tiles cut from phantom slides (``configs/demo.yaml``, which
+lists the whole recipe: phantoms, ``calciscope phantom-tiles``, train, evaluate, the transfer check, install).
+Synthetic demo, not for clinical use.
 
     calciscope train --config configs/demo.yaml
-    calciscope synth --out phantoms/held_out --n-slides 24 --size 2048 --seed 90210
-    calciscope evaluate --model runs/demo/model --data phantoms/held_out/manifest.csv --out runs/demo/held_out
-    calciscope install-demo model runs/demo/model runs/demo/held_out/metrics.json
+    calciscope evaluate --model runs/demo/model --data phantoms/held_out_classic/manifest.csv --out runs/demo/held_out
+    calciscope install-demo model runs/demo/model runs/demo/held_out/metrics.json \
+        --measured second_renderer=runs/demo/transfer.json
 
-Stage 2 (``configs/demo_vessels.yaml``) fine-tunes that model on grid plus vessel-centred tiles, and
-``configs/vessels.yaml`` trains the vessel segmenter that ships beside it in ``demo/vessels/``:
-
-    calciscope install-demo model runs/demo_vessels/model runs/demo_vessels/held_out/metrics.json \
-        --segmenter runs/vessels
+``configs/vessels.yaml`` and its stages (to ``configs/vessels_stage5.yaml``) train the vessel segmenter that ships
+beside it in ``demo/vessels/``; ``install-demo model ... --segmenter runs/vessels_stage5`` installs it with a model.
 
 ``configs/vessel_classifier.yaml`` trains the per-vessel classifier that ships in ``demo/vessels/classifier/``,
 whose slide map is then refit on 96 tuning phantoms (seeds 706 and 707; the config lists the whole recipe):
@@ -26,12 +24,15 @@ whose slide map is then refit on 96 tuning phantoms (seeds 706 and 707; the conf
     calciscope install-demo artifact-classifier runs/artifact_classifier
 
 Every network installed must carry an out-of-distribution reference (``model.ood``; the trainers fit one). The
-shipped networks, trained before there was one, got theirs from the demo's training phantoms (``configs/demo.yaml``):
+tile model's comes from its training run. The vessel networks, trained before there was one, got theirs from the
+classic phantoms they were trained on (weights unchanged):
 
+    calciscope synth --style classic --out phantoms/demo_phantoms --n-slides 48 --size 4096 --seed 100
+    calciscope synth --style classic --out phantoms/ood_calibration --n-slides 24 --size 4096 --seed 2100
     calciscope install-demo ood --data phantoms/demo_phantoms/manifest.csv \
-        --calibration phantoms/ood_calibration/manifest.csv
+        --calibration phantoms/ood_calibration/manifest.csv \
+        --network segmenter --network vessel_classifier --network artifact_classifier
 
-(``--network NAME``, repeatable, refits only those networks: a tile model retrained with its own reference keeps it.)
 ``install-demo model ... --measured NAME=FILE`` puts more figures in the card (``metrics[NAME]``): another unseen
 set's ``evaluate`` metrics.json, or ``benchmarks/bench_transfer.py --json``'s table for the second renderer.
 """

@@ -105,7 +105,7 @@ def install_demo_ood(
     quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
 ):
     """Fit the out-of-distribution references of the shipped demo model, segmenter and classifiers (their cards
-    change, their weights do not); see configs/demo.yaml."""
+    change, their weights do not); see model/demo.py."""
     from calciscope.cli.training_commands import ood_table
     from calciscope.inference.fit_ood import fit_ood
 
