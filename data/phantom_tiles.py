@@ -105,12 +105,16 @@ def cut_phantom_tiles(manifest, out_dir, *, mpp: float = 1.0, tile_px: int = 112
                 name = f"tiles/{row['slide_id']}_{j:04d}.png"
                 cv2.imwrite(str(out / name), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
                 table.append([name, row["patient_id"], *labels])
-    csv_path = out / "tiles.csv"
+    return _write_table(out / "tiles.csv", ["path", "patient_id", *FINDINGS], table)
+
+
+def _write_table(csv_path: Path, header: list[str], rows: list) -> Path:
+    """Write a CSV whole or not at all (a temporary file renamed into place)."""
     tmp = csv_path.with_name(csv_path.name + ".tmp")
     with open(tmp, "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["path", "patient_id", *FINDINGS])
-        w.writerows(table)
+        w.writerow(header)
+        w.writerows(rows)
     os.replace(tmp, csv_path)
     return csv_path
 
@@ -139,11 +143,4 @@ def cut_phantom_tile_sets(manifests, out_dir, seeds, **kwargs) -> Path:
                      for row in csv.DictReader(fh)]
     if not rows:
         raise CalciscopeError(f"phantom tiles: no tile in {', '.join(map(str, manifests))}")
-    csv_path = out / "tiles.csv"
-    tmp = csv_path.with_name(csv_path.name + ".tmp")
-    with open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, csv_path)
-    return csv_path
+    return _write_table(out / "tiles.csv", list(rows[0]), [list(r.values()) for r in rows])
