@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 from calciscope.data import dicom
+from calciscope.data.tiff_tiles import TiffTiles
 from calciscope.errors import SlideError
 
 OPENSLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".svslide"}
@@ -121,9 +122,10 @@ def safe_id(text: str, max_len: int = 120) -> str:
 class Slide:
     """A read-only whole-slide image. Use :func:`open_slide` to make one."""
 
-    def __init__(self, path: str | Path, mpp: float | None = None):
+    def __init__(self, path: str | Path, mpp: float | None = None, *, direct_tiles: bool = True):
         self.path = Path(path)
         self._mpp_override = mpp
+        self._direct_tiles = direct_tiles
         self._open()
 
     # -- lifecycle -------------------------------------------------------------------------------------------
@@ -177,6 +179,9 @@ class Slide:
         self.objective_power = _to_float(power)
         self._series_uid = props.get("dicom.SeriesInstanceUID") if self.vendor == "dicom" else None
         self._metadata_mpp = _metadata_mpp(props)
+        self._tiles = None
+        if self.backend == "openslide" and self._direct_tiles:
+            self._tiles = TiffTiles.open(file, self.level_dimensions, self.vendor, self._openslide_level_region)
         self._check_readable()
 
     def _check_readable(self) -> None:
@@ -191,6 +196,9 @@ class Slide:
             self.read_region((int(x * ds), int(y * ds)), level, (1, 1))
 
     def close(self) -> None:
+        if self._tiles is not None:
+            self._tiles.close()
+            self._tiles = None
         if self._handle is not None:
             self._handle.close()
             self._handle = None
@@ -202,10 +210,10 @@ class Slide:
         self.close()
 
     def __getstate__(self) -> dict:
-        return {"path": self.path, "mpp": self._mpp_override}
+        return {"path": self.path, "mpp": self._mpp_override, "direct_tiles": self._direct_tiles}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["path"], state["mpp"])
+        self.__init__(state["path"], state["mpp"], direct_tiles=state.get("direct_tiles", True))
 
     def __repr__(self) -> str:
         return f"Slide({str(self.path)!r}, backend={self.backend!r}, levels={self.level_count}, mpp={self.mpp_or_none})"
@@ -219,6 +227,13 @@ class Slide:
     def dimensions(self) -> tuple[int, int]:
         """Level-0 (width, height) in pixels."""
         return self.level_dimensions[0]
+
+    @property
+    def direct_tile_levels(self) -> tuple[int, ...]:
+        """The levels whose pixels are decoded straight from the file's tiles (``data.tiff_tiles``), not by OpenSlide."""
+        if self._tiles is None:
+            return ()
+        return tuple(i for i, level in enumerate(self._tiles.levels) if level is not None)
 
     @property
     def slide_id(self) -> str:
@@ -268,12 +283,21 @@ class Slide:
     def read_region(self, level0_xy: tuple[int, int], level: int, size_px: tuple[int, int]) -> np.ndarray:
         """RGB uint8 array (h, w, 3) of ``size_px`` = (w, h) pixels at ``level``, top-left at level-0 ``level0_xy``.
 
-        Pixels outside the slide or transparent in the file come back white (the colour of glass).
+        Pixels outside the slide or transparent in the file come back white (the colour of glass). A tiled TIFF's
+        tiles are decoded directly where that gives OpenSlide's pixels (``data.tiff_tiles``).
         """
         if self._handle is None:
             raise SlideError(self.path, "slide is closed")
         x, y = (int(v) for v in level0_xy)
         w, h = (int(v) for v in size_px)
+        level = int(level)
+        if self._tiles is not None and self._tiles.covers(level, x, y, self.level_downsamples[level]):
+            ds = int(self.level_downsamples[level])
+            try:
+                return self._tiles.read(level, x // ds, y // ds, w, h)
+            except Exception as exc:
+                raise SlideError(self.path, f"cannot decode pixels at level {level} ({x}, {y}): "
+                                            f"{_first_line(exc)}") from exc
         try:
             region = self._handle.read_region((x, y), int(level), (w, h))
         except Exception as exc:
@@ -283,9 +307,12 @@ class Slide:
     def enlarge_tile_cache(self, capacity_bytes: int) -> bool:
         """Give this slide a private OpenSlide cache of decoded tiles of ``capacity_bytes`` (OpenSlide's own: 32 MiB
         per handle), for a reader that comes back to tiles it decoded a while ago (the vessel segmenter's next row of
-        windows). False where the backend has none (tiffslide, pillow) or the OpenSlide library is older than 4."""
+        windows), and the same to the tiles decoded directly (``data.tiff_tiles``). False where the backend has none
+        (tiffslide, pillow) or the OpenSlide library is older than 4."""
         if self.backend != "openslide" or self._handle is None:
             return False
+        if self._tiles is not None:
+            self._tiles.set_cache_bytes(capacity_bytes)
         import openslide
 
         try:
@@ -293,6 +320,11 @@ class Slide:
         except (AttributeError, openslide.OpenSlideError):  # openslide-python < 1.3, or OpenSlide < 4.0
             return False
         return True
+
+    def _openslide_level_region(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        """OpenSlide's RGB of a region at ``level`` from level pixel (x, y) (the direct reader's check)."""
+        ds = self.level_downsamples[level]
+        return _to_rgb(self._handle.read_region((int(round(x * ds)), int(round(y * ds))), level, (w, h)))
 
     def read_downsampled(self, downsample: float, *, strip_px: int = 2048) -> np.ndarray:
         """The whole slide shrunk by ``downsample`` (relative to level 0), read in strips from the best level.
@@ -322,11 +354,12 @@ class Slide:
         return self.read_downsampled(max(self.dimensions) / max_px)
 
 
-def open_slide(path: str | Path, mpp: float | None = None) -> Slide:
-    """Open a slide of any supported format; ``mpp`` (µm/px at level 0) overrides the file's metadata."""
+def open_slide(path: str | Path, mpp: float | None = None, *, direct_tiles: bool = True) -> Slide:
+    """Open a slide of any supported format; ``mpp`` (µm/px at level 0) overrides the file's metadata.
+    ``direct_tiles=False`` reads every pixel through the backend (OpenSlide), never ``data.tiff_tiles``."""
     if mpp is not None and not (_MPP_RANGE[0] <= mpp <= _MPP_RANGE[1]):
         raise SlideError(path, f"mpp override {mpp} µm/px is outside the plausible range {_MPP_RANGE}")
-    return Slide(path, mpp=mpp)
+    return Slide(path, mpp=mpp, direct_tiles=direct_tiles)
 
 
 @lru_cache(maxsize=16)
