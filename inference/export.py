@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -55,16 +56,18 @@ def write_outputs(result: SlideResult, out_root: str | Path) -> Path:
                 saliency = result.saliency_maps.get((t.finding, t.rank))
                 if saliency is not None and t.saliency_file:
                     images[t.saliency_file] = overlay(result.top_tile_images[(t.finding, t.rank)], saliency)
-        for name, rgb in images.items():
-            _write_png(tmp / name, rgb)
-        write_json(tmp / "result.json", result.to_dict())
-        write_tiles_csv(tmp / "tiles.csv", result)
-        write_json(tmp / "annotations.geojson", qupath_features(result), indent=None)
-        if result.vessels is not None:
-            write_json(tmp / "vessels.geojson", vessel_features(result), indent=None)
-            write_vessels_csv(tmp / "vessels.csv", result)
-
-        (tmp / "report.html").write_text(render_report(result, images), encoding="utf-8")
+        # PNG encoding releases the GIL: two threads write the images while this one writes the tables and report
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            pngs = [pool.submit(_write_png, tmp / name, rgb) for name, rgb in images.items()]
+            write_json(tmp / "result.json", result.to_dict())
+            write_tiles_csv(tmp / "tiles.csv", result)
+            write_json(tmp / "annotations.geojson", qupath_features(result), indent=None)
+            if result.vessels is not None:
+                write_json(tmp / "vessels.geojson", vessel_features(result), indent=None)
+                write_vessels_csv(tmp / "vessels.csv", result)
+            (tmp / "report.html").write_text(render_report(result, images), encoding="utf-8")
+            for png in pngs:
+                png.result()
     return final
 
 
@@ -155,8 +158,11 @@ def qupath_features(result: SlideResult) -> dict[str, Any]:
 
 def _ring(points: np.ndarray, dims: tuple[int, int]) -> list[list[float]]:
     """A closed GeoJSON ring (last point = first) in level-0 px, 0.1 px precision, clipped to the slide."""
-    pts = np.clip(np.asarray(points, np.float64), 0, [dims[0], dims[1]]).tolist()
-    ring = [[round(x, 1), round(y, 1)] for x, y in pts]
+    pts = np.clip(np.asarray(points, np.float64), 0, [dims[0], dims[1]])
+    if np.array_equal(pts * 4, np.round(pts * 4)):  # quarter pixels (outlines traced at 2× or 4×): x·10 is exact,
+        ring = np.round(pts, 1).tolist()  # so numpy rounds as round(x, 1) does, ~20× faster
+    else:
+        ring = [[round(x, 1), round(y, 1)] for x, y in pts.tolist()]
     if ring[0] != ring[-1]:
         ring.append(list(ring[0]))
     return ring
