@@ -12,7 +12,9 @@ from __future__ import annotations
 import csv
 import json
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -41,34 +43,44 @@ ARTIFACT_COLOUR = (250, 200, 0)
 def write_outputs(result: SlideResult, out_root: str | Path) -> Path:
     """Write every output of one slide atomically into ``out_root/<slide_id>/``; returns that folder."""
     final = child_dir(out_root, result.slide_id)
-    with atomic_dir(final) as tmp:
-        images = {"thumbnail.png": result.thumbnail}
-        ood_tiles = getattr(result.ood, "tile_ood", None)
-        marked = result.grid.xy[ood_tiles] if ood_tiles is not None else None
-        for j, label in enumerate(result.labels):
-            top_xy = np.array([(t.x, t.y) for t in result.top_tiles.get(label, [])], dtype=np.int64)
-            kind = "attention" if result.score_kind == "attention" else "tile probability"
-            images[f"heatmap_{safe_id(label)}.png"] = heatmap_image(
-                result.thumbnail, result.slide.level_dimensions[0][0], result.grid.xy, result.grid.size0_px,
-                result.tile_scores[:, j], title=f"{label}: {kind}", highlight=top_xy, marked=marked)
-        for tiles in result.top_tiles.values():
-            for t in tiles:
-                saliency = result.saliency_maps.get((t.finding, t.rank))
-                if saliency is not None and t.saliency_file:
-                    images[t.saliency_file] = overlay(result.top_tile_images[(t.finding, t.rank)], saliency)
-        # PNG encoding releases the GIL: two threads write the images while this one writes the tables and report
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            pngs = [pool.submit(_write_png, tmp / name, rgb) for name, rgb in images.items()]
-            write_json(tmp / "result.json", result.to_dict())
-            write_tiles_csv(tmp / "tiles.csv", result)
-            write_json(tmp / "annotations.geojson", qupath_features(result), indent=None)
-            if result.vessels is not None:
-                write_json(tmp / "vessels.geojson", vessel_features(result), indent=None)
-                write_vessels_csv(tmp / "vessels.csv", result)
-            (tmp / "report.html").write_text(render_report(result, images), encoding="utf-8")
-            for png in pngs:
-                png.result()
+    # drawing and PNG encoding run mostly without the GIL: two threads make and write the images while this one
+    # writes the tables; the report, which embeds the images, comes last
+    with atomic_dir(final) as tmp, ThreadPoolExecutor(max_workers=2) as pool:
+        drawn = {name: pool.submit(_draw, tmp / name, make) for name, make in _images(result).items()}
+        write_json(tmp / "result.json", result.to_dict())
+        write_tiles_csv(tmp / "tiles.csv", result)
+        write_json(tmp / "annotations.geojson", qupath_features(result), indent=None)
+        if result.vessels is not None:
+            write_json(tmp / "vessels.geojson", vessel_features(result), indent=None)
+            write_vessels_csv(tmp / "vessels.csv", result)
+        images = {name: future.result() for name, future in drawn.items()}
+        (tmp / "report.html").write_text(render_report(result, images), encoding="utf-8")
     return final
+
+
+def _images(result: SlideResult) -> dict[str, Callable[[], np.ndarray]]:
+    """Each PNG of the folder (relative name) with how to draw it."""
+    images: dict[str, Callable[[], np.ndarray]] = {"thumbnail.png": lambda: result.thumbnail}
+    ood_tiles = getattr(result.ood, "tile_ood", None)
+    marked = result.grid.xy[ood_tiles] if ood_tiles is not None else None
+    kind = "attention" if result.score_kind == "attention" else "tile probability"
+    for j, label in enumerate(result.labels):
+        top_xy = np.array([(t.x, t.y) for t in result.top_tiles.get(label, [])], dtype=np.int64)
+        images[f"heatmap_{safe_id(label)}.png"] = partial(
+            heatmap_image, result.thumbnail, result.slide.level_dimensions[0][0], result.grid.xy,
+            result.grid.size0_px, result.tile_scores[:, j], title=f"{label}: {kind}", highlight=top_xy, marked=marked)
+    for tiles in result.top_tiles.values():
+        for t in tiles:
+            saliency = result.saliency_maps.get((t.finding, t.rank))
+            if saliency is not None and t.saliency_file:
+                images[t.saliency_file] = partial(overlay, result.top_tile_images[(t.finding, t.rank)], saliency)
+    return images
+
+
+def _draw(path: Path, make: Callable[[], np.ndarray]) -> np.ndarray:
+    rgb = make()
+    _write_png(path, rgb)
+    return rgb
 
 
 def _write_png(path: Path, rgb: np.ndarray) -> None:
