@@ -14,6 +14,7 @@ head, and its attention weights take the place of tile probabilities in heatmaps
 from __future__ import annotations
 
 import datetime as _dt
+import gc
 import os
 import time
 from pathlib import Path
@@ -72,6 +73,7 @@ class Predictor:
         self.sampling = self.vessel_stage.sampling
         self.unit_costs = self._unit_costs()
         self.ood = OODMonitor(self.tiles.backbone, self.card, self.vessel_stage)  # hooks: outputs do not change
+        _freeze_heap_once()
 
     def _unit_costs(self) -> tuple[float, float, float]:
         """Multiply-accumulates of one segmenter window, one vessel crop (both classifiers) and one tile: the weights
@@ -189,6 +191,21 @@ class Predictor:
         result = self.predict(slide_path, progress=progress, slide_id=slide_id, sha256=sha256, slide_mpp=slide_mpp)
         self.write(result, out_root)
         return result
+
+
+_heap_frozen = False
+
+
+def _freeze_heap_once() -> None:
+    """Move every object alive now (the imported libraries, the first predictor's networks) out of the cyclic
+    collector's reach, once per process: a slide's thousands of small records (outlines, GeoJSON rings) otherwise
+    set off full collections that walk all of torch's objects, ~0.1-0.2 s each. Objects made later are collected
+    as usual; only what is frozen here is never searched for cycles again (it lives as long as the process)."""
+    global _heap_frozen
+    if not _heap_frozen:
+        gc.collect()
+        gc.freeze()
+        _heap_frozen = True
 
 
 def _rounded(obj: Any, places: int = 6) -> Any:
