@@ -324,7 +324,7 @@ class Slide:
     def _openslide_level_region(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         """OpenSlide's RGB of a region at ``level`` from level pixel (x, y) (the direct reader's check)."""
         ds = self.level_downsamples[level]
-        return _to_rgb(self._handle.read_region((int(round(x * ds)), int(round(y * ds))), level, (w, h)))
+        return _to_rgb(self._handle.read_region((round(x * ds), round(y * ds)), level, (w, h)))
 
     def read_downsampled(self, downsample: float, *, strip_px: int = 2048) -> np.ndarray:
         """The whole slide shrunk by ``downsample`` (relative to level 0), read in strips from the best level.

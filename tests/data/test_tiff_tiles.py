@@ -46,7 +46,7 @@ def test_lossless_tiff_is_read_from_its_tiles_and_an_unsupported_layout_through_
     rng = np.random.default_rng(2)
     image = rng.integers(0, 256, (700, 900, 3), dtype=np.uint8)
     lzw, planar = tmp_path / "lzw.tif", tmp_path / "planar.tif"
-    opts = dict(tile=(256, 256), resolution=(1e4 / 0.5, 1e4 / 0.5), resolutionunit="CENTIMETER", metadata=None)
+    opts = {"tile": (256, 256), "resolution": (1e4 / 0.5, 1e4 / 0.5), "resolutionunit": "CENTIMETER", "metadata": None}
     tifffile.imwrite(lzw, image, photometric="rgb", compression="lzw", **opts)
     tifffile.imwrite(planar, image.transpose(2, 0, 1), photometric="rgb", planarconfig="separate", **opts)
     assert _assert_same_pixels(lzw, seed=3) == (0,)
