@@ -267,8 +267,12 @@ def surroundings(polygon: np.ndarray, downsample: float, grow_px: float) -> np.n
 def _flag_artifacts(vessels: list[VesselRecord], artifacts: list[np.ndarray], mpp: float, near_um: float) -> None:
     if not artifacts:
         return
+    near = near_um / mpp
+    boxes = [(a.min(axis=0), a.max(axis=0)) for a in artifacts]
     for v in vessels:
-        for a in artifacts:
-            if polygon_distance(v.polygon, a) * mpp <= near_um:
+        # boxes farther apart than ``near`` hold outlines farther apart still: only the others are measured
+        lo, hi = v.polygon.min(axis=0) - near, v.polygon.max(axis=0) + near
+        for a, (a_lo, a_hi) in zip(artifacts, boxes):
+            if (a_hi >= lo).all() and (a_lo <= hi).all() and polygon_distance(v.polygon, a) * mpp <= near_um:
                 v.flags.append("calcium_artifact")
                 break
