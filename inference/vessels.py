@@ -35,7 +35,7 @@ from calciscope.data.slides import Slide
 from calciscope.data.tiling import TilingConfig
 from calciscope.data.tissue import TissueMask
 from calciscope.data.vessels.frames import level0_to_mask_px, mask_px_to_level0
-from calciscope.data.vessels.match import polygon_distance
+from calciscope.data.vessels.match import near_artifact
 from calciscope.data.vessels.sampling import vessel_grid
 from calciscope.model.precision import Precision
 from calciscope.model.segmenter import SegmenterCard, WindowsSeen
@@ -265,14 +265,6 @@ def surroundings(polygon: np.ndarray, downsample: float, grow_px: float) -> np.n
 
 
 def _flag_artifacts(vessels: list[VesselRecord], artifacts: list[np.ndarray], mpp: float, near_um: float) -> None:
-    if not artifacts:
-        return
-    near = near_um / mpp
-    boxes = [(a.min(axis=0), a.max(axis=0)) for a in artifacts]
     for v in vessels:
-        # boxes farther apart than ``near`` hold outlines farther apart still: only the others are measured
-        lo, hi = v.polygon.min(axis=0) - near, v.polygon.max(axis=0) + near
-        for a, (a_lo, a_hi) in zip(artifacts, boxes):
-            if (a_hi >= lo).all() and (a_lo <= hi).all() and polygon_distance(v.polygon, a) * mpp <= near_um:
-                v.flags.append("calcium_artifact")
-                break
+        if artifacts and near_artifact(v.polygon, artifacts, mpp, near_um):
+            v.flags.append("calcium_artifact")

@@ -155,9 +155,11 @@ def polygon_distance(a: np.ndarray, b: np.ndarray) -> float:
     return 0.0 if best >= 0 else -best
 
 
-def near_artifact(polygon: np.ndarray, regions: list[np.ndarray], mpp: float) -> bool:
-    """Whether one of ``regions`` (level-0 outlines) comes within ARTIFACT_TOUCH_UM of ``polygon``."""
-    near = ARTIFACT_TOUCH_UM / mpp
+def near_artifact(polygon: np.ndarray, regions: list[np.ndarray], mpp: float,
+                  near_um: float = ARTIFACT_TOUCH_UM) -> bool:
+    """Whether one of ``regions`` (level-0 outlines) comes within ``near_um`` of ``polygon`` (only outlines whose
+    boxes come that near are measured)."""
+    near = near_um / mpp
     lo, hi = polygon.min(axis=0) - near, polygon.max(axis=0) + near
     return any((r.max(axis=0) >= lo).all() and (r.min(axis=0) <= hi).all() and polygon_distance(polygon, r) <= near
                for r in regions)
