@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -54,6 +55,8 @@ class TiffTiles:
         self.levels = levels
         self.cache_bytes = int(cache_bytes)
         self._fd: int | None = os.open(path, os.O_RDONLY)
+        # a reader dropped without close() (a slide evicted from a cache) still gives its descriptor back
+        self._release = weakref.finalize(self, os.close, self._fd)
         self._cache: OrderedDict[tuple[int, int], np.ndarray | None] = OrderedDict()
         self._cached = 0
         self._lock = threading.Lock()
@@ -148,7 +151,7 @@ class TiffTiles:
 
     def close(self) -> None:
         if self._fd is not None:
-            os.close(self._fd)
+            self._release()
             self._fd = None
         with self._lock:
             self._cache.clear()

@@ -71,3 +71,22 @@ def test_a_closed_slide_refuses_to_read(phantom):
     slide.close()
     with pytest.raises(Exception, match="closed"):
         slide.read_region((0, 0), 0, (8, 8))
+
+
+def test_slides_dropped_without_closing_give_their_file_descriptors_back(phantom):
+    import gc
+    import os
+
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    open_slide(phantom.path).close()
+    gc.collect()
+    before = open_fds()
+    for _ in range(50):  # a slide cache evicting its handles drops them without close()
+        slide = open_slide(phantom.path)
+        assert slide.direct_tile_levels
+        slide.read_region((0, 0), 0, (64, 64))
+        del slide
+    gc.collect()
+    assert open_fds() <= before + 2
