@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from calciscope.data.synthetic import generate_dataset
+from calciscope.data.synthetic import FINDINGS, generate_dataset
 from calciscope.model import IMAGENET_MEAN, IMAGENET_STD, create_model
 from calciscope.model.precision import choose_precision
 from calciscope.training.augment import build_train_transform
@@ -53,7 +53,8 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="bench_train_"))
     manifest = generate_dataset(work, args.slides, size_px=4096, seed=7)
-    config = TrainConfig(data=DataConfig(manifest=str(manifest), mpp=args.mpp, tile_px=args.tile_px),
+    config = TrainConfig(data=DataConfig(manifest=str(manifest), mpp=args.mpp, tile_px=args.tile_px,
+                                            labels=list(FINDINGS)),
                          optim=OptimConfig(batch_size=args.batch_size, workers=args.workers), augment=AugmentConfig())
     examples = build_tile_examples(read_manifest(manifest, config.data.labels), config)
     everything = np.arange(len(examples.labels))
